@@ -1,0 +1,3 @@
+"""gcmd: a line-command server on gevent."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,222 @@
+"""The ``gcmd`` command: flags -> Config, logging, start, wait for a signal, stop."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+
+import gevent
+import gevent.ssl
+from gevent.event import Event
+
+from gcmd import __version__
+from gcmd.config import DEFAULT_LOGFILE, Config
+
+log = logging.getLogger("gcmd")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config(root=".")
+    p = argparse.ArgumentParser(
+        prog="gcmd",
+        description="A line-command server: lastlog, comphash, hash, ping, stats over TCP.",
+        epilog="Try it: gcmd --port 9999, then: printf 'ping\\nexit\\n' | nc 127.0.0.1 9999")
+    p.add_argument("--version", action="version", version=f"gcmd {__version__}")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default=d.host,
+                     help="IPv4 or IPv6 address to listen on (default: %(default)s)")
+    net.add_argument("--port", type=int, default=d.port,
+                     help="TCP port; 0 picks a free one (default: %(default)s)")
+    net.add_argument("--backlog", type=int, default=d.backlog,
+                     help="connections waiting to be accepted (default: %(default)s)")
+    net.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (default: off)")
+    net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (default: none)")
+    srv = p.add_argument_group("what is served")
+    srv.add_argument("--root", default=None,
+                     help="directory comphash and hash may read (default: the current directory)")
+    srv.add_argument("--logfile", default=d.logfile,
+                     help="log file lastlog shows (default: %(default)s)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-clients", type=int, default=d.max_clients,
+                     help="clients served at once (default: %(default)s)")
+    lim.add_argument("--max-per-ip", type=int, default=d.max_per_ip, metavar="N",
+                     help="clients served at once from one address; 0 is unlimited (default: %(default)s)")
+    lim.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                     help="accept clients only from this network; repeatable (default: everyone)")
+    lim.add_argument("--max-line", type=int, default=d.max_line,
+                     help="longest request in bytes (default: %(default)s)")
+    lim.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="SECONDS",
+                     help="close a client silent (or not reading) this long (default: %(default)g)")
+    lim.add_argument("--command-timeout", type=float, default=d.command_timeout, metavar="SECONDS",
+                     help="kill a tail running this long (default: %(default)g)")
+    lim.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
+                     help="on SIGTERM, wait this long for running commands (default: %(default)g)")
+    lim.add_argument("--hash-workers", type=int, default=d.hash_workers, metavar="N",
+                     help="threads that hash files (default: the number of CPUs, %(default)s here)")
+    lim.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
+                     help="hash requests that may wait for a thread before 'server busy' "
+                          "(default: %(default)s)")
+    lim.add_argument("--hash-cache", type=int, default=d.hash_cache, metavar="N",
+                     help="digests of unchanged files remembered; 0 disables (default: %(default)s)")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--token-file", metavar="FILE",
+                     help="require 'auth TOKEN' with the token in this file (default: off)")
+    out = p.add_argument_group("server log (standard output)")
+    out.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                     help="least important events logged (default: %(default)s)")
+    out.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="one line per event, as text or JSON (default: %(default)s)")
+    out.add_argument("--quiet", action="store_true",
+                     help="log warnings and errors only; the same as --log-level warning")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The Config the flags describe; a bad setting exits 2 with one message."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    fail = parser.error
+    if not 0 <= a.port <= 65535:
+        fail(f"--port must be between 0 and 65535, not {a.port}")
+    for flag, value, least in (("--max-clients", a.max_clients, 1), ("--max-line", a.max_line, 1),
+                               ("--backlog", a.backlog, 1), ("--hash-workers", a.hash_workers, 1),
+                               ("--max-per-ip", a.max_per_ip, 0), ("--max-pending", a.max_pending, 0),
+                               ("--hash-cache", a.hash_cache, 0)):
+        if value < least:
+            fail(f"{flag} must be at least {least}, not {value}")
+    for flag, value in (("--idle-timeout", a.idle_timeout), ("--command-timeout", a.command_timeout)):
+        if not value > 0:
+            fail(f"{flag} must be more than 0 seconds, not {value:g}")
+    if not a.shutdown_timeout >= 0:
+        fail(f"--shutdown-timeout must be 0 seconds or more, not {a.shutdown_timeout:g}")
+    root = os.path.abspath(a.root if a.root is not None else os.getcwd())
+    if not os.path.isdir(root):
+        fail(f"--root {root} is not a directory")
+    allow = []
+    for cidr in a.allow:
+        try:
+            allow.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            fail(f"--allow {cidr!r} is not a network address such as 10.0.0.0/8 or ::1/128")
+    token = None
+    if a.token_file is not None:
+        try:
+            with open(a.token_file, "rb") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            fail(f"cannot read --token-file {a.token_file}: {exc.strerror}")
+        if not token:
+            fail(f"--token-file {a.token_file} is empty")
+        if any(c in token for c in b" \t\r\n"):
+            fail(f"--token-file {a.token_file} must hold one token without spaces")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        fail("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            fail(f"cannot read {flag} {path}: "
+                 f"{'no such file' if not os.path.exists(path) else 'permission denied'}")
+    config = Config(
+        host=a.host, port=a.port, root=root, logfile=a.logfile, max_clients=a.max_clients,
+        max_per_ip=a.max_per_ip, allow=tuple(allow), max_line=a.max_line,
+        idle_timeout=a.idle_timeout, command_timeout=a.command_timeout,
+        shutdown_timeout=a.shutdown_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        hash_workers=a.hash_workers, max_pending=a.max_pending, hash_cache=a.hash_cache,
+        backlog=a.backlog)
+    if config.tls:
+        try:
+            ssl_context(config)
+        except (ssl.SSLError, OSError) as exc:
+            fail(f"cannot use --tls-cert {a.tls_cert} with --tls-key {a.tls_key}: {exc}")
+    return config, a
+
+
+def ssl_context(config: Config) -> ssl.SSLContext:
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+class TextFormatter(logging.Formatter):
+    """``2011-08-29 13:32:35+0200 [context] message``, as the tutorial's Twisted log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = None
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(second))
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname}: {message}"
+        line = f"{self._stamp} [{getattr(record, 'context', '-')}] {message}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; whatever a client sent stays inside one string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created)),
+            "level": record.levelname.lower(),
+            "context": getattr(record, "context", "-"),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            event["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(event)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("gcmd")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    setup_logging("warning" if args.quiet else args.log_level, args.log_format)
+    from gcmd.server import GcmdServer  # after logging is set up
+
+    server = GcmdServer(config, ssl_context(config) if config.tls else None)
+    try:
+        server.start()
+    except OSError as exc:
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+        print(f"gcmd: cannot listen on {config.host} port {config.port}: {why}", file=sys.stderr)
+        return 1
+    log.info("gcmd %s listening on %s port %d%s", __version__, config.host, server.port,
+             " (TLS)" if config.tls else "")
+    log.info("root %s, log file %s, max %d clients%s", config.root, config.logfile,
+             config.max_clients, ", token required" if config.token else "")
+    if not os.path.exists(config.logfile):
+        log.warning("log file %s does not exist: lastlog answers an error until it does; "
+                    "start gcmd with --logfile PATH to serve another log%s", config.logfile,
+                    " (this machine has no syslog file)" if config.logfile == DEFAULT_LOGFILE else "")
+    stop = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+    server.shutdown()
+    return 0

@@ -1,0 +1,160 @@
+"""The commands: one ``do_<verb>`` method each, its help text in its docstring.
+
+Commands return their reply as bytes and never touch the socket; a
+:class:`~gcmd.protocol.Close` reply asks the session to close afterwards.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+
+from gcmd import protocol
+from gcmd.config import Config
+from gcmd.hashing import ALGORITHMS, HashService
+from gcmd.logtail import LogTail
+from gcmd.protocol import Close, CommandError, block, error_line, split_request
+from gcmd.stats import ServerStats
+
+log = logging.getLogger(__name__)
+
+#: most lines ``lastlog N`` returns
+MAX_LASTLOG_LINES = 1000
+
+
+def command(*, slow: bool = False, public: bool = False) -> Callable:
+    """Mark a ``do_`` method: ``slow`` ones wait on a thread or a process, so the
+    replies before them are sent first; ``public`` ones need no authentication."""
+
+    def mark(method: Callable) -> Callable:
+        method.slow = slow
+        method.public = public
+        return method
+
+    return mark
+
+
+class Commands:
+    def __init__(self, config: Config, hashing: HashService, tail: LogTail,
+                 stats: ServerStats) -> None:
+        self.config = config
+        self.hashing = hashing
+        self.tail = tail
+        self.stats = stats
+        self.table: dict[bytes, Callable] = {
+            name[3:].encode(): getattr(self, name) for name in dir(self) if name.startswith("do_")}
+        self.table[b"quit"] = self.do_exit
+        self._help = block(b"help", [
+            f"{method.__doc__.splitlines()[0]}".encode()
+            for name, method in sorted(self.table.items()) if name != b"quit"])
+
+    def parse(self, line: bytes) -> tuple[Callable, bytes] | None:
+        """The handler and argument of a request line; None for a blank line."""
+        word, arg = split_request(line)
+        if not word:
+            return None
+        return self.table.get(word, self.default), arg
+
+    def run(self, handler: Callable, session, arg: bytes) -> bytes:
+        """The reply of ``handler``; any failure becomes one error line."""
+        self.stats.commands += 1
+        if self.config.token is not None and not session.authenticated and not handler.public:
+            return protocol.AUTH_REQUIRED
+        try:
+            return handler(session, arg)
+        except CommandError as exc:
+            self.stats.errors += 1
+            return error_line(str(exc))
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("internal error in %r from %s", handler.__name__, session.ip)
+            return error_line(protocol.INTERNAL_ERROR)
+
+    @command()
+    def default(self, session, arg: bytes) -> bytes:
+        return protocol.NOT_FOUND
+
+    @command(slow=True)
+    def do_lastlog(self, session, arg: bytes) -> bytes:
+        """lastlog [LINES] - show the last LINES lines of the server's log (default 10, at most 1000)"""
+        count = int(arg) if arg.isdigit() else 10 if not arg else 0
+        if not 1 <= count <= MAX_LASTLOG_LINES:
+            return protocol.LASTLOG_USAGE
+        return block(b"lastlog", self.tail.lines(count))
+
+    @command(slow=True)
+    def do_comphash(self, session, arg: bytes) -> bytes:
+        """comphash PATH - the SHA-1 of a file under the served root"""
+        if not arg:
+            return protocol.NEED_PATH
+        return b"File hash is : %s\n" % self.hashing.digest("sha1", arg).encode()
+
+    @command(slow=True)
+    def do_hash(self, session, arg: bytes) -> bytes:
+        """hash ALGO PATH - the digest of a file with sha256, sha512, blake2b, md5, ..."""
+        algorithm, path = split_request(arg)
+        if not algorithm:
+            return protocol.HASH_USAGE
+        name = algorithm.decode("ascii", "replace").lower()
+        if name not in ALGORITHMS:
+            raise CommandError(f"unknown algorithm '{protocol.escape(algorithm)[:64]}' "
+                               f"(choose from {', '.join(ALGORITHMS)})")
+        if not path:
+            return protocol.NEED_PATH
+        return b"File hash is : %s\n" % self.hashing.digest(name, path).encode()
+
+    @command()
+    def do_ping(self, session, arg: bytes) -> bytes:
+        """ping - answer pong"""
+        return protocol.PONG
+
+    @command()
+    def do_stats(self, session, arg: bytes) -> bytes:
+        """stats - figures about this server, one 'key value' per line"""
+        stats, hashing, tail = self.stats, self.hashing.stats, self.tail.stats
+        figures = {
+            "uptime_s": stats.uptime_s,
+            "clients": stats.clients,
+            "max_clients": self.config.max_clients,
+            "connections": stats.connections,
+            "commands": stats.commands,
+            "errors": stats.errors,
+            "internal_errors": stats.internal_errors,
+            "rejected": stats.rejected,
+            "auth_failures": stats.auth_failures,
+            "hash_pending": self.hashing.pending,
+            "hash_bytes": hashing.hashed_bytes,
+            "hash_runs": hashing.hashes,
+            "hash_cache_hits": hashing.cache_hits,
+            "hash_shared": hashing.shared,
+            "hash_busy": hashing.busy,
+            "tail_runs": tail.runs,
+            "tail_reused": tail.reused,
+            "tail_shared": tail.shared,
+            "tail_timeouts": tail.timeouts,
+        }
+        return block(b"stats", [f"{key} {value}".encode() for key, value in figures.items()])
+
+    @command(public=True)
+    def do_help(self, session, arg: bytes) -> bytes:
+        """help - list the commands"""
+        return self._help
+
+    @command(public=True)
+    def do_auth(self, session, arg: bytes) -> bytes:
+        """auth TOKEN - authenticate, when the server asks for a token"""
+        token = self.config.token
+        if token is None:
+            return protocol.AUTH_DISABLED
+        if hmac.compare_digest(arg, token):
+            session.authenticated = True
+            return protocol.AUTH_OK
+        self.stats.auth_failures += 1
+        log.warning("Authentication failed from %s", session.ip)
+        return Close(protocol.AUTH_FAILED)
+
+    @command(public=True)
+    def do_exit(self, session, arg: bytes) -> bytes:
+        """exit - close the connection (also: quit)"""
+        return Close(b"")

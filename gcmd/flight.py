@@ -1,0 +1,86 @@
+"""Doing expensive work once: single-flight calls and a bounded LRU cache."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import gevent
+
+
+class LRU:
+    """A mapping that forgets its least recently used entries beyond ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        if self.size <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Flight:
+    __slots__ = ("greenlet", "waiters")
+
+    def __init__(self, greenlet: gevent.Greenlet) -> None:
+        self.greenlet = greenlet
+        self.waiters = 0
+
+
+def _outcome(fn: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
+    # Failures travel as values: a greenlet that raises has its traceback
+    # printed by the hub, and the caller reports the error itself.
+    try:
+        return True, fn(*args)
+    except Exception as exc:
+        return False, exc
+
+
+class SingleFlight:
+    """Runs one greenlet per key; concurrent callers with the same key share it.
+
+    The work is killed (``GreenletExit`` inside it, so its ``finally`` blocks
+    clean up) as soon as no caller is waiting for it any more.
+    """
+
+    def __init__(self) -> None:
+        self._flights: dict[Hashable, _Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight(gevent.spawn(_outcome, fn, args))
+        flight.waiters += 1
+        try:
+            ok, value = flight.greenlet.get()
+        finally:
+            flight.waiters -= 1
+            if self._flights.get(key) is flight and (flight.waiters == 0 or flight.greenlet.ready()):
+                del self._flights[key]
+                if not flight.greenlet.ready():
+                    flight.greenlet.kill(block=False)
+        if not ok:
+            raise value
+        return value
+
+    def joined(self, key: Hashable) -> bool:
+        """Whether a call with this key would share work already under way."""
+        return key in self._flights

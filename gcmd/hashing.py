@@ -1,0 +1,189 @@
+"""The file-hashing service: root confinement, safe opening, streaming hashes.
+
+Everything that touches the disk runs in threads, never in the hub: paths are
+resolved and files opened in a small metadata pool, and digests computed in
+the dedicated ``hash_pool``. Concurrent requests for the same unchanged file
+share one read, and digests of unchanged files are remembered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+from gevent.threadpool import ThreadPool
+
+from gcmd.flight import LRU, SingleFlight
+from gcmd.protocol import BUSY, CommandError, echo_path
+
+#: bytes read per system call; hashlib releases the GIL for each update
+CHUNK = 1 << 20
+
+#: algorithms ``hash ALGO PATH`` accepts: the fixed-size ones every Python has
+ALGORITHMS = tuple(sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake_")))
+
+OUTSIDE_ROOT = "Permission denied: path is outside the served root"
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass
+class HashStats:
+    hashed_bytes: int = 0
+    hashes: int = 0
+    cache_hits: int = 0
+    shared: int = 0
+    busy: int = 0
+
+
+class _Job:
+    """A hash job's cancel flag, set in the hub and read by the worker thread."""
+
+    __slots__ = ("cancelled", "nbytes")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.nbytes = 0
+
+
+class HashService:
+    def __init__(self, root: str, workers: int, max_pending: int, cache_size: int,
+                 metadata_pool: ThreadPool) -> None:
+        self.served_root = os.fsencode(os.path.realpath(root))
+        #: the dedicated pool that reads and hashes (not the hub's default pool)
+        self.hash_pool = ThreadPool(workers)
+        self.metadata_pool = metadata_pool
+        #: jobs allowed in the pool at once: one per worker plus the waiting ones
+        self.capacity = workers + max_pending
+        self.in_pool = 0
+        self.stats = HashStats()
+        self._cache = LRU(cache_size)
+        self._flights = SingleFlight()
+        self._buffers = threading.local()
+
+    def close(self) -> None:
+        self.hash_pool.kill()
+
+    @property
+    def pending(self) -> int:
+        """Jobs in the pool: running or waiting for a worker."""
+        return self.in_pool
+
+    def digest(self, algorithm: str, path: bytes) -> str:
+        """The hex digest of the regular file at ``path`` (relative to the root)."""
+        if b"\0" in path:
+            raise CommandError("Invalid path: it contains a NUL byte")
+        opened = self.metadata_pool.spawn(self._open, path)
+        try:
+            fd, st = opened.get()
+        except BaseException:
+            # the client left while the file was being opened: close it on arrival
+            opened.rawlink(_close_opened)
+            raise
+        try:
+            key = (algorithm, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self.stats.cache_hits += 1
+                return cached
+            if self._flights.joined(key):
+                self.stats.shared += 1
+            elif self.in_pool >= self.capacity:
+                self.stats.busy += 1
+                raise CommandError(BUSY)
+            hexdigest = self._flights.run(key, self._hash_in_pool, os.dup(fd), algorithm)
+        finally:
+            os.close(fd)
+        self._cache.put(key, hexdigest)
+        return hexdigest
+
+    def _hash_in_pool(self, fd: int, algorithm: str) -> str:
+        job = _Job()
+        self.in_pool += 1
+        try:
+            result = self.hash_pool.spawn(self._hash_fd, fd, algorithm, job)
+        except BaseException:
+            self.in_pool -= 1
+            os.close(fd)
+            raise
+        try:
+            return result.get()
+        finally:
+            # a job cancelled while it waits returns at once when a worker reaches
+            # it, and a running one stops at its next chunk
+            job.cancelled = True
+            self.in_pool -= 1
+            self.stats.hashed_bytes += job.nbytes
+            self.stats.hashes += 1
+
+    # --- in threads ---------------------------------------------------------------
+
+    def _open(self, path: bytes) -> tuple[int, os.stat_result]:
+        """Resolve ``path`` inside the root and open it without following a late swap."""
+        real = os.path.realpath(os.path.join(self.served_root, path))
+        if not self._inside(real):
+            raise CommandError(OUTSIDE_ROOT)
+        try:
+            # decide before opening, so that a FIFO or a device is never opened
+            if not stat.S_ISREG(os.stat(real).st_mode):
+                raise CommandError(f"Not a regular file: '{echo_path(path)}'")
+            fd = os.open(real, _OPEN_FLAGS)
+        except OSError as exc:
+            raise CommandError(f"[Errno {exc.errno}] {exc.strerror}: '{echo_path(path)}'") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CommandError(f"Not a regular file: '{echo_path(path)}'")
+            # what was opened decides, not what the path named a moment before:
+            # a directory swapped for a symlink after the check is caught here
+            if not self._inside(_opened_path(fd, real, st)):
+                raise CommandError(OUTSIDE_ROOT)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _inside(self, real: bytes) -> bool:
+        root = self.served_root
+        return root == b"/" or real == root or real.startswith(root + b"/")
+
+    def _hash_fd(self, fd: int, algorithm: str, job: _Job) -> str | None:
+        try:
+            if job.cancelled:
+                return None
+            buffer = getattr(self._buffers, "buffer", None)
+            if buffer is None:
+                buffer = self._buffers.buffer = bytearray(CHUNK)
+            view = memoryview(buffer)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            digest = hashlib.new(algorithm)
+            while n := os.readv(fd, (buffer,)):
+                digest.update(view[:n])
+                job.nbytes += n
+                if job.cancelled:
+                    return None
+            return digest.hexdigest()
+        except OSError as exc:
+            raise CommandError(f"[Errno {exc.errno}] {exc.strerror} while reading") from None
+        finally:
+            os.close(fd)
+
+
+def _opened_path(fd: int, resolved: bytes, st: os.stat_result) -> bytes:
+    """The path of the file behind ``fd``, as the kernel knows it."""
+    try:
+        return os.readlink(b"/proc/self/fd/%d" % fd)
+    except OSError:
+        # no /proc: accept the resolved path only if it still names this file
+        if os.path.samestat(os.stat(os.path.realpath(resolved)), st):
+            return os.path.realpath(resolved)
+        return b""
+
+
+def _close_opened(result) -> None:
+    if result.successful():
+        os.close(result.value[0])

@@ -1,0 +1,97 @@
+"""The wire format: request lines, reply strings, error lines and log escaping.
+
+Replies are bytes, byte for byte those of the tutorial server (including its
+spelling "occured"); see PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import re
+
+PONG = b"pong\n"
+NOT_FOUND = b"Command not found.\n"
+NEED_PATH = b"Please provide a path.\n"
+LASTLOG_USAGE = b"Usage: lastlog [LINES]\n"
+HASH_USAGE = b"Usage: hash ALGO PATH\n"
+TOO_MANY = b"Too many connections. bye !\n"
+TOO_MANY_FROM_ADDRESS = b"Too many connections from your address. bye !\n"
+LINE_TOO_LONG = b"Line too long. bye !\n"
+IDLE_TIMEOUT = b"Idle timeout. bye !\n"
+SHUTTING_DOWN = b"Server shutting down. bye !\n"
+AUTH_REQUIRED = b"Authentication required.\n"
+AUTH_OK = b"Authenticated.\n"
+AUTH_FAILED = b"Authentication failed. bye !\n"
+AUTH_DISABLED = b"Authentication is not enabled.\n"
+BUSY = "server busy, try again later"
+INTERNAL_ERROR = "internal error"
+
+#: how much of a client's path an error message echoes
+MAX_ECHOED_PATH = 256
+
+
+class Close(bytes):
+    """A reply after which the server closes the connection."""
+
+
+class CommandError(Exception):
+    """A failure a client caused or can act on; it becomes one error line."""
+
+
+def error_line(message: str) -> bytes:
+    return b"An error occured : %s\n" % message.encode("utf-8", "backslashreplace")
+
+
+def block(name: bytes, lines: list[bytes]) -> bytes:
+    """A multi-line reply: ``Begin name``, the lines, ``End name``."""
+    return b"".join([b"Begin %s\n" % name, *(line + b"\n" for line in lines), b"End %s\n" % name])
+
+
+_BLANKS = b" \t"
+_WORD_SPLIT = re.compile(rb"[ \t]+").split
+
+
+def split_request(line: bytes) -> tuple[bytes, bytes]:
+    """The command word and the argument of a request line (without its newline).
+
+    Only spaces and tabs separate them; one trailing ``\\r`` is the line
+    ending of ``nc -C`` and telnet, not part of the argument. A blank line
+    gives an empty word.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    parts = _WORD_SPLIT(line.lstrip(_BLANKS), 1)
+    if len(parts) == 1:
+        return parts[0], b""
+    return parts[0], parts[1].rstrip(_BLANKS)
+
+
+def _escape_table() -> dict[int, str]:
+    unsafe = [*range(0x20), 0x5C, *range(0x7F, 0xA0)]
+    table = {c: "\\x%02x" % c for c in unsafe}
+    # bytes that are not UTF-8 come back from surrogateescape as U+DC80..U+DCFF
+    table.update({0xDC00 + b: "\\x%02x" % b for b in range(0x80, 0x100)})
+    return table
+
+
+_ESCAPES = _escape_table()
+_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*").fullmatch
+
+
+def escape(data: bytes) -> str:
+    """Client bytes as one safe line of text for a log or an error message.
+
+    Control characters (C0, DEL, C1), backslashes and bytes that are not
+    UTF-8 become ``\\xNN``, so nothing a client sends can end a log line or
+    reach an operator's terminal as an escape sequence.
+    """
+    if _PLAIN(data):
+        return data.decode("ascii")
+    return data.decode("utf-8", "surrogateescape").translate(_ESCAPES)
+
+
+def echo_path(path: bytes) -> str:
+    """A client's path as an error message quotes it: escaped and cut."""
+    text = escape(path)
+    if len(text) > MAX_ECHOED_PATH:
+        text = text[:MAX_ECHOED_PATH] + "..."
+    return text
