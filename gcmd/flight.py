@@ -42,13 +42,24 @@ class _Flight:
         self.waiters = 0
 
 
-def _outcome(fn: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
-    # Failures travel as values: a greenlet that raises has its traceback
-    # printed by the hub, and the caller reports the error itself.
+def outcome(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """Call ``fn`` in a greenlet or a pool thread, its failure travelling as a value.
+
+    gevent prints the traceback of whatever raises in a greenlet or a pool
+    thread; the caller reports the error itself, with :func:`unwrap`.
+    """
     try:
         return True, fn(*args)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised by unwrap() in every caller
         return False, exc
+
+
+def unwrap(result: tuple[bool, Any]) -> Any:
+    """The value of an :func:`outcome`, or its exception raised here."""
+    ok, value = result
+    if not ok:
+        raise value
+    return value
 
 
 class SingleFlight:
@@ -67,19 +78,17 @@ class SingleFlight:
     def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
         flight = self._flights.get(key)
         if flight is None:
-            flight = self._flights[key] = _Flight(gevent.spawn(_outcome, fn, args))
+            flight = self._flights[key] = _Flight(gevent.spawn(outcome, fn, *args))
         flight.waiters += 1
         try:
-            ok, value = flight.greenlet.get()
+            result = flight.greenlet.get()
         finally:
             flight.waiters -= 1
             if self._flights.get(key) is flight and (flight.waiters == 0 or flight.greenlet.ready()):
                 del self._flights[key]
                 if not flight.greenlet.ready():
                     flight.greenlet.kill(block=False)
-        if not ok:
-            raise value
-        return value
+        return unwrap(result)
 
     def joined(self, key: Hashable) -> bool:
         """Whether a call with this key would share work already under way."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gevent.threadpool import ThreadPool
 
-from gcmd.flight import LRU, SingleFlight
+from gcmd.flight import LRU, SingleFlight, outcome, unwrap
 from gcmd.protocol import BUSY, CommandError, echo_path
 
 #: bytes read per system call; hashlib releases the GIL for each update
@@ -76,9 +76,9 @@ class HashService:
         """The hex digest of the regular file at ``path`` (relative to the root)."""
         if b"\0" in path:
             raise CommandError("Invalid path: it contains a NUL byte")
-        opened = self.metadata_pool.spawn(self._open, path)
+        opened = self.metadata_pool.spawn(outcome, self._open, path)
         try:
-            fd, st = opened.get()
+            fd, st = unwrap(opened.get())
         except BaseException:
             # the client left while the file was being opened: close it on arrival
             opened.rawlink(_close_opened)
@@ -104,13 +104,13 @@ class HashService:
         job = _Job()
         self.in_pool += 1
         try:
-            result = self.hash_pool.spawn(self._hash_fd, fd, algorithm, job)
+            result = self.hash_pool.spawn(outcome, self._hash_fd, fd, algorithm, job)
         except BaseException:
             self.in_pool -= 1
             os.close(fd)
             raise
         try:
-            return result.get()
+            return unwrap(result.get())
         finally:
             # a job cancelled while it waits returns at once when a worker reaches
             # it, and a running one stops at its next chunk
@@ -185,5 +185,6 @@ def _opened_path(fd: int, resolved: bytes, st: os.stat_result) -> bytes:
 
 
 def _close_opened(result) -> None:
-    if result.successful():
-        os.close(result.value[0])
+    ok, value = result.value
+    if ok:
+        os.close(value[0])

@@ -18,7 +18,7 @@ import gevent
 from gevent import subprocess
 from gevent.threadpool import ThreadPool
 
-from gcmd.flight import LRU, SingleFlight
+from gcmd.flight import LRU, SingleFlight, outcome, unwrap
 from gcmd.protocol import CommandError, escape
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class LogTail:
     def lines(self, count: int) -> list[bytes]:
         """The last ``count`` lines of the log, less those the protocol drops."""
         try:
-            st = self.metadata_pool.apply(os.stat, (self.logfile,))
+            st = unwrap(self.metadata_pool.apply(outcome, (os.stat, self.logfile)))
         except OSError as exc:
             raise CommandError(
                 f"cannot read the log file '{self.logfile}': {exc.strerror} "

@@ -67,9 +67,9 @@ def split_request(line: bytes) -> tuple[bytes, bytes]:
 
 def _escape_table() -> dict[int, str]:
     unsafe = [*range(0x20), 0x5C, *range(0x7F, 0xA0)]
-    table = {c: "\\x%02x" % c for c in unsafe}
+    table = {c: f"\\x{c:02x}" for c in unsafe}
     # bytes that are not UTF-8 come back from surrogateescape as U+DC80..U+DCFF
-    table.update({0xDC00 + b: "\\x%02x" % b for b in range(0x80, 0x100)})
+    table.update({0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)})
     return table
 
 

@@ -37,8 +37,10 @@ RECV_SIZE = 65536
 #: replies are gathered up to this size before one write
 FLUSH_AT = 65536
 #: seconds to drain a client's unread input before closing, so that the
-#: kernel does not reset the connection and destroy the last reply in flight
+#: kernel does not reset the connection and destroy the last reply in flight;
+#: a client that sends nothing for LINGER_QUIET seconds is not waited for
 LINGER = 1.0
+LINGER_QUIET = 0.2
 #: seconds a farewell line may take to leave when the client is not reading
 FAREWELL_TIMEOUT = 2.0
 #: seconds between checks that a client is still there while its command runs
@@ -219,7 +221,7 @@ class Session:
             if isinstance(sock, ssl.SSLSocket):
                 return
             sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(LINGER)
+            sock.settimeout(LINGER_QUIET)
             until = monotonic() + LINGER
             while monotonic() < until and sock.recv(RECV_SIZE):
                 pass

@@ -1,0 +1,203 @@
+"""The gcmd command itself: flags, bad settings, start-up, the server log."""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+from support import GcmdProcess, free_port, wait_for
+
+from gcmd import __version__
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def run_gcmd(*args, timeout=10):
+    return subprocess.run([sys.executable, "-m", "gcmd", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_version():
+    result = run_gcmd("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"gcmd {__version__}"
+
+
+def test_help_documents_every_flag_with_its_default():
+    result = run_gcmd("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ("--host", "--port", "--root", "--logfile", "--max-clients", "--max-line",
+                 "--idle-timeout", "--token-file", "--tls-cert", "--tls-key", "--shutdown-timeout",
+                 "--log-level", "--log-format", "--quiet", "--command-timeout", "--hash-workers",
+                 "--max-pending", "--hash-cache", "--max-per-ip", "--allow", "--backlog"):
+        assert flag in text, flag
+    for default in ("(default: 127.0.0.1)", "(default: 9999)", "(default: /var/log/syslog)",
+                    "(default: 100)", "(default: 8192)", "(default: 300)", "(default: 10)"):
+        assert default in text, default
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--port", "-1"], "--port must be between 0 and 65535"),
+    (["--max-clients", "0"], "--max-clients must be at least 1"),
+    (["--max-line", "-5"], "--max-line must be at least 1"),
+    (["--idle-timeout", "-1"], "--idle-timeout must be more than 0"),
+    (["--command-timeout", "0"], "--command-timeout must be more than 0"),
+    (["--shutdown-timeout", "-3"], "--shutdown-timeout must be 0 seconds or more"),
+    (["--max-pending", "-1"], "--max-pending must be at least 0"),
+    (["--root", "/no/such/dir"], "--root /no/such/dir is not a directory"),
+    (["--token-file", "/no/such/token"], "cannot read --token-file /no/such/token"),
+    (["--tls-cert", "/no/such/cert.pem", "--tls-key", "/no/such/key.pem"],
+     "cannot read --tls-cert /no/such/cert.pem: no such file"),
+    (["--tls-cert", "/etc/hostname"], "--tls-cert and --tls-key go together"),
+    (["--allow", "not-a-network"], "--allow 'not-a-network' is not a network"),
+    (["--log-level", "loud"], "invalid choice"),
+    (["--port", "abc"], "invalid int value"),
+])
+def test_bad_settings_exit_2_with_one_message_before_binding(args, message):
+    result = run_gcmd(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_unusable_certificate_exits_2(tmp_path):
+    bogus = tmp_path / "bogus.pem"
+    bogus.write_text("not a certificate\n")
+    result = run_gcmd("--tls-cert", bogus, "--tls-key", bogus)
+    assert result.returncode == 2 and "cannot use --tls-cert" in result.stderr
+
+
+def test_empty_token_file_exits_2(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("\n")
+    result = run_gcmd("--token-file", token)
+    assert result.returncode == 2 and "is empty" in result.stderr
+
+
+def test_port_in_use_exits_1_with_a_message(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_gcmd("--port", port, "--root", tmp_path)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1 port {port}: address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_0_logs_the_chosen_port(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--root", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        port = int(re.search(r"listening on 127\.0\.0\.1 port (\d+)", first).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"ping\n")
+            assert s.recv(100) == b"pong\n"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_missing_syslog_still_starts_and_says_how_to_point_logfile(tmp_path):
+    server = GcmdProcess(tmp_path, logfile=tmp_path / "absent.log")
+    try:
+        assert "does not exist" in server.log() and "--logfile PATH" in server.log()
+        reply = server.client().ask("lastlog")
+        assert reply.startswith(b"An error occured : ") and b"--logfile" in reply
+    finally:
+        assert server.stop() == 0
+
+
+def test_ipv6_host(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured on this machine")
+    server = GcmdProcess(tmp_path, host="::1")
+    try:
+        assert server.client().ask("ping") == b"pong\n"
+    finally:
+        assert server.stop() == 0
+
+
+def test_log_lines_are_escaped_and_auth_is_hidden(gcmd, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("hunter2\n")
+    server = gcmd("--token-file", token)
+    c = server.client()
+    assert c.ask(b"auth hunter2") == b"Authenticated.\n"
+    assert c.ask(b"forged\r2011-08-29 13:32:35+0200 [-] \x1b[31mroot logged in") == (
+        b"Command not found.\n")
+    c.send("exit\n")
+    assert c.closed()
+    log = wait_for(lambda: "Lost client connection" in server.log() and server.log())
+    assert "hunter2" not in log and "Cmd received from 127.0.0.1 : auth ***" in log
+    assert "Cmd received from 127.0.0.1 : forged\\x0d2011-08-29 13:32:35+0200 [-] \\x1b[31mroot" in log
+    assert not any(line.startswith("2011") for line in log.splitlines())
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4} \[Session,\d+,127\.0\.0\.1\] "
+                     r"Lost client connection", log, re.MULTILINE)
+
+
+def test_json_log_format(gcmd):
+    server = gcmd("--log-format", "json")
+    c = server.client()
+    assert c.ask(b'hello "json" \x1b') == b"Command not found.\n"
+    c.send("exit\n")
+    assert c.closed()
+    server.stop()
+    events = [json.loads(line) for line in server.log().splitlines()]
+    messages = [event["message"] for event in events]
+    assert 'Cmd received from 127.0.0.1 : hello "json" \\x1b' in messages
+    assert all({"time", "level", "context", "message"} <= event.keys() for event in events)
+
+
+def test_quiet_logs_no_commands(gcmd):
+    server = gcmd("--quiet")
+    assert server.client().ask("ping") == b"pong\n"
+    server.stop()
+    assert "Cmd received" not in server.log()
+
+
+def test_sigterm_exits_0_after_goodbye(gcmd):
+    server = gcmd()
+    c = server.client()
+    assert c.ask("ping") == b"pong\n"
+    server.proc.terminate()
+    assert c.line() == b"Server shutting down. bye !\n"
+    assert server.proc.wait(15) == 0
+    assert "Server stopped" in server.log()
+
+
+def test_tls_serves_the_protocol_and_refuses_plaintext(gcmd, tmp_path):
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = gcmd("--tls-cert", cert, "--tls-key", key, "--idle-timeout", 2)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10),
+                             server_hostname="localhost") as tls:
+        tls.sendall(b"ping\nhelp\n")
+        data = b""
+        while b"End help\n" not in data:
+            data += tls.recv(4096)
+        assert data.startswith(b"pong\nBegin help\n")
+    plain = server.client(timeout=5)
+    plain.send("ping\n")
+    assert plain.closed() and b"pong" not in plain.buf
+
+
+def test_free_port_helper_never_returns_9999():
+    assert free_port() != 9999

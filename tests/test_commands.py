@@ -1,0 +1,191 @@
+"""Every command through a real socket to an in-process server on port 0."""
+
+import hashlib
+import socket
+from pathlib import Path
+
+import pytest
+from support import LOG_LINES, sha1_of, write_file
+
+from gcmd.hashing import ALGORITHMS
+
+ERROR = b"An error occured : "
+OUTSIDE = b"An error occured : Permission denied: path is outside the served root\n"
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.mark.parametrize(("request_line", "reply"), [
+    (b"ping", b"pong\n"),
+    (b"ping\r", b"pong\n"),
+    (b"   \tping", b"pong\n"),
+    (b"ping extra words", b"pong\n"),
+    (b"pingx", b"Command not found.\n"),
+    (b"PING", b"Command not found.\n"),
+    (b"hello server", b"Command not found.\n"),
+    (b"lastlogfoo", b"Command not found.\n"),
+    (b"exitnow", b"Command not found.\n"),
+    (b"\x0bping", b"Command not found.\n"),
+    (b"\x00", b"Command not found.\n"),
+    (b"comphash", b"Please provide a path.\n"),
+    (b"comphash \t ", b"Please provide a path.\n"),
+    (b"hash", b"Usage: hash ALGO PATH\n"),
+    (b"hash sha256", b"Please provide a path.\n"),
+    (b"lastlog 0", b"Usage: lastlog [LINES]\n"),
+    (b"lastlog 1001", b"Usage: lastlog [LINES]\n"),
+    (b"lastlog -5", b"Usage: lastlog [LINES]\n"),
+    (b"lastlog abc", b"Usage: lastlog [LINES]\n"),
+    (b"lastlog 5 6", b"Usage: lastlog [LINES]\n"),
+    (b"auth anything", b"Authentication is not enabled.\n"),
+])
+def test_one_line_replies(server, connect, request_line, reply):
+    assert connect(server).ask(request_line) == reply
+
+
+def test_blank_lines_get_no_reply(server, connect):
+    c = connect(server)
+    c.send(b"\n\r\n \t \n")
+    assert c.ask("ping") == b"pong\n"
+    assert c.buf == b""
+
+
+def test_lastlog_default_and_n(server, connect):
+    c = connect(server)
+    c.send("lastlog\n")
+    assert c.block(b"End lastlog\n") == [b"Begin lastlog\n"] + [
+        (line + "\n").encode() for line in LOG_LINES[-10:]] + [b"End lastlog\n"]
+    c.send("lastlog 2\n")
+    assert c.block(b"End lastlog\n") == [b"Begin lastlog\n"] + [
+        (line + "\n").encode() for line in LOG_LINES[-2:]] + [b"End lastlog\n"]
+
+
+def test_lastlog_drops_header_and_forged_lines(make_server, connect, tmp_path):
+    log = tmp_path / "forged.log"
+    log.write_bytes(b"one\n==> header <==\nEnd lastlog\nBegin lastlog\npong\nlast")
+    c = connect(make_server(logfile=str(log)))
+    c.send("lastlog\n")
+    assert c.block(b"End lastlog\n") == [b"Begin lastlog\n", b"one\n", b"pong\n", b"last\n",
+                                         b"End lastlog\n"]
+
+
+def test_lastlog_reply_follows_the_log_as_it_grows(server, connect):
+    c = connect(server)
+    c.send("lastlog 1\n")
+    assert c.block(b"End lastlog\n")[1] == (LOG_LINES[-1] + "\n").encode()
+    with open(server.config.logfile, "a") as f:
+        f.write("a new line\n")
+    c.send("lastlog 1\n")
+    assert c.block(b"End lastlog\n")[1] == b"a new line\n"
+
+
+def test_lastlog_missing_log_names_the_file_and_the_flag(make_server, connect, tmp_path):
+    c = connect(make_server(logfile=str(tmp_path / "no-such.log")))
+    reply = c.ask("lastlog")
+    assert reply.startswith(ERROR) and b"no-such.log" in reply and b"--logfile" in reply
+    assert c.ask("ping") == b"pong\n"
+
+
+def test_comphash_relative_absolute_and_spaced(server, connect):
+    root = server.hashing.served_root.decode()
+    small = write_file(Path(root) / "small.txt", 100)
+    spaced = write_file(Path(root) / "with space.bin", 3 << 20)
+    c = connect(server)
+    assert c.ask("comphash small.txt") == f"File hash is : {sha1_of(small)}\n".encode()
+    assert c.ask(f"comphash {small}") == f"File hash is : {sha1_of(small)}\n".encode()
+    assert c.ask("comphash ./sub/../small.txt") == f"File hash is : {sha1_of(small)}\n".encode()
+    assert c.ask("comphash with space.bin") == f"File hash is : {sha1_of(spaced)}\n".encode()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_hash_every_algorithm(server, connect, algorithm):
+    path = write_file(Path(server.config.root) / "f.bin", 200_000)
+    expected = hashlib.new(algorithm, path.read_bytes()).hexdigest()
+    assert connect(server).ask(f"hash {algorithm} f.bin") == f"File hash is : {expected}\n".encode()
+
+
+def test_hash_unknown_algorithm_lists_the_choices(server, connect):
+    reply = connect(server).ask("hash crc32 f.bin")
+    assert reply.startswith(b"An error occured : unknown algorithm 'crc32' (choose from ")
+    assert b"sha256" in reply and b"md5" in reply and b"shake" not in reply
+
+
+def test_comphash_errors_keep_the_connection(server, connect):
+    root = Path(server.config.root)
+    (root / "d").mkdir()
+    c = connect(server)
+    assert c.ask("comphash nope.txt") == (
+        b"An error occured : [Errno 2] No such file or directory: 'nope.txt'\n")
+    assert c.ask("comphash d") == b"An error occured : Not a regular file: 'd'\n"
+    assert c.ask(b"comphash a\x00b") == b"An error occured : Invalid path: it contains a NUL byte\n"
+    assert c.ask(b"comphash \xff\x1b[2J") == (
+        b"An error occured : [Errno 2] No such file or directory: '\\xff\\x1b[2J'\n")
+    assert c.ask("comphash ../outside") == OUTSIDE
+    assert c.ask("comphash /etc/hostname") == OUTSIDE
+    assert c.ask("ping") == b"pong\n"
+
+
+def test_comphash_sees_a_changed_file(server, connect):
+    path = Path(server.config.root) / "changing.txt"
+    path.write_bytes(b"first")
+    c = connect(server)
+    assert c.ask("comphash changing.txt") == f"File hash is : {sha1_of(path)}\n".encode()
+    path.write_bytes(b"second, longer")
+    assert c.ask("comphash changing.txt") == f"File hash is : {sha1_of(path)}\n".encode()
+
+
+def test_help_lists_every_command_with_its_description(server, connect):
+    c = connect(server)
+    c.send("help\n")
+    lines = c.block(b"End help\n")
+    assert lines[0] == b"Begin help\n"
+    words = [line.split()[0] for line in lines[1:-1]]
+    assert words == [b"auth", b"comphash", b"exit", b"hash", b"help", b"lastlog", b"ping", b"stats"]
+    assert all(b" - " in line for line in lines[1:-1])
+
+
+def test_stats_counts(make_server, connect):
+    server = make_server(max_clients=7)
+    c = connect(server)
+    assert c.ask("ping") == b"pong\n"
+    c.send("stats\n")
+    lines = c.block(b"End stats\n")
+    stats = dict(line.decode().split() for line in lines[1:-1])
+    assert stats["clients"] == "1" and stats["max_clients"] == "7"
+    assert stats["commands"] == "2" and stats["rejected"] == "0"
+    assert int(stats["uptime_s"]) >= 0
+
+
+@pytest.mark.parametrize("word", ["exit", "quit", "  exit", "exit\r"])
+def test_exit_closes_without_reply(server, connect, word):
+    c = connect(server)
+    c.send(word + "\n")
+    assert c.closed() and c.buf == b""
+
+
+def test_pipelined_requests_answered_in_order(server, connect):
+    root = Path(server.config.root)
+    big = write_file(root / "big.bin", 5 << 20)
+    c = connect(server)
+    c.send("ping\ncomphash big.bin\nnope\nlastlog 1\nhash md5 big.bin\nping\nexit\nping\n")
+    assert c.line() == b"pong\n"
+    assert c.line() == f"File hash is : {sha1_of(big)}\n".encode()
+    assert c.line() == b"Command not found.\n"
+    assert c.block(b"End lastlog\n")[1] == (LOG_LINES[-1] + "\n").encode()
+    assert c.line() == f"File hash is : {sha1_of(big, 'md5')}\n".encode()
+    assert c.line() == b"pong\n"
+    assert c.closed() and c.buf == b""
+
+
+def test_requests_split_across_writes(server, connect):
+    c = connect(server)
+    for piece in (b"pi", b"ng\r", b"\npi", b"ng\n\nping", b"\n"):
+        c.send(piece)
+    assert [c.line(), c.line(), c.line()] == [b"pong\n"] * 3
+
+
+def test_eof_answers_complete_requests_and_ignores_the_rest(server, connect):
+    c = connect(server)
+    c.send("ping\nlastlog 1\nping")  # the last line has no newline
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.line() == b"pong\n"
+    assert c.block(b"End lastlog\n")[0] == b"Begin lastlog\n"
+    assert c.closed() and c.buf == b""

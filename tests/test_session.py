@@ -1,0 +1,197 @@
+"""Connection lifecycle and the services behind the commands, in-process on port 0."""
+
+import ipaddress
+import os
+from pathlib import Path
+
+import gevent
+import pytest
+from support import sha1_of, write_file
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def poll(predicate, timeout=5.0):
+    """Wait cooperatively (the server runs in this thread) until predicate() is true."""
+    with gevent.Timeout(timeout, AssertionError(f"condition not met in {timeout} s")):
+        while not (value := predicate()):
+            gevent.sleep(0.01)
+    return value
+
+
+def own_children() -> list[int]:
+    text = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text()
+    return [int(pid) for pid in text.split()]
+
+
+def test_client_cap_refuses_then_frees_the_slot(make_server, connect):
+    server = make_server(max_clients=2)
+    a, b = connect(server), connect(server)
+    assert a.ask("ping") == b"pong\n" and b.ask("ping") == b"pong\n"
+    refused = connect(server)
+    assert refused.line() == b"Too many connections. bye !\n" and refused.closed()
+    a.reset()
+    poll(lambda: server.stats.clients == 1)
+    assert connect(server).ask("ping") == b"pong\n"
+    assert server.stats.rejected == 1
+
+
+def test_line_at_the_limit_is_served_and_one_byte_more_is_not(make_server, connect):
+    server = make_server(max_line=10)
+    c = connect(server)
+    assert c.ask(b"ping" + b" " * 6) == b"pong\n"
+    c.send(b"ping" + b" " * 7 + b"\n")
+    assert c.line() == b"Line too long. bye !\n" and c.closed()
+
+
+def test_idle_timeout_cuts_a_trickler(make_server, connect):
+    server = make_server(idle_timeout=0.5)
+    c = connect(server)
+    for _ in range(3):
+        try:
+            c.send(b"p")
+        except OSError:
+            break
+        gevent.sleep(0.2)
+    assert c.line() == b"Idle timeout. bye !\n" and c.closed()
+
+
+def test_per_address_cap(make_server, connect):
+    server = make_server(max_per_ip=1)
+    first = connect(server)
+    assert first.ask("ping") == b"pong\n"
+    second = connect(server)
+    assert second.line() == b"Too many connections from your address. bye !\n" and second.closed()
+    first.send("exit\n")
+    poll(lambda: server.stats.clients == 0)
+    assert connect(server).ask("ping") == b"pong\n"
+
+
+def test_allow_list_closes_others_without_a_reply(make_server, connect):
+    server = make_server(allow=(ipaddress.ip_network("10.0.0.0/8"),))
+    c = connect(server)
+    assert c.closed() and c.buf == b""
+    allowed = make_server(allow=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")))
+    assert connect(allowed).ask("ping") == b"pong\n"
+
+
+def test_token_gates_commands(make_server, connect):
+    server = make_server(token=b"s3cret")
+    c = connect(server)
+    assert c.ask("ping") == b"Authentication required.\n"
+    assert c.ask("nope") == b"Authentication required.\n"
+    c.send("help\n")
+    assert c.block(b"End help\n")[0] == b"Begin help\n"
+    assert c.ask("auth s3cret") == b"Authenticated.\n"
+    assert c.ask("ping") == b"pong\n"
+
+
+def test_failed_auth_closes_and_discards_pipelined_requests(make_server, connect):
+    server = make_server(token=b"s3cret")
+    c = connect(server)
+    c.send("auth wrong\nping\nping\n")
+    assert c.line() == b"Authentication failed. bye !\n"
+    assert c.closed() and c.buf == b""
+    assert server.stats.auth_failures == 1
+
+
+def test_shutdown_says_goodbye_to_idle_clients(make_server, connect):
+    server = make_server()
+    clients = [connect(server) for _ in range(3)]
+    for c in clients:
+        assert c.ask("ping") == b"pong\n"
+    server.shutdown()
+    for c in clients:
+        assert c.line() == b"Server shutting down. bye !\n" and c.closed()
+
+
+def test_concurrent_hashes_of_one_file_share_one_read(make_server, connect):
+    server = make_server(hash_workers=1)
+    big = write_file(Path(server.config.root) / "big.bin", 64 << 20)
+    clients = [connect(server) for _ in range(5)]
+    for c in clients:
+        c.send("comphash big.bin\n")
+    for c in clients:
+        assert c.line() == f"File hash is : {sha1_of(big)}\n".encode()
+    assert server.hashing.stats.hashes == 1
+    assert server.hashing.stats.hashed_bytes == 64 << 20
+
+
+def test_unchanged_file_is_answered_from_the_cache(server, connect):
+    path = write_file(Path(server.config.root) / "f.bin", 1 << 20)
+    c = connect(server)
+    for _ in range(3):
+        assert c.ask("comphash f.bin") == f"File hash is : {sha1_of(path)}\n".encode()
+    assert server.hashing.stats.hashes == 1 and server.hashing.stats.cache_hits == 2
+
+
+def test_cache_can_be_disabled(make_server, connect):
+    server = make_server(hash_cache=0)
+    write_file(Path(server.config.root) / "f.bin", 1 << 10)
+    c = connect(server)
+    for _ in range(3):
+        assert c.ask("comphash f.bin").startswith(b"File hash is : ")
+    assert server.hashing.stats.hashes == 3
+
+
+def test_full_queue_answers_busy_at_once(make_server, connect):
+    server = make_server(hash_workers=1, max_pending=0, hash_cache=0)
+    root = Path(server.config.root)
+    write_file(root / "big.bin", 256 << 20)
+    write_file(root / "other.bin", 1 << 10)
+    hasher = connect(server)
+    hasher.send("comphash big.bin\n")
+    poll(lambda: server.hashing.pending == 1)
+    assert connect(server).ask("comphash other.bin") == (
+        b"An error occured : server busy, try again later\n")
+    assert hasher.line().startswith(b"File hash is : ")
+    assert connect(server).ask("comphash other.bin").startswith(b"File hash is : ")
+
+
+def test_queued_hash_of_a_client_that_left_is_never_done(make_server, connect):
+    server = make_server(hash_workers=1, hash_cache=0)
+    root = Path(server.config.root)
+    write_file(root / "first.bin", 128 << 20)
+    write_file(root / "second.bin", 128 << 20)
+    first, second = connect(server), connect(server)
+    first.send("comphash first.bin\n")
+    poll(lambda: server.hashing.pending == 1)
+    second.send("comphash second.bin\n")
+    poll(lambda: server.hashing.pending == 2)
+    second.reset()
+    poll(lambda: server.hashing.pending == 1)
+    assert first.line().startswith(b"File hash is : ")
+    poll(lambda: server.hashing.stats.hashes == 2)
+    assert server.hashing.stats.hashed_bytes == 128 << 20
+
+
+def test_lastlog_of_a_fifo_times_out_and_kills_tail(make_server, connect, tmp_path):
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    server = make_server(logfile=str(fifo), command_timeout=0.5)
+    c = connect(server)
+    assert c.ask("lastlog") == b"An error occured : lastlog timed out after 0.5 s\n"
+    assert c.ask("ping") == b"pong\n"
+    poll(lambda: not own_children())
+    assert server.tail.stats.timeouts == 1
+
+
+def test_lastlog_of_a_client_that_left_kills_tail(make_server, connect, tmp_path):
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    server = make_server(logfile=str(fifo), command_timeout=20)
+    c = connect(server)
+    c.send("lastlog\n")
+    poll(lambda: server.tail.stats.runs == 1 and own_children())
+    c.reset()
+    poll(lambda: not own_children())
+    assert server.tail.stats.timeouts == 0
+
+
+def test_identical_lastlogs_share_one_tail(server, connect):
+    clients = [connect(server) for _ in range(10)]
+    for c in clients:
+        c.send("lastlog 5\n")
+    for c in clients:
+        assert len(c.block(b"End lastlog\n")) == 7
+    assert server.tail.stats.runs == 1
