@@ -16,6 +16,7 @@ from time import monotonic
 
 import gevent
 import gevent.socket
+import gevent.ssl
 from gevent import GreenletExit
 from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
@@ -45,6 +46,8 @@ LINGER_QUIET = 0.2
 FAREWELL_TIMEOUT = 2.0
 #: seconds between checks that a client is still there while its command runs
 HANGUP_CHECK = 0.1
+#: seconds a client may be silent before it is parked
+PARK_AFTER = 1.0
 #: threads that resolve paths, open files and stat the log
 METADATA_WORKERS = 4
 
@@ -60,20 +63,48 @@ class ClientGone(GreenletExit):
 
 
 class Session:
-    """One client: reads request lines, runs them in order, writes the replies."""
+    """One client: reads request lines, runs them in order, writes the replies.
 
-    def __init__(self, server: GcmdServer, sock, ip: str, number: int) -> None:
+    A client that has nothing to say is *parked*: its greenlet ends and a read
+    watcher waits for its next request, so that thousands of idle clients
+    cost a socket and two watchers each rather than a greenlet stack.
+    """
+
+    __slots__ = (
+        "authenticated",
+        "context",
+        "deadline",
+        "greenlet",
+        "ip",
+        "pending",
+        "reading",
+        "server",
+        "sock",
+        "talked",
+        "watchers",
+    )
+
+    def __init__(self, server: GcmdServer, sock, ip: str, context: dict) -> None:
         self.server = server
         self.sock = sock
         self.ip = ip
-        self.context = {"context": f"Session,{number},{ip}"}
+        self.context = context
         self.authenticated = False
         #: blocked waiting for a request: shutdown may interrupt it at once
         self.reading = False
-        self.greenlet = gevent.getcurrent()
+        self.greenlet = None
+        #: when the client is cut unless a complete line or a reply gets through
+        self.deadline = monotonic() + server.config.idle_timeout
+        #: the start of a request line whose end has not arrived
+        self.pending = b""
+        #: whether the client has sent a request yet
+        self.talked = False
+        #: the read watcher and idle timer of a parked session
+        self.watchers = None
 
-    def serve(self) -> str:
-        """Serve the client until it leaves; the reason it left."""
+    def serve(self) -> str | None:
+        """Serve the client until it leaves (the reason) or is idle (None: park it)."""
+        self.greenlet = gevent.getcurrent()
         try:
             return self._serve()
         except Shutdown:
@@ -88,45 +119,52 @@ class Session:
         except Exception:
             log.exception("internal error serving %s", self.ip, extra=self.context)
             return "internal error"
+        finally:
+            self.greenlet = None
 
-    def _serve(self) -> str:
+    def _serve(self) -> str | None:
         config = self.server.config
         commands = self.server.commands
         do_auth = commands.do_auth
         sock = self.sock
         max_line = config.max_line
         idle_timeout = config.idle_timeout
-        deadline = monotonic() + idle_timeout
-        if isinstance(sock, ssl.SSLSocket):
-            self._handshake(deadline)
-        pending = b""
+        parkable = not isinstance(sock, gevent.ssl.SSLSocket)
+        if not parkable and not self.talked:
+            self._handshake()
         while True:
             if self.server.closing:
                 raise Shutdown
-            left = deadline - monotonic()
+            left = self.deadline - monotonic()
             if left <= 0:
                 self._farewell(protocol.IDLE_TIMEOUT)
                 return "idle timeout"
-            sock.settimeout(left)
+            # a new client, or one silent for PARK_AFTER, waits parked
+            wait = left if not parkable or self.pending else (
+                min(left, PARK_AFTER) if self.talked else 0.0)
+            sock.settimeout(wait)
             self.reading = True
             try:
                 data = sock.recv(RECV_SIZE)
-            except TimeoutError:
+            except (BlockingIOError, TimeoutError):
+                if wait < left:
+                    return None
                 continue
             finally:
                 self.reading = False
             if not data:
                 return "Connection was closed cleanly."
-            if pending:
-                data = pending + data
+            if self.pending:
+                data = self.pending + data
             if b"\n" not in data:
                 if len(data) > max_line:
                     self._farewell(protocol.LINE_TOO_LONG)
                     return "line too long"
-                pending = data
+                self.pending = data
                 continue
+            self.talked = True
             lines = data.split(b"\n")
-            pending = lines.pop()
+            self.pending = lines.pop()
             replies: list[bytes] = []
             size = 0
             for line in lines:
@@ -161,19 +199,34 @@ class Session:
                 if self.server.closing:
                     self._send(b"".join(replies))
                     raise Shutdown
-            if len(pending) > max_line:
+            if len(self.pending) > max_line:
                 self._send(b"".join(replies))
                 self._farewell(protocol.LINE_TOO_LONG)
                 return "line too long"
             self._send(b"".join(replies))
-            deadline = monotonic() + idle_timeout
+            self.deadline = monotonic() + idle_timeout
             if len(lines) > 1:
                 # a pipelining client always has input ready and would never
                 # yield: let the others run between its batches
                 gevent.sleep(0)
 
-    def _handshake(self, deadline: float) -> None:
-        self.sock.settimeout(max(deadline - monotonic(), 0.001))
+    def park(self, wake) -> None:
+        """Wait for the client's next bytes, or its idle deadline, without a greenlet."""
+        loop = self.server.loop
+        readable = loop.io(self.sock.fileno(), 1)
+        deadline = loop.timer(max(self.deadline - monotonic(), 0.0))
+        self.watchers = (readable, deadline)
+        readable.start(wake, self)
+        deadline.start(wake, self)
+
+    def unpark(self) -> None:
+        for watcher in self.watchers:
+            watcher.stop()
+            watcher.close()
+        self.watchers = None
+
+    def _handshake(self) -> None:
+        self.sock.settimeout(max(self.deadline - monotonic(), 0.001))
         self.reading = True
         try:
             self.sock.do_handshake()
@@ -218,7 +271,7 @@ class Session:
             sock.settimeout(FAREWELL_TIMEOUT)
             if line:
                 sock.sendall(line)
-            if isinstance(sock, ssl.SSLSocket):
+            if isinstance(sock, gevent.ssl.SSLSocket):
                 return
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(LINGER_QUIET)
@@ -254,6 +307,8 @@ class GcmdServer(StreamServer):
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
         self.sessions: set[Session] = set()
+        #: sockets of parked sessions, which the server must not close
+        self._parked: set = set()
         self.closing = False
         self._numbers = itertools.count()
 
@@ -263,8 +318,7 @@ class GcmdServer(StreamServer):
 
     def handle(self, sock, address) -> None:
         ip = address[0]
-        number = next(self._numbers)
-        context = {"context": f"Session,{number},{ip}"}
+        context = {"context": f"Session,{next(self._numbers)},{ip}"}
         self.stats.connections += 1
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.config.allow and not _allowed(ip, self.config.allow):
@@ -287,23 +341,47 @@ class GcmdServer(StreamServer):
             return
         self.per_ip[ip] += 1
         self.stats.clients += 1
+        session = Session(self, sock, ip, context)
+        if self.ssl_context is not None:
+            session.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                        do_handshake_on_connect=False)
+        self.sessions.add(session)
+        self._drive(session)
+
+    def _drive(self, session: Session) -> None:
+        """Serve ``session`` in this greenlet until it leaves or is parked."""
+        reason = "internal error"
         try:
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
-            session = Session(self, sock, ip, number)
-            self.sessions.add(session)
-            try:
-                reason = session.serve()
-            finally:
-                self.sessions.discard(session)
+            reason = session.serve()
         finally:
-            self.stats.clients -= 1
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
-            self.slots.release()
-        log.info("Lost client connection. Reason: %s", reason, extra=context)
+            if reason is None:
+                self._parked.add(session.sock)
+                session.park(self._wake)
+            else:
+                self._end(session, reason)
+
+    def _wake(self, session: Session) -> None:
+        if session.watchers is None:  # both watchers fired in one loop iteration
+            return
+        session.unpark()
+        self._parked.discard(session.sock)
+        self.handlers.spawn(self._drive, session)
+
+    def _end(self, session: Session, reason: str) -> None:
+        self.sessions.discard(session)
+        session.sock.close()
+        ip = session.ip
+        self.stats.clients -= 1
+        self.per_ip[ip] -= 1
+        if not self.per_ip[ip]:
+            del self.per_ip[ip]
+        self.slots.release()
+        log.info("Lost client connection. Reason: %s", reason, extra=session.context)
+
+    def do_close(self, sock, *args) -> None:
+        # the handler of a parked client returned, but the client stays
+        if sock not in self._parked:
+            sock.close()
 
     def _refuse(self, sock, line: bytes) -> None:
         """Tell a client it is not served, without giving it a slot."""
@@ -313,7 +391,7 @@ class GcmdServer(StreamServer):
                                                     do_handshake_on_connect=False)
                 sock.settimeout(min(self.config.idle_timeout, FAREWELL_TIMEOUT))
                 sock.do_handshake()
-            Session(self, sock, "", -1)._farewell(line)
+            Session(self, sock, "", {})._farewell(line)
         except (OSError, ssl.SSLError):
             pass
 
@@ -323,7 +401,9 @@ class GcmdServer(StreamServer):
         self.closing = True
         self.close()
         for session in list(self.sessions):
-            if session.reading:
+            if session.watchers is not None:
+                self._wake(session)
+            elif session.reading:
                 session.greenlet.kill(Shutdown, block=False)
         if not self.handlers.join(timeout=self.config.shutdown_timeout):
             log.warning("Cutting %d commands still running after %g s",

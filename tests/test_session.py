@@ -195,3 +195,25 @@ def test_identical_lastlogs_share_one_tail(server, connect):
     for c in clients:
         assert len(c.block(b"End lastlog\n")) == 7
     assert server.tail.stats.runs == 1
+
+
+def test_silent_clients_wait_parked_without_a_greenlet(server, connect):
+    clients = [connect(server) for _ in range(20)]
+    poll(lambda: server.stats.clients == 20 and len(server.handlers) == 0)
+    for c in clients:
+        assert c.ask("ping") == b"pong\n"
+
+
+def test_parked_client_is_cut_at_its_idle_deadline(make_server, connect):
+    server = make_server(idle_timeout=0.3)
+    c = connect(server)
+    assert c.line() == b"Idle timeout. bye !\n" and c.closed()
+    poll(lambda: server.stats.clients == 0)
+
+
+def test_parked_clients_get_the_shutdown_goodbye(server, connect):
+    clients = [connect(server) for _ in range(5)]
+    poll(lambda: server.stats.clients == 5 and len(server.handlers) == 0)
+    server.shutdown()
+    for c in clients:
+        assert c.line() == b"Server shutting down. bye !\n" and c.closed()
