@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -194,9 +195,20 @@ def setup_logging(level: str, fmt: str) -> None:
     root.propagate = False
 
 
+def raise_fd_limit() -> None:
+    """Allow as many open files as the hard limit: every client is one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     setup_logging("warning" if args.quiet else args.log_level, args.log_format)
+    raise_fd_limit()
     from gcmd.server import GcmdServer  # after logging is set up
 
     server = GcmdServer(config, ssl_context(config) if config.tls else None)
