@@ -12,6 +12,7 @@ import resource
 import signal
 import ssl
 import sys
+import threading
 import time
 
 import gevent
@@ -186,8 +187,47 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event)
 
 
+class BatchedStreamHandler(logging.StreamHandler):
+    """Writes the log lines of one event-loop iteration with one system call.
+
+    At the default level every request is a log line; writing and flushing
+    each one would cost a system call per request.
+    """
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled = False
+        self._hub_thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if threading.get_ident() != self._hub_thread:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._lines:
+            text = "\n".join(self._lines) + "\n"
+            self._lines.clear()
+            self.stream.write(text)
+        super().flush()
+
+
 def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    # what a log line says needs none of these, and each costs time per record
+    # (the logging HOWTO's "Optimization" section)
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = BatchedStreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("gcmd")
     root.handlers[:] = [handler]

@@ -48,6 +48,8 @@ FAREWELL_TIMEOUT = 2.0
 HANGUP_CHECK = 0.1
 #: seconds a client may be silent before it is parked
 PARK_AFTER = 1.0
+#: seconds between the sweeper's checks of idle deadlines
+SWEEP_EVERY = 0.1
 #: threads that resolve paths, open files and stat the log
 METADATA_WORKERS = 4
 
@@ -60,6 +62,14 @@ class Shutdown(GreenletExit):
 
 class ClientGone(GreenletExit):
     """Raised in a session whose connection was reset while a command ran."""
+
+
+class IdleTimeout(GreenletExit):
+    """Raised in a session waiting for a request past its idle deadline."""
+
+
+class Park(GreenletExit):
+    """Raised in a session silent for PARK_AFTER: it goes on without a greenlet."""
 
 
 class Session:
@@ -76,6 +86,7 @@ class Session:
         "deadline",
         "greenlet",
         "ip",
+        "parkable",
         "pending",
         "reading",
         "server",
@@ -101,6 +112,8 @@ class Session:
         self.talked = False
         #: the read watcher and idle timer of a parked session
         self.watchers = None
+        #: TLS buffers what it decrypted, where a read watcher cannot see it
+        self.parkable = server.ssl_context is None
 
     def serve(self) -> str | None:
         """Serve the client until it leaves (the reason) or is idle (None: park it)."""
@@ -110,6 +123,9 @@ class Session:
         except Shutdown:
             self._farewell(protocol.SHUTTING_DOWN)
             return "server shutting down"
+        except IdleTimeout:
+            self._farewell(protocol.IDLE_TIMEOUT)
+            return "idle timeout"
         except ClientGone:
             return "connection reset while a command ran"
         except ssl.SSLError as exc:
@@ -126,44 +142,55 @@ class Session:
         config = self.server.config
         commands = self.server.commands
         do_auth = commands.do_auth
+        log_requests = log.isEnabledFor(logging.INFO)
         sock = self.sock
         max_line = config.max_line
         idle_timeout = config.idle_timeout
-        parkable = not isinstance(sock, gevent.ssl.SSLSocket)
-        if not parkable and not self.talked:
-            self._handshake()
+        data = b""
+        if self.server.closing:
+            raise Shutdown
+        if monotonic() >= self.deadline:
+            raise IdleTimeout
+        if not self.parkable:
+            if not self.talked:
+                self._handshake()
+        elif not self.talked:
+            # a new client that has not spoken yet waits parked
+            sock.settimeout(0.0)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return None
+            finally:
+                sock.settimeout(None)
+            if not data:
+                return "Connection was closed cleanly."
         while True:
             if self.server.closing:
                 raise Shutdown
-            left = self.deadline - monotonic()
-            if left <= 0:
-                self._farewell(protocol.IDLE_TIMEOUT)
-                return "idle timeout"
-            # a new client, or one silent for PARK_AFTER, waits parked
-            wait = left if not parkable or self.pending else (
-                min(left, PARK_AFTER) if self.talked else 0.0)
-            sock.settimeout(wait)
-            self.reading = True
-            try:
-                data = sock.recv(RECV_SIZE)
-            except (BlockingIOError, TimeoutError):
-                if wait < left:
-                    return None
-                continue
-            finally:
-                self.reading = False
             if not data:
-                return "Connection was closed cleanly."
+                # no timer here: the server's sweeper enforces the idle deadline
+                # and parks a client that stays silent
+                self.reading = True
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except Park:
+                    return None
+                finally:
+                    self.reading = False
+                if not data:
+                    return "Connection was closed cleanly."
             if self.pending:
                 data = self.pending + data
             if b"\n" not in data:
                 if len(data) > max_line:
                     self._farewell(protocol.LINE_TOO_LONG)
                     return "line too long"
-                self.pending = data
+                self.pending, data = data, b""
                 continue
             self.talked = True
             lines = data.split(b"\n")
+            data = b""
             self.pending = lines.pop()
             replies: list[bytes] = []
             size = 0
@@ -176,9 +203,10 @@ class Session:
                 if parsed is None:
                     continue
                 handler, arg = parsed
-                log.info("Cmd received from %s : %s", self.ip,
-                         "auth ***" if handler == do_auth else escape(line),
-                         extra=self.context)
+                if log_requests:
+                    log.info("Cmd received from %s : %s", self.ip,
+                             "auth ***" if handler == do_auth else escape(line),
+                             extra=self.context)
                 if handler.slow:
                     # what is ready goes out before the client waits on a thread or tail
                     self._send(b"".join(replies))
@@ -232,6 +260,7 @@ class Session:
             self.sock.do_handshake()
         finally:
             self.reading = False
+            self.sock.settimeout(None)
 
     def _run_watched(self, handler, arg: bytes) -> bytes:
         """Run a slow command, cancelling it if the connection is reset meanwhile."""
@@ -259,10 +288,13 @@ class Session:
         if not data:
             return
         sock = self.sock
-        sock.settimeout(self.server.config.idle_timeout)
-        view = memoryview(data)
-        while view:
-            view = view[sock.send(view):]
+        # a timer is started only if the client's buffer is full
+        timeout = self.server.config.idle_timeout
+        sent = sock.send(data, 0, timeout)
+        if sent < len(data):
+            view = memoryview(data)[sent:]
+            while view:
+                view = view[sock.send(view, 0, timeout):]
 
     def _farewell(self, line: bytes) -> None:
         """Send a last line, then drain the client's input briefly before closing."""
@@ -280,6 +312,12 @@ class Session:
                 pass
         except OSError:
             pass
+
+
+def _throw_if_reading(session: Session, greenlet, exception: type[BaseException]) -> None:
+    # runs in the hub, so nothing can happen between the check and the throw
+    if session.reading and session.greenlet is greenlet:
+        greenlet.throw(exception)
 
 
 def _tcp_state(sock) -> int | None:
@@ -309,6 +347,9 @@ class GcmdServer(StreamServer):
         self.sessions: set[Session] = set()
         #: sockets of parked sessions, which the server must not close
         self._parked: set = set()
+        #: sessions that have a greenlet (not parked)
+        self.active: set[Session] = set()
+        self._sweeper = None
         self.closing = False
         self._numbers = itertools.count()
 
@@ -351,9 +392,11 @@ class GcmdServer(StreamServer):
     def _drive(self, session: Session) -> None:
         """Serve ``session`` in this greenlet until it leaves or is parked."""
         reason = "internal error"
+        self.active.add(session)
         try:
             reason = session.serve()
         finally:
+            self.active.discard(session)
             if reason is None:
                 self._parked.add(session.sock)
                 session.park(self._wake)
@@ -395,6 +438,32 @@ class GcmdServer(StreamServer):
         except (OSError, ssl.SSLError):
             pass
 
+    def start(self) -> None:
+        super().start()
+        self._sweeper = gevent.spawn(self._sweep)
+
+    def _sweep(self) -> None:
+        """Cut clients past their idle deadline, park those silent for PARK_AFTER.
+
+        One timer for all the clients that wait for a request, rather than a
+        timer started and stopped around every read.
+        """
+        park_age = PARK_AFTER - self.config.idle_timeout
+        while True:
+            gevent.sleep(SWEEP_EVERY)
+            now = monotonic()
+            for session in self.active:
+                if not session.reading:
+                    continue
+                if now >= session.deadline:
+                    self.interrupt(session, IdleTimeout)
+                elif session.parkable and now >= session.deadline + park_age:
+                    self.interrupt(session, Park)
+
+    def interrupt(self, session: Session, exception: type[BaseException]) -> None:
+        """Raise ``exception`` in a session if it is still waiting for a request then."""
+        self.loop.run_callback(_throw_if_reading, session, session.greenlet, exception)
+
     def shutdown(self) -> None:
         """Stop accepting, let running commands finish, say goodbye, release everything."""
         log.info("Shutting down: %d clients connected", len(self.sessions))
@@ -404,11 +473,13 @@ class GcmdServer(StreamServer):
             if session.watchers is not None:
                 self._wake(session)
             elif session.reading:
-                session.greenlet.kill(Shutdown, block=False)
+                self.interrupt(session, Shutdown)
         if not self.handlers.join(timeout=self.config.shutdown_timeout):
             log.warning("Cutting %d commands still running after %g s",
                         len(self.handlers), self.config.shutdown_timeout)
             self.handlers.kill(Shutdown, block=True, timeout=FAREWELL_TIMEOUT + LINGER + 1)
+        if self._sweeper is not None:
+            self._sweeper.kill()
         self.hashing.close()
         self.metadata_pool.kill()
         log.info("Server stopped")
