@@ -15,6 +15,11 @@ import sys
 import threading
 import time
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python before 3.11
+    import tomli as tomllib
+
 import gevent
 import gevent.ssl
 from gevent.event import Event
@@ -34,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A line-command server: lastlog, comphash, hash, ping, stats over TCP.",
         epilog="Try it: gcmd --port 9999, then: printf 'ping\\nexit\\n' | nc 127.0.0.1 9999")
     p.add_argument("--version", action="version", version=f"gcmd {__version__}")
+    p.add_argument("--config", metavar="FILE",
+                   help="read settings from a TOML file whose keys are these long flag names "
+                        "(port = 9999, max-clients = 50, allow = [\"10.0.0.0/8\"]); "
+                        "flags on the command line win (default: none)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host,
                      help="IPv4 or IPv6 address to listen on (default: %(default)s)")
@@ -80,13 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one line per event, as text or JSON (default: %(default)s)")
     out.add_argument("--quiet", action="store_true",
                      help="log warnings and errors only; the same as --log-level warning")
+    out.add_argument("--output", metavar="FILE",
+                     help="append the server log to FILE instead of standard output; "
+                          "SIGHUP reopens it, for logrotate (default: standard output)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """The Config the flags describe; a bad setting exits 2 with one message."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
+    if a.config is not None:
+        a = parser.parse_args(config_file_args(parser, a.config, argv) + argv)
     fail = parser.error
     if not 0 <= a.port <= 65535:
         fail(f"--port must be between 0 and 65535, not {a.port}")
@@ -113,14 +128,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     token = None
     if a.token_file is not None:
         try:
-            with open(a.token_file, "rb") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            fail(f"cannot read --token-file {a.token_file}: {exc.strerror}")
-        if not token:
-            fail(f"--token-file {a.token_file} is empty")
-        if any(c in token for c in b" \t\r\n"):
-            fail(f"--token-file {a.token_file} must hold one token without spaces")
+            token = read_token(a.token_file)
+        except ValueError as exc:
+            fail(str(exc))
     if (a.tls_cert is None) != (a.tls_key is None):
         fail("--tls-cert and --tls-key go together")
     for flag, path in (("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key)):
@@ -140,6 +150,54 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         except (ssl.SSLError, OSError) as exc:
             fail(f"cannot use --tls-cert {a.tls_cert} with --tls-key {a.tls_key}: {exc}")
     return config, a
+
+
+def config_file_args(parser: argparse.ArgumentParser, path: str, argv: list[str]) -> list[str]:
+    """The settings of a TOML file as flags, to be read before the command line's own."""
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except OSError as exc:
+        parser.error(f"cannot read --config {path}: {exc.strerror}")
+    except tomllib.TOMLDecodeError as exc:
+        parser.error(f"--config {path} is not valid TOML: {exc}")
+    actions = {option[2:]: action for action in parser._actions for option in action.option_strings
+               if option.startswith("--") and option not in ("--config", "--help", "--version")}
+    args: list[str] = []
+    for key, value in settings.items():
+        action = actions.get(key)
+        if action is None:
+            parser.error(f"--config {path}: unknown setting '{key}' "
+                         f"(the keys are the long flag names, such as max-clients)")
+        flag = "--" + key
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: '{key}' must be true or false")
+            args += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            if flag in argv:
+                continue  # the command line's list replaces the file's
+            for item in value if isinstance(value, list) else [value]:
+                args += [flag, str(item)]
+        elif isinstance(value, (list, dict, bool)):
+            parser.error(f"--config {path}: '{key}' takes one value, not {value!r}")
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def read_token(path: str) -> bytes:
+    """The token in ``path``; ValueError says what is wrong with the file."""
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read --token-file {path}: {exc.strerror}") from None
+    if not token:
+        raise ValueError(f"--token-file {path} is empty")
+    if any(c in token for c in b" \t\r\n"):
+        raise ValueError(f"--token-file {path} must hold one token without spaces")
+    return token
 
 
 def ssl_context(config: Config) -> ssl.SSLContext:
@@ -222,17 +280,22 @@ class BatchedStreamHandler(logging.StreamHandler):
         super().flush()
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def open_output(path: str | None):
+    return sys.stdout if path is None else open(path, "a", buffering=1 << 16, encoding="utf-8")
+
+
+def setup_logging(level: str, fmt: str, output=None) -> BatchedStreamHandler:
     # what a log line says needs none of these, and each costs time per record
     # (the logging HOWTO's "Optimization" section)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = BatchedStreamHandler(sys.stdout)
+    handler = BatchedStreamHandler(output or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("gcmd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    return handler
 
 
 def raise_fd_limit() -> None:
@@ -247,7 +310,12 @@ def raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    setup_logging("warning" if args.quiet else args.log_level, args.log_format)
+    try:
+        output = open_output(args.output)
+    except OSError as exc:
+        print(f"gcmd: cannot open --output {args.output}: {exc.strerror}", file=sys.stderr)
+        return 2
+    handler = setup_logging("warning" if args.quiet else args.log_level, args.log_format, output)
     raise_fd_limit()
     from gcmd.server import GcmdServer  # after logging is set up
 
@@ -269,6 +337,28 @@ def main(argv: list[str] | None = None) -> int:
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    gevent.signal_handler(signal.SIGHUP, reload, server, handler, args)
     stop.wait()
     server.shutdown()
     return 0
+
+
+def reload(server, handler: BatchedStreamHandler, args: argparse.Namespace) -> None:
+    """SIGHUP: reopen the log output (after logrotate moved it) and re-read the token."""
+    if args.output is not None:
+        handler.flush()
+        try:
+            output = open_output(args.output)
+        except OSError as exc:
+            log.error("SIGHUP: cannot reopen --output %s: %s; still writing to the old file",
+                      args.output, exc.strerror)
+        else:
+            handler.setStream(output).close()
+    if args.token_file is not None:
+        try:
+            server.set_token(read_token(args.token_file))
+        except ValueError as exc:
+            log.error("SIGHUP: %s; the previous token stays in force", exc)
+            return
+    log.info("SIGHUP: reopened the log output%s",
+             " and re-read the token file" if args.token_file else "")

@@ -6,6 +6,7 @@ reply -> Session -> socket. Only Session writes to a client's socket.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import logging
@@ -352,6 +353,10 @@ class GcmdServer(StreamServer):
         self._sweeper = None
         self.closing = False
         self._numbers = itertools.count()
+
+    def set_token(self, token: bytes) -> None:
+        """Require this token from now on (clients already authenticated stay so)."""
+        self.config = self.commands.config = dataclasses.replace(self.config, token=token)
 
     @property
     def port(self) -> int:
