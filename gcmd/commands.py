@@ -51,6 +51,9 @@ class Commands:
 
     def parse(self, line: bytes) -> tuple[Callable, bytes] | None:
         """The handler and argument of a request line; None for a blank line."""
+        handler = self.table.get(line)  # a bare command word, the most common request
+        if handler is not None:
+            return handler, b""
         word, arg = split_request(line)
         if not word:
             return None
