@@ -331,10 +331,14 @@ def _tcp_state(sock) -> int | None:
 class GcmdServer(StreamServer):
     """Accepts clients, enforces the caps, and shuts down gracefully."""
 
-    def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None,
+                 listener: socket.socket | None = None) -> None:
         #: the handlers of connected clients, so that shutdown can wait for them
         self.handlers = Pool()
-        super().__init__((config.host, config.port), backlog=config.backlog, spawn=self.handlers)
+        if listener is None:
+            super().__init__((config.host, config.port), backlog=config.backlog, spawn=self.handlers)
+        else:
+            super().__init__(listener, spawn=self.handlers)
         self.config = config
         self.ssl_context = ssl_context
         self.stats = ServerStats()
@@ -488,6 +492,29 @@ class GcmdServer(StreamServer):
         self.hashing.close()
         self.metadata_pool.kill()
         log.info("Server stopped")
+
+
+def listen(config: Config, *, reuse_port: bool = False, backlog: int | None = None):
+    """A socket bound to the configured address, listening unless ``backlog`` is 0.
+
+    With ``reuse_port`` several processes may bind the same port and the
+    kernel spreads the connections among them.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = gevent.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        backlog = config.backlog if backlog is None else backlog
+        if backlog:
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _allowed(ip: str, networks) -> bool:
