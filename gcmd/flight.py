@@ -35,21 +35,22 @@ class LRU:
 
 
 class _Flight:
-    __slots__ = ("greenlet", "waiters")
+    __slots__ = ("greenlet", "on_cancel", "waiters")
 
-    def __init__(self, greenlet: gevent.Greenlet) -> None:
+    def __init__(self, greenlet: gevent.Greenlet, on_cancel: Callable[[], None] | None) -> None:
         self.greenlet = greenlet
+        self.on_cancel = on_cancel
         self.waiters = 0
 
 
-def outcome(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
     """Call ``fn`` in a greenlet or a pool thread, its failure travelling as a value.
 
     gevent prints the traceback of whatever raises in a greenlet or a pool
     thread; the caller reports the error itself, with :func:`unwrap`.
     """
     try:
-        return True, fn(*args)
+        return True, fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised by unwrap() in every caller
         return False, exc
 
@@ -66,7 +67,9 @@ class SingleFlight:
     """Runs one greenlet per key; concurrent callers with the same key share it.
 
     The work is killed (``GreenletExit`` inside it, so its ``finally`` blocks
-    clean up) as soon as no caller is waiting for it any more.
+    clean up) as soon as no caller is waiting for it any more, and
+    ``on_cancel`` is called then: a greenlet killed before it started runs no
+    ``finally`` at all.
     """
 
     def __init__(self) -> None:
@@ -75,10 +78,12 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any,
+            on_cancel: Callable[[], None] | None = None) -> Any:
+        """``fn(*args)``, or the result of the call with this key already under way."""
         flight = self._flights.get(key)
         if flight is None:
-            flight = self._flights[key] = _Flight(gevent.spawn(outcome, fn, *args))
+            flight = self._flights[key] = _Flight(gevent.spawn(outcome, fn, *args), on_cancel)
         flight.waiters += 1
         try:
             result = flight.greenlet.get()
@@ -88,6 +93,8 @@ class SingleFlight:
                 del self._flights[key]
                 if not flight.greenlet.ready():
                     flight.greenlet.kill(block=False)
+                    if flight.on_cancel is not None:
+                        flight.on_cancel()
         return unwrap(result)
 
     def joined(self, key: Hashable) -> bool:

@@ -13,6 +13,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 from gevent.threadpool import ThreadPool
 
@@ -40,13 +41,20 @@ class HashStats:
 
 
 class _Job:
-    """A hash job's cancel flag, set in the hub and read by the worker thread."""
+    """A hash job in the pool; its cancel flag is set in the hub, read by the worker."""
 
-    __slots__ = ("cancelled", "nbytes")
+    __slots__ = ("cancelled", "counted", "nbytes", "result")
 
     def __init__(self) -> None:
         self.cancelled = False
+        #: still counted in HashService.in_pool
+        self.counted = True
         self.nbytes = 0
+        self.result = None
+
+
+def _await(job: _Job) -> str:
+    return unwrap(job.result.get())
 
 
 class HashService:
@@ -89,35 +97,50 @@ class HashService:
             if cached is not None:
                 self.stats.cache_hits += 1
                 return cached
+            # a request that joins a running hash starts no job of its own
+            job = None
             if self._flights.joined(key):
                 self.stats.shared += 1
             elif self.in_pool >= self.capacity:
                 self.stats.busy += 1
                 raise CommandError(BUSY)
-            hexdigest = self._flights.run(key, self._hash_in_pool, os.dup(fd), algorithm)
+            else:
+                job = self._submit(fd, algorithm)
+            hexdigest = self._flights.run(key, _await, job, on_cancel=job and partial(self._cancel, job))
         finally:
             os.close(fd)
         self._cache.put(key, hexdigest)
         return hexdigest
 
-    def _hash_in_pool(self, fd: int, algorithm: str) -> str:
+    def _submit(self, fd: int, algorithm: str) -> _Job:
+        """Queue the hashing of ``fd``: from here on a worker thread owns a copy of it."""
         job = _Job()
-        self.in_pool += 1
+        job_fd = os.dup(fd)
         try:
-            result = self.hash_pool.spawn(outcome, self._hash_fd, fd, algorithm, job)
+            job.result = self.hash_pool.spawn(outcome, self._hash_fd, job_fd, algorithm, job)
         except BaseException:
-            self.in_pool -= 1
-            os.close(fd)
+            os.close(job_fd)
             raise
-        try:
-            return unwrap(result.get())
-        finally:
-            # a job cancelled while it waits returns at once when a worker reaches
-            # it, and a running one stops at its next chunk
-            job.cancelled = True
+        self.in_pool += 1
+        job.result.rawlink(partial(self._done, job))
+        return job
+
+    def _cancel(self, job: _Job) -> None:
+        # a job cancelled while it waits returns at once when a worker reaches
+        # it, and a running one stops at its next chunk; either way it no
+        # longer counts against --max-pending
+        job.cancelled = True
+        self._release(job)
+
+    def _done(self, job: _Job, _result) -> None:
+        self._release(job)
+        self.stats.hashed_bytes += job.nbytes
+        self.stats.hashes += 1
+
+    def _release(self, job: _Job) -> None:
+        if job.counted:
+            job.counted = False
             self.in_pool -= 1
-            self.stats.hashed_bytes += job.nbytes
-            self.stats.hashes += 1
 
     # --- in threads ---------------------------------------------------------------
 

@@ -71,15 +71,22 @@ class LogTail:
 
     def _tail(self, count: int) -> list[bytes]:
         self.stats.runs += 1
+        # Popen waits (cooperatively) for the exec to succeed; cancelled there,
+        # it would leave a running child and its pipes behind. So it runs in a
+        # greenlet of its own, and a tail that starts after we left is stopped.
+        starter = gevent.spawn(outcome, subprocess.Popen,
+                               ["tail", "-n", str(count), "--", self.logfile],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
         try:
-            proc = subprocess.Popen(
-                ["tail", "-n", str(count), "--", self.logfile],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                close_fds=True, start_new_session=True)
+            proc = unwrap(starter.get())
         except OSError as exc:
             self.stats.failures += 1
             log.warning("cannot start tail: %s", exc)
             raise CommandError(f"cannot start tail: {exc.strerror}") from None
+        except BaseException:
+            starter.link_value(_stop_started)
+            raise
         try:
             with gevent.Timeout(self.command_timeout, False):
                 out, err = _read_all(proc)
@@ -112,6 +119,12 @@ def _read_all(proc: subprocess.Popen) -> tuple[bytes, bytes]:
         return b"".join(chunks), errors.get()
     finally:
         errors.kill(block=False)
+
+
+def _stop_started(starter: gevent.Greenlet) -> None:
+    ok, proc = starter.value
+    if ok:
+        gevent.spawn(_stop, proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -7,6 +7,7 @@ reply -> Session -> socket. Only Session writes to a client's socket.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import itertools
 import logging
@@ -51,10 +52,13 @@ HANGUP_CHECK = 0.1
 PARK_AFTER = 1.0
 #: seconds between the sweeper's checks of idle deadlines
 SWEEP_EVERY = 0.1
+#: seconds accepting pauses when the process is out of file descriptors
+ACCEPT_PAUSE = 0.1
 #: threads that resolve paths, open files and stat the log
 METADATA_WORKERS = 4
 
 _TCP_CLOSE = 7  # Linux tcpi_state of a connection the peer has reset
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Shutdown(GreenletExit):
@@ -289,13 +293,19 @@ class Session:
         if not data:
             return
         sock = self.sock
-        # a timer is started only if the client's buffer is full
-        timeout = self.server.config.idle_timeout
-        sent = sock.send(data, 0, timeout)
+        try:
+            sent = sock.send(data, 0, 0.0)  # what fits now, without a timer
+        except BlockingIOError:
+            sent = 0
         if sent < len(data):
-            view = memoryview(data)[sent:]
-            while view:
-                view = view[sock.send(view, 0, timeout):]
+            # the client's buffer is full: each send may wait up to the idle timeout
+            sock.settimeout(self.server.config.idle_timeout)
+            try:
+                view = memoryview(data)[sent:]
+                while view:
+                    view = view[sock.send(view):]
+            finally:
+                sock.settimeout(None)
 
     def _farewell(self, line: bytes) -> None:
         """Send a last line, then drain the client's input briefly before closing."""
@@ -355,6 +365,8 @@ class GcmdServer(StreamServer):
         #: sessions that have a greenlet (not parked)
         self.active: set[Session] = set()
         self._sweeper = None
+        self._resource_warned = 0.0
+        self._accept_timer = None
         self.closing = False
         self._numbers = itertools.count()
 
@@ -429,6 +441,28 @@ class GcmdServer(StreamServer):
             del self.per_ip[ip]
         self.slots.release()
         log.info("Lost client connection. Reason: %s", reason, extra=session.context)
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            # out of file descriptors: stop accepting for a moment rather than
+            # spin; clients that leave free descriptors and accepting resumes
+            now = monotonic()
+            if now - self._resource_warned > 1:
+                self._resource_warned = now
+                log.warning("cannot accept a connection: %s; pausing %g s", exc.strerror,
+                            ACCEPT_PAUSE)
+            self.stop_accepting()
+            self._accept_timer = self.loop.timer(ACCEPT_PAUSE)
+            self._accept_timer.start(self._resume_accepting)
+            return None
+
+    def _resume_accepting(self) -> None:
+        if not self.closing:
+            self.start_accepting()
 
     def do_close(self, sock, *args) -> None:
         # the handler of a parked client returned, but the client stays
