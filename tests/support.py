@@ -129,7 +129,11 @@ class GcmdProcess:
         self.out = open(self.stdout, "wb")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=tmp_path)
-        wait_for(self._listening, timeout=15, message=f"gcmd did not listen: {self.log()}")
+        try:
+            wait_for(self._listening, timeout=15, message="gcmd did not listen")
+        except BaseException:
+            self.stop()
+            raise
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:
