@@ -1,0 +1,123 @@
+"""Locust load test of gcmd: ``locust -f loadtest/locustfile.py --host 127.0.0.1:9999``.
+
+Each user holds one connection (re-opened after a drop) and sends ``ping``,
+``comphash``, ``lastlog`` and ``stats`` with the weights of the ``--*-weight``
+options. ``comphash`` hashes the regular files of ``--gcmd-files DIR`` (paths
+sent as they are listed here, so DIR must be inside the server's root, as the
+server sees it); without it, the files are created in a temporary directory
+under the current one. Add ``loadtest/stepshape.py`` to ``-f`` for a load
+that grows in steps (see there). ``scripts/loadtest`` runs all of this for you.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import ssl
+import tempfile
+
+from locust import User, between, events, task
+
+from loadtest.client import GcmdClient, GcmdError
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser) -> None:
+    group = parser.add_argument_group("gcmd")
+    group.add_argument("--ping-weight", type=int, default=10, help="relative weight of ping")
+    group.add_argument("--comphash-weight", type=int, default=3, help="relative weight of comphash")
+    group.add_argument("--lastlog-weight", type=int, default=2, help="relative weight of lastlog")
+    group.add_argument("--stats-weight", type=int, default=1, help="relative weight of stats")
+    group.add_argument("--gcmd-files", default="", help="directory of files for comphash")
+    group.add_argument("--gcmd-token", default="", help="token for 'auth' (a --token-file server)")
+    group.add_argument("--gcmd-tls", action="store_true", help="connect with TLS")
+    group.add_argument("--gcmd-ca", default="", help="CA file to verify the server's certificate")
+    group.add_argument("--gcmd-tls-insecure", action="store_true",
+                       help="with --gcmd-tls, do not verify the certificate")
+    group.add_argument("--gcmd-timeout", type=float, default=10.0, help="seconds to wait for a reply")
+
+
+def target(host: str) -> tuple[str, int]:
+    """``tcp://127.0.0.1:9999``, ``127.0.0.1:9999`` or ``[::1]:9999`` as (host, port)."""
+    host = host.removeprefix("tcp://").removeprefix("tls://").rstrip("/")
+    name, _, port = host.rpartition(":")
+    if not name or not port.isdigit():
+        raise ValueError(f"--host must be HOST:PORT, not {host!r}")
+    return name.strip("[]"), int(port)
+
+
+def tls_context(options) -> ssl.SSLContext | None:
+    if not options.gcmd_tls:
+        return None
+    context = ssl.create_default_context(cafile=options.gcmd_ca or None)
+    if options.gcmd_tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def hash_files(directory: str) -> list[str]:
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="gcmd-load-", dir=os.getcwd())
+        for i in range(4):
+            with open(os.path.join(directory, f"file{i}.bin"), "wb") as f:
+                f.write(os.urandom(256 << 10) * (i + 1))
+    return sorted(os.path.abspath(entry.path) for entry in os.scandir(directory) if entry.is_file())
+
+
+class GcmdUser(User):
+    """One connection, requests one at a time, with the weights of the options."""
+
+    wait_time = between(0.0, 0.01)
+
+    def __init__(self, environment) -> None:
+        super().__init__(environment)
+        options = environment.parsed_options
+        self.tasks = ([GcmdUser.ping] * options.ping_weight
+                      + [GcmdUser.comphash] * options.comphash_weight
+                      + [GcmdUser.lastlog] * options.lastlog_weight
+                      + [GcmdUser.stats] * options.stats_weight)
+        host, port = target(self.host or environment.host)
+        self.client = GcmdClient(host, port, timeout=options.gcmd_timeout, tls=tls_context(options),
+                                 fire=environment.events.request.fire)
+        self.files = hash_files(options.gcmd_files) if options.comphash_weight else []
+        self.token = options.gcmd_token
+
+    def on_start(self) -> None:
+        if self.token:
+            self.authenticate()
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    def authenticate(self) -> None:
+        try:
+            self.client.request(f"auth {self.token}", name="auth")
+        except (GcmdError, OSError):
+            pass  # reported as a failure; the next request reconnects
+
+    def send(self, line: str, name: str) -> None:
+        reconnecting = self.client.sock is None
+        if reconnecting and self.token:
+            self.authenticate()
+        try:
+            self.client.request(line, name)
+        except (GcmdError, OSError):
+            pass  # already reported to locust as a failure
+
+    @task
+    def ping(self) -> None:
+        self.send("ping", "ping")
+
+    @task
+    def comphash(self) -> None:
+        if self.files:
+            self.send(f"comphash {random.choice(self.files)}", "comphash")
+
+    @task
+    def lastlog(self) -> None:
+        self.send("lastlog 20", "lastlog")
+
+    @task
+    def stats(self) -> None:
+        self.send("stats", "stats")
