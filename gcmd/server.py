@@ -93,6 +93,7 @@ class Session:
         "ip",
         "parkable",
         "pending",
+        "readable",
         "reading",
         "server",
         "sock",
@@ -119,6 +120,9 @@ class Session:
         self.watchers = None
         #: TLS buffers what it decrypted, where a read watcher cannot see it
         self.parkable = server.ssl_context is None
+        #: tells when the client's next bytes have arrived, so that a read
+        #: never fails for want of them; None for TLS
+        self.readable = server.loop.io(sock.fileno(), 1) if self.parkable else None
 
     def serve(self) -> str | None:
         """Serve the client until it leaves (the reason) or is idle (None: park it)."""
@@ -149,6 +153,8 @@ class Session:
         do_auth = commands.do_auth
         log_requests = log.isEnabledFor(logging.INFO)
         sock = self.sock
+        readable = self.readable
+        wait = gevent.get_hub().wait
         max_line = config.max_line
         idle_timeout = config.idle_timeout
         data = b""
@@ -178,6 +184,10 @@ class Session:
                 # and parks a client that stays silent
                 self.reading = True
                 try:
+                    if readable is not None:
+                        # wait, then read: a read that finds nothing costs a
+                        # system call and an exception
+                        wait(readable)
                     data = sock.recv(RECV_SIZE)
                 except Park:
                     return None
@@ -238,24 +248,24 @@ class Session:
                 return "line too long"
             self._send(b"".join(replies))
             self.deadline = monotonic() + idle_timeout
-            if len(lines) > 1:
+            if len(lines) > 1 and readable is None:
                 # a pipelining client always has input ready and would never
-                # yield: let the others run between its batches
+                # yield: let the others run between its batches (waiting for
+                # readable does that for plain connections)
                 gevent.sleep(0)
 
     def park(self, wake) -> None:
         """Wait for the client's next bytes, or its idle deadline, without a greenlet."""
-        loop = self.server.loop
-        readable = loop.io(self.sock.fileno(), 1)
-        deadline = loop.timer(max(self.deadline - monotonic(), 0.0))
-        self.watchers = (readable, deadline)
-        readable.start(wake, self)
+        deadline = self.server.loop.timer(max(self.deadline - monotonic(), 0.0))
+        self.watchers = (self.readable, deadline)
+        self.readable.start(wake, self)
         deadline.start(wake, self)
 
     def unpark(self) -> None:
-        for watcher in self.watchers:
-            watcher.stop()
-            watcher.close()
+        readable, deadline = self.watchers
+        readable.stop()
+        deadline.stop()
+        deadline.close()
         self.watchers = None
 
     def _handshake(self) -> None:
@@ -433,6 +443,8 @@ class GcmdServer(StreamServer):
 
     def _end(self, session: Session, reason: str) -> None:
         self.sessions.discard(session)
+        if session.readable is not None:
+            session.readable.close()
         session.sock.close()
         ip = session.ip
         self.stats.clients -= 1
