@@ -50,8 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TCP port; 0 picks a free one (default: %(default)s)")
     net.add_argument("--backlog", type=int, default=d.backlog,
                      help="connections waiting to be accepted (default: %(default)s)")
+    net.add_argument("--proxy-protocol", action="store_true",
+                     help="expect HAProxy's PROXY header (v1 or v2) on every connection and "
+                          "serve, log and limit the client it names; only for a gcmd that "
+                          "nobody but the load balancer can reach (default: off)")
     net.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (default: off)")
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (default: none)")
+    ops = p.add_argument_group("processes and metrics")
+    ops.add_argument("--workers", type=int, default=d.workers, metavar="N",
+                     help="server processes sharing the port, supervised by this one; "
+                          "--max-clients applies to each (default: %(default)s)")
+    ops.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics; with "
+                          "--workers N, worker i serves PORT+i (default: off)")
     srv = p.add_argument_group("what is served")
     srv.add_argument("--root", default=None,
                      help="directory comphash and hash may read (default: the current directory)")
@@ -108,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     for flag, value, least in (("--max-clients", a.max_clients, 1), ("--max-line", a.max_line, 1),
                                ("--backlog", a.backlog, 1), ("--hash-workers", a.hash_workers, 1),
                                ("--max-per-ip", a.max_per_ip, 0), ("--max-pending", a.max_pending, 0),
-                               ("--hash-cache", a.hash_cache, 0)):
+                               ("--hash-cache", a.hash_cache, 0), ("--workers", a.workers, 1)):
         if value < least:
             fail(f"{flag} must be at least {least}, not {value}")
     for flag, value in (("--idle-timeout", a.idle_timeout), ("--command-timeout", a.command_timeout)):
@@ -116,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             fail(f"{flag} must be more than 0 seconds, not {value:g}")
     if not a.shutdown_timeout >= 0:
         fail(f"--shutdown-timeout must be 0 seconds or more, not {a.shutdown_timeout:g}")
+    if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535 - (a.workers - 1):
+        fail(f"--metrics-port must be between 0 and {65535 - (a.workers - 1)}, not {a.metrics_port}")
+    if a.metrics_port == 0 and a.workers > 1:
+        fail("--metrics-port 0 picks one free port: give a port with --workers")
     root = os.path.abspath(a.root if a.root is not None else os.getcwd())
     if not os.path.isdir(root):
         fail(f"--root {root} is not a directory")
@@ -143,7 +158,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         idle_timeout=a.idle_timeout, command_timeout=a.command_timeout,
         shutdown_timeout=a.shutdown_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
         hash_workers=a.hash_workers, max_pending=a.max_pending, hash_cache=a.hash_cache,
-        backlog=a.backlog)
+        backlog=a.backlog, proxy_protocol=a.proxy_protocol, workers=a.workers,
+        metrics_port=a.metrics_port)
     if config.tls:
         try:
             ssl_context(config)
@@ -284,12 +300,13 @@ def open_output(path: str | None):
     return sys.stdout if path is None else open(path, "a", buffering=1 << 16, encoding="utf-8")
 
 
-def setup_logging(level: str, fmt: str, output=None) -> BatchedStreamHandler:
+def setup_logging(level: str, fmt: str, output=None, *, batched: bool = True) -> logging.StreamHandler:
+    """Log to ``output``; ``batched`` writes once per event-loop iteration (gevent only)."""
     # what a log line says needs none of these, and each costs time per record
     # (the logging HOWTO's "Optimization" section)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = BatchedStreamHandler(output or sys.stdout)
+    handler = (BatchedStreamHandler if batched else logging.StreamHandler)(output or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("gcmd")
     root.handlers[:] = [handler]
@@ -315,45 +332,105 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"gcmd: cannot open --output {args.output}: {exc.strerror}", file=sys.stderr)
         return 2
-    handler = setup_logging("warning" if args.quiet else args.log_level, args.log_format, output)
+    level = "warning" if args.quiet else args.log_level
     raise_fd_limit()
+    if config.workers == 1:
+        handler = setup_logging(level, args.log_format, output)
+        return serve(config, args, handler)
+    # the parent never runs a gevent hub: its log lines are written at once
+    handler = setup_logging(level, args.log_format, output, batched=False)
+    from gcmd.workers import Supervisor
+
+    try:
+        supervisor = Supervisor(config, config.workers, on_hangup=lambda: reopen_output(handler, args),
+                                serve=lambda listener, number: serve(config, args, setup_logging(
+                                    level, args.log_format, handler.stream), listener, number))
+    except OSError as exc:
+        return cannot_listen(config.host, config.port, exc)
+    announce(config, supervisor.port, f", {config.workers} workers")
+    return supervisor.run()
+
+
+def serve(config: Config, args: argparse.Namespace, handler: logging.Handler,
+          listener=None, worker: int = 0) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status.
+
+    ``listener`` and ``worker``: the listening socket and number of a worker
+    (see gcmd.workers).
+    """
+    import gevent.socket
+
     from gcmd.server import GcmdServer  # after logging is set up
 
-    server = GcmdServer(config, ssl_context(config) if config.tls else None)
+    if listener is not None:
+        gevent.reinit()  # a forked worker
+        listener = gevent.socket.socket(fileno=listener.detach())
+    server = GcmdServer(config, ssl_context(config) if config.tls else None, listener)
+    metrics = None
+    if config.metrics_port is not None:
+        from gcmd.metrics import MetricsServer
+
+        metrics = MetricsServer(server, config.host, config.metrics_port + worker)
     try:
         server.start()
     except OSError as exc:
-        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
-        print(f"gcmd: cannot listen on {config.host} port {config.port}: {why}", file=sys.stderr)
-        return 1
-    log.info("gcmd %s listening on %s port %d%s", __version__, config.host, server.port,
-             " (TLS)" if config.tls else "")
-    log.info("root %s, log file %s, max %d clients%s", config.root, config.logfile,
-             config.max_clients, ", token required" if config.token else "")
-    if not os.path.exists(config.logfile):
-        log.warning("log file %s does not exist: lastlog answers an error until it does; "
-                    "start gcmd with --logfile PATH to serve another log%s", config.logfile,
-                    " (this machine has no syslog file)" if config.logfile == DEFAULT_LOGFILE else "")
+        return cannot_listen(config.host, config.port, exc)
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     gevent.signal_handler(signal.SIGHUP, reload, server, handler, args)
+    if listener is None:
+        announce(config, server.port)
+    else:
+        log.info("worker %d serving port %d", os.getpid(), server.port)
+    if metrics is not None:
+        try:
+            metrics.start()
+        except OSError as exc:
+            server.shutdown()
+            return cannot_listen(config.host, config.metrics_port + worker, exc, "metrics ")
     stop.wait()
     server.shutdown()
+    if metrics is not None:
+        metrics.stop()
     return 0
+
+
+def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
+    why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+    print(f"gcmd: cannot listen on {host} {what}port {port}: {why}", file=sys.stderr)
+    return 1
+
+
+def announce(config: Config, port: int, workers: str = "") -> None:
+    log.info("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
+             " (TLS)" if config.tls else "", workers)
+    log.info("root %s, log file %s, max %d clients%s%s", config.root, config.logfile,
+             config.max_clients, " per worker" if workers else "",
+             ", token required" if config.token else "")
+    if not os.path.exists(config.logfile):
+        log.warning("log file %s does not exist: lastlog answers an error until it does; "
+                    "start gcmd with --logfile PATH to serve another log%s", config.logfile,
+                    " (this machine has no syslog file)" if config.logfile == DEFAULT_LOGFILE else "")
+
+
+def reopen_output(handler: logging.StreamHandler, args: argparse.Namespace) -> None:
+    """Write the log to a fresh open of --output (after logrotate moved the file)."""
+    if args.output is None:
+        return
+    handler.flush()
+    try:
+        output = open_output(args.output)
+    except OSError as exc:
+        log.error("SIGHUP: cannot reopen --output %s: %s; still writing to the old file",
+                  args.output, exc.strerror)
+    else:
+        handler.setStream(output).close()
 
 
 def reload(server, handler: BatchedStreamHandler, args: argparse.Namespace) -> None:
     """SIGHUP: reopen the log output (after logrotate moved it) and re-read the token."""
-    if args.output is not None:
-        handler.flush()
-        try:
-            output = open_output(args.output)
-        except OSError as exc:
-            log.error("SIGHUP: cannot reopen --output %s: %s; still writing to the old file",
-                      args.output, exc.strerror)
-        else:
-            handler.setStream(output).close()
+    reopen_output(handler, args)
     if args.token_file is not None:
         try:
             server.set_token(read_token(args.token_file))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from collections.abc import Callable
+from time import monotonic
 
 from gcmd import protocol
 from gcmd.config import Config
@@ -30,6 +32,8 @@ def command(*, slow: bool = False, public: bool = False) -> Callable:
     def mark(method: Callable) -> Callable:
         method.slow = slow
         method.public = public
+        #: the name in stats and metrics
+        method.verb = method.__name__.removeprefix("do_") if method.__name__ != "default" else "unknown"
         return method
 
     return mark
@@ -61,18 +65,22 @@ class Commands:
 
     def run(self, handler: Callable, session, arg: bytes) -> bytes:
         """The reply of ``handler``; any failure becomes one error line."""
+        started = monotonic()
         self.stats.commands += 1
         if self.config.token is not None and not session.authenticated and not handler.public:
-            return protocol.AUTH_REQUIRED
-        try:
-            return handler(session, arg)
-        except CommandError as exc:
-            self.stats.errors += 1
-            return error_line(str(exc))
-        except Exception:
-            self.stats.internal_errors += 1
-            log.exception("internal error in %r from %s", handler.__name__, session.ip)
-            return error_line(protocol.INTERNAL_ERROR)
+            reply, outcome = protocol.AUTH_REQUIRED, "denied"
+        else:
+            try:
+                reply, outcome = handler(session, arg), "ok"
+            except CommandError as exc:
+                self.stats.errors += 1
+                reply, outcome = error_line(str(exc)), "error"
+            except Exception:
+                self.stats.internal_errors += 1
+                log.exception("internal error in %r from %s", handler.__name__, session.ip)
+                reply, outcome = error_line(protocol.INTERNAL_ERROR), "internal_error"
+        self.stats.answered(handler.verb, outcome, monotonic() - started)
+        return reply
 
     @command()
     def default(self, session, arg: bytes) -> bytes:
@@ -120,6 +128,7 @@ class Commands:
         stats, hashing, tail = self.stats, self.hashing.stats, self.tail.stats
         figures = {
             "uptime_s": stats.uptime_s,
+            "pid": os.getpid(),
             "clients": stats.clients,
             "max_clients": self.config.max_clients,
             "connections": stats.connections,

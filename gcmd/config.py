@@ -49,6 +49,12 @@ class Config:
     hash_cache: int = 1024
     #: listen(2) backlog: how many connects may wait for accept
     backlog: int = 1024
+    #: every connection starts with a PROXY protocol header (v1 or v2) naming the client
+    proxy_protocol: bool = False
+    #: server processes sharing the port, each with its own max_clients
+    workers: int = 1
+    #: port of the Prometheus /metrics endpoint (on host); None: no endpoint
+    metrics_port: int | None = None
 
     @property
     def tls(self) -> bool:

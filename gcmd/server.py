@@ -25,7 +25,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 from gevent.threadpool import ThreadPool
 
-from gcmd import protocol
+from gcmd import protocol, proxy
 from gcmd.commands import Commands
 from gcmd.config import Config
 from gcmd.hashing import HashService
@@ -54,6 +54,8 @@ PARK_AFTER = 1.0
 SWEEP_EVERY = 0.1
 #: seconds accepting pauses when the process is out of file descriptors
 ACCEPT_PAUSE = 0.1
+#: seconds a load balancer has to send the PROXY header (at most the idle timeout)
+PROXY_TIMEOUT = 5.0
 #: threads that resolve paths, open files and stat the log
 METADATA_WORKERS = 4
 
@@ -390,24 +392,34 @@ class GcmdServer(StreamServer):
 
     def handle(self, sock, address) -> None:
         ip = address[0]
-        context = {"context": f"Session,{next(self._numbers)},{ip}"}
+        number = next(self._numbers)
         self.stats.connections += 1
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.config.proxy_protocol:
+            try:
+                ip = proxy.read_header(sock, min(self.config.idle_timeout, PROXY_TIMEOUT)) or ip
+            except (proxy.ProxyError, OSError) as exc:
+                self.stats.refuse("proxy_header")
+                log.warning("Closed connection from %s: no valid PROXY header (%s)", ip, exc,
+                            extra={"context": f"Session,{number},{ip}"})
+                return
+        context = {"context": f"Session,{number},{ip}"}
         if self.config.allow and not _allowed(ip, self.config.allow):
-            self.stats.rejected += 1
+            self.stats.refuse("not_allowed")
             log.warning("Refused connection from %s: not in --allow", ip, extra=context)
             return
         log.info("Client connection from %s", ip, extra=context)
         if self.closing:
+            self.stats.refuse("shutting_down")
             self._refuse(sock, protocol.SHUTTING_DOWN)
             return
         if self.config.max_per_ip and self.per_ip[ip] >= self.config.max_per_ip:
-            self.stats.rejected += 1
+            self.stats.refuse("max_per_ip")
             log.info("Too many connections from %s. bye !", ip, extra=context)
             self._refuse(sock, protocol.TOO_MANY_FROM_ADDRESS)
             return
         if not self.slots.acquire(blocking=False):
-            self.stats.rejected += 1
+            self.stats.refuse("max_clients")
             log.info("Too many connections. bye !", extra=context)
             self._refuse(sock, protocol.TOO_MANY)
             return
@@ -538,29 +550,6 @@ class GcmdServer(StreamServer):
         self.hashing.close()
         self.metadata_pool.kill()
         log.info("Server stopped")
-
-
-def listen(config: Config, *, reuse_port: bool = False, backlog: int | None = None):
-    """A socket bound to the configured address, listening unless ``backlog`` is 0.
-
-    With ``reuse_port`` several processes may bind the same port and the
-    kernel spreads the connections among them.
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = gevent.socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        backlog = config.backlog if backlog is None else backlog
-        if backlog:
-            sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _allowed(ip: str, networks) -> bool:

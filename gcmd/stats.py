@@ -1,9 +1,26 @@
-"""The figures ``stats`` reports, counted by the server as it runs."""
+"""The figures ``stats`` reports and /metrics exposes, counted by the server as it runs."""
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections import Counter
 from dataclasses import dataclass, field
+
+#: upper bounds, in seconds, of the command latency histogram's buckets
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class CommandStats:
+    """One command's answers by outcome, and a histogram of how long they took."""
+
+    #: ok, error (an error line), internal_error, denied (no auth)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    #: answers that took at most each bucket's bound, then the slower ones (not cumulative)
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    seconds: float = 0.0
 
 
 @dataclass
@@ -13,8 +30,10 @@ class ServerStats:
     clients: int = 0
     #: connections accepted since start, refused or not
     connections: int = 0
-    #: connections refused: over the cap, over the per-address cap, not allowed
+    #: connections refused: over a cap, not allowed, no PROXY header, shutting down
     rejected: int = 0
+    #: ``rejected`` by reason
+    refused: Counter[str] = field(default_factory=Counter)
     #: requests answered (blank lines are not requests)
     commands: int = 0
     #: commands that answered an error line
@@ -22,7 +41,22 @@ class ServerStats:
     #: commands that failed unexpectedly (logged with a traceback)
     internal_errors: int = 0
     auth_failures: int = 0
+    #: answers and their latency, by command name
+    by_command: dict[str, CommandStats] = field(default_factory=dict)
 
     @property
     def uptime_s(self) -> int:
         return int(time.monotonic() - self.started)
+
+    def refuse(self, reason: str) -> None:
+        self.rejected += 1
+        self.refused[reason] += 1
+
+    def answered(self, command: str, outcome: str, seconds: float) -> None:
+        """A command was answered after ``seconds`` (it was counted in ``commands`` when it began)."""
+        figures = self.by_command.get(command)
+        if figures is None:
+            figures = self.by_command[command] = CommandStats()
+        figures.outcomes[outcome] += 1
+        figures.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        figures.seconds += seconds

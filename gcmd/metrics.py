@@ -1,0 +1,110 @@
+"""Prometheus metrics at ``/metrics``, read at each scrape from the figures ``stats`` shows.
+
+Nothing is counted twice: the collector turns the server's own counters into
+metric families when Prometheus asks, so ``stats`` and ``/metrics`` agree and
+the request path pays nothing for the endpoint. The HTTP server is gevent's
+WSGI server, in the server's own hub.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from gevent.pywsgi import WSGIServer
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from gcmd.stats import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from gcmd.server import GcmdServer
+
+log = logging.getLogger(__name__)
+
+
+class GcmdCollector:
+    """The metric families of one gcmd server, from its counters."""
+
+    def __init__(self, server: GcmdServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator:
+        server = self.server
+        stats, hashing, tail = server.stats, server.hashing.stats, server.tail.stats
+        yield GaugeMetricFamily("gcmd_clients", "Clients connected now (holding a slot)",
+                                value=stats.clients)
+        yield GaugeMetricFamily("gcmd_max_clients", "Clients served at once before refusing",
+                                value=server.config.max_clients)
+        yield CounterMetricFamily("gcmd_connections", "Connections accepted, refused or not",
+                                  value=stats.connections)
+        refused = CounterMetricFamily("gcmd_connections_refused", "Connections refused, by reason",
+                                      labels=["reason"])
+        for reason, count in sorted(stats.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        commands = CounterMetricFamily("gcmd_commands", "Commands answered, by name and outcome "
+                                       "(ok, error, internal_error, denied)",
+                                       labels=["command", "outcome"])
+        latency = HistogramMetricFamily("gcmd_command_duration_seconds",
+                                        "Time from a request to its reply, by command",
+                                        labels=["command"])
+        for command, figures in sorted(stats.by_command.items()):
+            for outcome, count in sorted(figures.outcomes.items()):
+                commands.add_metric([command, outcome], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), figures.buckets):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric([command], buckets, figures.seconds)
+        yield commands
+        yield latency
+        yield CounterMetricFamily("gcmd_auth_failures", "Failed auth attempts",
+                                  value=stats.auth_failures)
+        yield CounterMetricFamily("gcmd_hash_bytes", "Bytes read and hashed",
+                                  value=hashing.hashed_bytes)
+        yield CounterMetricFamily("gcmd_hash_runs", "Files read and hashed", value=hashing.hashes)
+        yield CounterMetricFamily("gcmd_hash_cache_hits",
+                                  "Digests answered from the cache of unchanged files",
+                                  value=hashing.cache_hits)
+        yield CounterMetricFamily("gcmd_hash_shared", "Digests shared with a concurrent identical request",
+                                  value=hashing.shared)
+        yield CounterMetricFamily("gcmd_hash_busy", "Hash requests answered 'server busy'",
+                                  value=hashing.busy)
+        yield GaugeMetricFamily("gcmd_hash_pending", "Hash requests waiting for a thread",
+                                value=server.hashing.pending)
+        yield CounterMetricFamily("gcmd_tail_runs", "tail processes started", value=tail.runs)
+        yield CounterMetricFamily("gcmd_tail_reused", "lastlog replies reused while the log was unchanged",
+                                  value=tail.reused)
+        yield CounterMetricFamily("gcmd_tail_shared", "lastlog replies shared with a concurrent request",
+                                  value=tail.shared)
+        yield CounterMetricFamily("gcmd_tail_timeouts", "tail processes killed at --command-timeout",
+                                  value=tail.timeouts)
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` (port 0 picks a free one)."""
+
+    def __init__(self, server: GcmdServer, host: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GcmdCollector(server))
+        self.registry.register(ProcessCollector(registry=None))
+        self.http = WSGIServer((host, port), make_wsgi_app(self.registry), log=None,
+                               error_log=log)
+
+    @property
+    def port(self) -> int:
+        return self.http.address[1]
+
+    def start(self) -> None:
+        self.http.start()
+        host = self.http.address[0]
+        log.info("metrics at http://%s:%d/metrics", f"[{host}]" if ":" in host else host, self.port)
+
+    def stop(self) -> None:
+        self.http.stop(timeout=1)

@@ -1,0 +1,98 @@
+"""The deployment files: deploy/haproxy.cfg in front of two gcmd, and deploy/gcmd.service."""
+
+import re
+import select
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import Client, free_port, wait_for
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ask_from(address: str, port: int, request: str) -> bytes:
+    """Ask one request from a connection whose source is ``address`` (another loopback address)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(address, 0))
+    client = Client(port, sock=sock)
+    try:
+        client.send(request + "\n")
+        return b"".join(client.block(b"End stats\n")) if request == "stats" else client.line()
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)")
+def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path):
+    backends = [gcmd("--proxy-protocol", "--max-per-ip", 3) for _ in range(2)]
+    front = free_port()
+    config = (DEPLOY / "haproxy.cfg").read_text()
+    config = config.replace("127.0.0.1:9999", f"127.0.0.1:{front}")
+    config = config.replace("127.0.0.1:10001", f"127.0.0.1:{backends[0].port}")
+    config = config.replace("127.0.0.1:10002", f"127.0.0.1:{backends[1].port}")
+    assert re.findall(r"server gcmd\d 127\.0\.0\.1:(\d+)", config) == [str(b.port) for b in backends]
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True,
+                           timeout=20, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    out = (tmp_path / "haproxy.out").open("wb")
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=out,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        # the health checks speak the protocol behind a PROXY v2 LOCAL header
+        for backend in backends:
+            wait_for(lambda b=backend: "Cmd received from 127.0.0.1 : ping" in b.log(), timeout=15)
+        # both serve: new connections from 127.0.0.2 reach both instances
+        pids = set()
+
+        def both_answered() -> bool:
+            stats = ask_from("127.0.0.2", front, "stats")
+            pids.add(re.search(rb"\npid (\d+)\n", stats).group(1))
+            return len(pids) == 2
+
+        wait_for(both_answered, timeout=15, interval=0)
+        for backend in backends:
+            log = backend.log()
+            assert "Client connection from 127.0.0.2" in log
+            assert "Cmd received from 127.0.0.2 : stats" in log
+        assert ask_from("127.0.0.3", front, "ping") == b"pong\n"
+        # --max-per-ip counts the client behind HAProxy, not HAProxy itself
+        held = [socket.create_connection(("127.0.0.1", front), timeout=10, source_address=("127.0.0.4", 0))
+                for _ in range(8)]
+        try:
+            wait_for(lambda: sum(b.log().count("Too many connections from 127.0.0.4. bye !")
+                                 for b in backends) == 2)
+            refused = wait_for(lambda: len(ready := select.select(held, [], [], 0)[0]) == 2 and ready)
+            for sock in held:
+                client = Client(front, sock=sock)
+                if sock in refused:
+                    assert client.line() == b"Too many connections from your address. bye !\n"
+                else:
+                    assert client.ask("ping") == b"pong\n"
+        finally:
+            for sock in held:
+                sock.close()
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+        out.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_is_valid_and_confined(tmp_path):
+    unit = (DEPLOY / "gcmd.service").read_text()
+    for directive in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                      "ReadOnlyPaths=/srv/gcmd"):
+        assert directive in unit
+    gcmd = shutil.which("gcmd") or "/bin/true"
+    local = tmp_path / "gcmd.service"
+    local.write_text(unit.replace("/opt/gcmd/bin/gcmd", gcmd))
+    result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr

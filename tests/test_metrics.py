@@ -1,0 +1,134 @@
+"""Prometheus metrics: /metrics over HTTP, agreeing with stats."""
+
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import gevent.socket
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, wait_for, write_file
+
+from gcmd.metrics import MetricsServer
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def scrape(port: int, socket_module=gevent.socket) -> dict[tuple, float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    with socket_module.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), head
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples}
+
+
+def stats_of(client) -> dict[str, int]:
+    client.send("stats\n")
+    return {key: int(value) for key, value in
+            (line.decode().split() for line in client.block(b"End stats\n")[1:-1])}
+
+
+def test_metrics_agree_with_stats(make_server, connect, tmp_path):
+    server = make_server(max_clients=2)
+    metrics = MetricsServer(server, "127.0.0.1", 0)
+    metrics.start()
+    try:
+        write_file(tmp_path / "root" / "one.bin", 300_000)
+        c = connect(server)
+        other = connect(server)
+        assert other.ask("ping") == b"pong\n"
+        for request in ("ping", "ping", "comphash one.bin", "comphash one.bin", "comphash nothing",
+                        "frobnicate"):
+            c.ask(request)
+        c.send("lastlog 2\n")
+        c.block(b"End lastlog\n")
+        refused = connect(server)
+        assert refused.line() == b"Too many connections. bye !\n"
+        stats = stats_of(c)
+        samples = scrape(metrics.port)
+    finally:
+        metrics.stop()
+
+    def value(name, **labels):
+        return samples[name, tuple(sorted(labels.items()))]
+
+    assert value("gcmd_clients") == stats["clients"] == 2
+    assert value("gcmd_connections_total") == stats["connections"] == 3
+    assert value("gcmd_connections_refused_total", reason="max_clients") == stats["rejected"] == 1
+    assert value("gcmd_commands_total", command="ping", outcome="ok") == 3
+    assert value("gcmd_commands_total", command="comphash", outcome="ok") == 2
+    assert value("gcmd_commands_total", command="comphash", outcome="error") == 1 == stats["errors"]
+    assert value("gcmd_commands_total", command="lastlog", outcome="ok") == 1
+    assert value("gcmd_commands_total", command="unknown", outcome="ok") == 1
+    # stats counts itself, as its outcome is counted once it has answered
+    assert sum(v for (name, _), v in samples.items() if name == "gcmd_commands_total") == stats["commands"]
+    assert value("gcmd_command_duration_seconds_count", command="ping") == 3
+    assert value("gcmd_command_duration_seconds_bucket", command="ping", le="+Inf") == 3
+    assert value("gcmd_command_duration_seconds_bucket", command="ping", le="0.01") == 3
+    assert value("gcmd_command_duration_seconds_sum", command="comphash") > 0
+    assert value("gcmd_hash_bytes_total") == stats["hash_bytes"] == 300_000
+    assert value("gcmd_hash_cache_hits_total") == stats["hash_cache_hits"] == 1
+    assert value("gcmd_tail_runs_total") == stats["tail_runs"] == 1
+    assert value("gcmd_tail_timeouts_total") == stats["tail_timeouts"] == 0
+    assert value("process_open_fds") > 0
+
+
+def test_command_outcomes_with_a_token(make_server, connect):
+    server = make_server(token=b"s3cret")
+    metrics = MetricsServer(server, "127.0.0.1", 0)
+    metrics.start()
+    try:
+        c = connect(server)
+        assert c.ask("ping") == b"Authentication required.\n"
+        assert c.ask("auth s3cret") == b"Authenticated.\n"
+        samples = scrape(metrics.port)
+    finally:
+        metrics.stop()
+    assert samples["gcmd_commands_total", (("command", "ping"), ("outcome", "denied"))] == 1
+    assert samples["gcmd_commands_total", (("command", "auth"), ("outcome", "ok"))] == 1
+
+
+def test_real_server_serves_metrics_on_its_port(gcmd):
+    port = free_port()
+    server = gcmd("--metrics-port", port)
+    wait_for(lambda: f"metrics at http://127.0.0.1:{port}/metrics" in server.log())
+    assert server.client().ask("ping") == b"pong\n"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'gcmd_commands_total{command="ping",outcome="ok"} 1.0' in text
+    assert "# HELP gcmd_clients " in text
+
+
+def test_each_worker_serves_metrics_on_its_own_port(gcmd):
+    port = free_port()
+    while True:  # two free ports in a row
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                break
+            except OSError:
+                port = free_port()
+    server = gcmd("--workers", 2, "--metrics-port", port)
+    for p in (port, port + 1):
+        wait_for(lambda p=p: f"metrics at http://127.0.0.1:{p}/metrics" in server.log())
+        samples = scrape(p, socket)
+        assert samples["gcmd_max_clients", ()] == 100
+
+
+def test_metrics_port_in_use_exits_1(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "gcmd", "--port", str(free_port()),
+                                 "--metrics-port", str(port), "--root", str(tmp_path)],
+                                capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1 metrics port {port}: address already in use" in result.stderr

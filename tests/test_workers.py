@@ -1,0 +1,111 @@
+"""--workers N: processes that share the port, supervised, stopped gracefully."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from support import Client, GcmdProcess, wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def stats(client: Client) -> dict[str, str]:
+    client.send("stats\n")
+    lines = client.block(b"End stats\n")[1:-1]
+    return dict(line.decode().split() for line in lines)
+
+
+def served_by(server: GcmdProcess, clients: int) -> set[str]:
+    """The worker pids that answered ``clients`` new connections."""
+    pids = set()
+    for _ in range(clients):
+        c = server.client()
+        pids.add(stats(c)["pid"])
+        c.close()
+    return pids
+
+
+def test_workers_share_the_port_and_each_serves(gcmd):
+    server = gcmd("--workers", 2)
+    workers = wait_for(lambda: len(server.children()) == 2 and server.children())
+    assert served_by(server, 40) == {str(pid) for pid in workers}
+    assert "2 workers" in server.log() and "max 100 clients per worker" in server.log()
+
+
+def test_a_worker_that_dies_is_replaced(gcmd):
+    server = gcmd("--workers", 2)
+    first, second = wait_for(lambda: len(server.children()) == 2 and server.children())
+    os.kill(first, signal.SIGKILL)
+    workers = wait_for(lambda: len(server.children()) == 2 and first not in server.children()
+                       and server.children(), timeout=10)
+    assert second in workers
+    wait_for(lambda: "was killed by SIGKILL; starting another" in server.log())
+    wait_for(lambda: len(served_by(server, 20)) == 2, timeout=10)
+
+
+def test_sigterm_stops_every_worker_gracefully(gcmd):
+    server = gcmd("--workers", 2)
+    wait_for(lambda: len(server.children()) == 2)
+    idle = [server.client() for _ in range(10)]
+    for c in idle:
+        assert c.ask("ping") == b"pong\n"
+    workers = server.children()
+    assert server.stop() == 0
+    for c in idle:
+        assert c.line() == b"Server shutting down. bye !\n" and c.closed()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert "All workers stopped" in server.log()
+
+
+def test_port_0_is_one_port_for_every_worker(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--workers", "2",
+                             "--root", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        port = int(re.search(r"listening on 127\.0\.0\.1 port (\d+)", first).group(1))
+        pids = set()
+        wait_for(lambda: len(children(proc.pid)) == 2)
+        for _ in range(30):
+            c = Client(port)
+            pids.add(stats(c)["pid"])
+            c.close()
+        assert len(pids) == 2
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+    assert proc.returncode == 0
+
+
+def children(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return f.read().split()
+
+
+def test_port_in_use_exits_1_even_when_its_holder_shares_ports(tmp_path):
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "gcmd", "--port", str(port), "--workers", "2",
+                                 "--root", str(tmp_path)], capture_output=True, text=True,
+                                timeout=10, check=False)
+    assert result.returncode == 1
+    assert f"port {port}: address already in use" in result.stderr
+
+
+def test_sighup_reaches_every_worker(gcmd, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    server = gcmd("--workers", 2, "--token-file", token)
+    wait_for(lambda: server.log().count("serving port") == 2)
+    token.write_text("second\n")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.log().count("re-read the token file") == 2)
+    for _ in range(10):
+        assert server.client().ask("auth second") == b"Authenticated.\n"
