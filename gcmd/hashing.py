@@ -23,6 +23,10 @@ from gcmd.protocol import BUSY, CommandError, echo_path
 #: bytes read per system call; hashlib releases the GIL for each update
 CHUNK = 1 << 20
 
+#: how much lower the hashing threads' priority is than the hub's: when every
+#: core hashes, the scheduler still runs the hub at once to answer the others
+HASH_NICENESS = 10
+
 #: algorithms ``hash ALGO PATH`` accepts: the fixed-size ones every Python has
 ALGORITHMS = tuple(sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake_")))
 
@@ -178,8 +182,9 @@ class HashService:
             if job.cancelled:
                 return None
             buffer = getattr(self._buffers, "buffer", None)
-            if buffer is None:
+            if buffer is None:  # the first job of this thread
                 buffer = self._buffers.buffer = bytearray(CHUNK)
+                _lower_priority()
             view = memoryview(buffer)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -194,6 +199,15 @@ class HashService:
             raise CommandError(f"[Errno {exc.errno}] {exc.strerror} while reading") from None
         finally:
             os.close(fd)
+
+
+def _lower_priority() -> None:
+    """Make the calling thread nicer (on Linux, the nice value is per thread)."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + HASH_NICENESS))
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed: the threads keep the hub's priority
 
 
 def _opened_path(fd: int, resolved: bytes, st: os.stat_result) -> bytes:

@@ -320,21 +320,24 @@ class Session:
                 sock.settimeout(None)
 
     def _farewell(self, line: bytes) -> None:
-        """Send a last line, then drain the client's input briefly before closing."""
-        sock = self.sock
-        try:
-            sock.settimeout(FAREWELL_TIMEOUT)
-            if line:
-                sock.sendall(line)
-            if isinstance(sock, gevent.ssl.SSLSocket):
-                return
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(LINGER_QUIET)
-            until = monotonic() + LINGER
-            while monotonic() < until and sock.recv(RECV_SIZE):
-                pass
-        except OSError:
+        farewell(self.sock, line)
+
+
+def farewell(sock, line: bytes) -> None:
+    """Send a last line, then drain the client's input briefly before closing."""
+    try:
+        sock.settimeout(FAREWELL_TIMEOUT)
+        if line:
+            sock.sendall(line)
+        if isinstance(sock, gevent.ssl.SSLSocket):
+            return
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_QUIET)
+        until = monotonic() + LINGER
+        while monotonic() < until and sock.recv(RECV_SIZE):
             pass
+    except OSError:
+        pass
 
 
 def _throw_if_reading(session: Session, greenlet, exception: type[BaseException]) -> None:
@@ -390,11 +393,32 @@ class GcmdServer(StreamServer):
     def port(self) -> int:
         return self.address[1]
 
+    def do_handle(self, sock, address) -> None:
+        """Admit an accepted connection: runs in the hub, before any greenlet exists.
+
+        A plain connection is admitted here and parked at once, as a client
+        that has nothing to say is: a new client has rarely sent anything yet,
+        and a greenlet spawned for it would find nothing to read. Accepting
+        stays cheaper than connecting, so a burst of connects does not
+        overflow the listen backlog. A TLS handshake or a PROXY header needs
+        a greenlet first (handle).
+        """
+        self.stats.connections += 1
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None or self.config.proxy_protocol:
+            super().do_handle(sock, address)
+            return
+        admitted = self._admit(sock, address[0], next(self._numbers))
+        if isinstance(admitted, Session):
+            self._park(admitted)
+        elif admitted is not None:
+            self.handlers.spawn(self._refuse, sock, admitted)
+        else:
+            sock.close()
+
     def handle(self, sock, address) -> None:
         ip = address[0]
         number = next(self._numbers)
-        self.stats.connections += 1
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.config.proxy_protocol:
             try:
                 ip = proxy.read_header(sock, min(self.config.idle_timeout, PROXY_TIMEOUT)) or ip
@@ -403,34 +427,40 @@ class GcmdServer(StreamServer):
                 log.warning("Closed connection from %s: no valid PROXY header (%s)", ip, exc,
                             extra={"context": f"Session,{number},{ip}"})
                 return
+        admitted = self._admit(sock, ip, number)
+        if isinstance(admitted, Session):
+            if self.ssl_context is not None:
+                admitted.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                             do_handshake_on_connect=False)
+            self._drive(admitted)
+        elif admitted is not None:
+            self._refuse(sock, admitted)
+
+    def _admit(self, sock, ip: str, number: int) -> Session | bytes | None:
+        """A session for the client at ``ip``; else the line that refuses it, or None
+        to close it without a word. Never blocks."""
         context = {"context": f"Session,{number},{ip}"}
         if self.config.allow and not _allowed(ip, self.config.allow):
             self.stats.refuse("not_allowed")
             log.warning("Refused connection from %s: not in --allow", ip, extra=context)
-            return
+            return None
         log.info("Client connection from %s", ip, extra=context)
         if self.closing:
             self.stats.refuse("shutting_down")
-            self._refuse(sock, protocol.SHUTTING_DOWN)
-            return
+            return protocol.SHUTTING_DOWN
         if self.config.max_per_ip and self.per_ip[ip] >= self.config.max_per_ip:
             self.stats.refuse("max_per_ip")
             log.info("Too many connections from %s. bye !", ip, extra=context)
-            self._refuse(sock, protocol.TOO_MANY_FROM_ADDRESS)
-            return
+            return protocol.TOO_MANY_FROM_ADDRESS
         if not self.slots.acquire(blocking=False):
             self.stats.refuse("max_clients")
             log.info("Too many connections. bye !", extra=context)
-            self._refuse(sock, protocol.TOO_MANY)
-            return
+            return protocol.TOO_MANY
         self.per_ip[ip] += 1
         self.stats.clients += 1
         session = Session(self, sock, ip, context)
-        if self.ssl_context is not None:
-            session.sock = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                        do_handshake_on_connect=False)
         self.sessions.add(session)
-        self._drive(session)
+        return session
 
     def _drive(self, session: Session) -> None:
         """Serve ``session`` in this greenlet until it leaves or is parked."""
@@ -441,10 +471,13 @@ class GcmdServer(StreamServer):
         finally:
             self.active.discard(session)
             if reason is None:
-                self._parked.add(session.sock)
-                session.park(self._wake)
+                self._park(session)
             else:
                 self._end(session, reason)
+
+    def _park(self, session: Session) -> None:
+        self._parked.add(session.sock)
+        session.park(self._wake)
 
     def _wake(self, session: Session) -> None:
         if session.watchers is None:  # both watchers fired in one loop iteration
@@ -501,9 +534,11 @@ class GcmdServer(StreamServer):
                                                     do_handshake_on_connect=False)
                 sock.settimeout(min(self.config.idle_timeout, FAREWELL_TIMEOUT))
                 sock.do_handshake()
-            Session(self, sock, "", {})._farewell(line)
+            farewell(sock, line)
         except (OSError, ssl.SSLError):
             pass
+        finally:
+            sock.close()
 
     def start(self) -> None:
         super().start()
