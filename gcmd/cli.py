@@ -343,20 +343,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         supervisor = Supervisor(config, config.workers, on_hangup=lambda: reopen_output(handler, args),
-                                serve=lambda listener, number: serve(config, args, setup_logging(
-                                    level, args.log_format, handler.stream), listener, number))
+                                serve=lambda listener, number, ready: serve(
+                                    config, args, setup_logging(level, args.log_format, handler.stream),
+                                    listener, number, ready))
     except OSError as exc:
         return cannot_listen(config.host, config.port, exc)
-    announce(config, supervisor.port, f", {config.workers} workers")
-    return supervisor.run()
+    return supervisor.run(lambda: announce(config, supervisor.port, f", {config.workers} workers"))
 
 
 def serve(config: Config, args: argparse.Namespace, handler: logging.Handler,
-          listener=None, worker: int = 0) -> int:
+          listener=None, worker: int = 0, ready=None) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status.
 
-    ``listener`` and ``worker``: the listening socket and number of a worker
-    (see gcmd.workers).
+    ``listener``, ``worker`` and ``ready``: the listening socket and number of
+    a worker, and what it calls once it serves (see gcmd.workers).
     """
     import gevent.socket
 
@@ -389,6 +389,9 @@ def serve(config: Config, args: argparse.Namespace, handler: logging.Handler,
         except OSError as exc:
             server.shutdown()
             return cannot_listen(config.host, config.metrics_port + worker, exc, "metrics ")
+    if ready is not None:
+        handler.flush()
+        ready()
     stop.wait()
     server.shutdown()
     if metrics is not None:

@@ -49,6 +49,9 @@ class Commands:
         self.table: dict[bytes, Callable] = {
             name[3:].encode(): getattr(self, name) for name in dir(self) if name.startswith("do_")}
         self.table[b"quit"] = self.do_exit
+        #: handler -> its figures in stats, ready before the first request
+        self.figures = {handler: stats.command(handler.verb)
+                        for handler in (*self.table.values(), self.default)}
         self._help = block(b"help", [
             f"{method.__doc__.splitlines()[0]}".encode()
             for name, method in sorted(self.table.items()) if name != b"quit"])
@@ -65,21 +68,34 @@ class Commands:
 
     def run(self, handler: Callable, session, arg: bytes) -> bytes:
         """The reply of ``handler``; any failure becomes one error line."""
-        started = monotonic()
         self.stats.commands += 1
+        figures = self.figures[handler]
         if self.config.token is not None and not session.authenticated and not handler.public:
-            reply, outcome = protocol.AUTH_REQUIRED, "denied"
-        else:
-            try:
-                reply, outcome = handler(session, arg), "ok"
-            except CommandError as exc:
-                self.stats.errors += 1
-                reply, outcome = error_line(str(exc)), "error"
-            except Exception:
-                self.stats.internal_errors += 1
-                log.exception("internal error in %r from %s", handler.__name__, session.ip)
-                reply, outcome = error_line(protocol.INTERNAL_ERROR), "internal_error"
-        self.stats.answered(handler.verb, outcome, monotonic() - started)
+            figures.denied += 1
+            return protocol.AUTH_REQUIRED
+        try:
+            reply = handler(session, arg)
+        except CommandError as exc:
+            self.stats.errors += 1
+            figures.error += 1
+            return error_line(str(exc))
+        except Exception:
+            self.stats.internal_errors += 1
+            figures.internal_error += 1
+            log.exception("internal error in %r from %s", handler.__name__, session.ip)
+            return error_line(protocol.INTERNAL_ERROR)
+        figures.ok += 1
+        return reply
+
+    def run_slow(self, handler: Callable, session, arg: bytes) -> bytes:
+        """``run`` a slow command, timed for the latency histogram.
+
+        The other commands answer from memory in microseconds; timing them
+        would cost a pipelining client a quarter of its throughput.
+        """
+        started = monotonic()
+        reply = self.run(handler, session, arg)
+        self.figures[handler].observe(monotonic() - started)
         return reply
 
     @command()

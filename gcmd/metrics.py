@@ -52,11 +52,13 @@ class GcmdCollector:
                                        "(ok, error, internal_error, denied)",
                                        labels=["command", "outcome"])
         latency = HistogramMetricFamily("gcmd_command_duration_seconds",
-                                        "Time from a request to its reply, by command",
-                                        labels=["command"])
+                                        "Time from a request to its reply, by command: the slow "
+                                        "ones (lastlog, comphash, hash)", labels=["command"])
         for command, figures in sorted(stats.by_command.items()):
             for outcome, count in sorted(figures.outcomes.items()):
                 commands.add_metric([command, outcome], count)
+            if not sum(figures.buckets):
+                continue  # not timed
             cumulative, buckets = 0, []
             for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), figures.buckets):
                 cumulative += count

@@ -283,7 +283,7 @@ class Session:
         """Run a slow command, cancelling it if the connection is reset meanwhile."""
         watcher = gevent.spawn(self._watch_hangup)
         try:
-            return self.server.commands.run(handler, self, arg)
+            return self.server.commands.run_slow(handler, self, arg)
         finally:
             watcher.kill(block=False)
 

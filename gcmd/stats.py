@@ -12,15 +12,27 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass
 class CommandStats:
-    """One command's answers by outcome, and a histogram of how long they took."""
+    """One command's answers by outcome, and for a slow command a histogram of how long they took."""
 
-    #: ok, error (an error line), internal_error, denied (no auth)
-    outcomes: Counter[str] = field(default_factory=Counter)
-    #: answers that took at most each bucket's bound, then the slower ones (not cumulative)
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    seconds: float = 0.0
+    __slots__ = ("buckets", "denied", "error", "internal_error", "ok", "seconds")
+
+    def __init__(self) -> None:
+        self.ok = self.error = self.internal_error = self.denied = 0
+        #: answers that took at most each bucket's bound, then the slower ones (not cumulative)
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """ok, error (an error line), internal_error, denied (no auth): the non-zero ones."""
+        counts = {"ok": self.ok, "error": self.error, "internal_error": self.internal_error,
+                  "denied": self.denied}
+        return {outcome: count for outcome, count in counts.items() if count}
 
 
 @dataclass
@@ -52,11 +64,6 @@ class ServerStats:
         self.rejected += 1
         self.refused[reason] += 1
 
-    def answered(self, command: str, outcome: str, seconds: float) -> None:
-        """A command was answered after ``seconds`` (it was counted in ``commands`` when it began)."""
-        figures = self.by_command.get(command)
-        if figures is None:
-            figures = self.by_command[command] = CommandStats()
-        figures.outcomes[outcome] += 1
-        figures.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        figures.seconds += seconds
+    def command(self, name: str) -> CommandStats:
+        """The figures of the command ``name``, counted by whoever holds them."""
+        return self.by_command.setdefault(name, CommandStats())

@@ -49,13 +49,14 @@ def bind(config: Config, *, reuse_port: bool, listen: bool) -> socket.socket:
 
 
 class Supervisor:
-    """Runs ``serve(listener, number)`` in ``count`` forked workers until SIGTERM or SIGINT.
+    """Runs ``serve(listener, number, ready)`` in ``count`` forked workers until SIGTERM or SIGINT.
 
-    ``serve`` gets a plain listening socket and the worker's number (0 to
-    count - 1) and returns the worker's exit status.
+    ``serve`` gets a plain listening socket, the worker's number (0 to
+    count - 1) and a function to call once it serves, and returns the
+    worker's exit status.
     """
 
-    def __init__(self, config: Config, count: int, serve: Callable[[socket.socket, int], int],
+    def __init__(self, config: Config, count: int, serve: Callable[[socket.socket, int, Callable[[], None]], int],
                  on_hangup: Callable[[], None]) -> None:
         self.count = count
         self.serve = serve
@@ -63,6 +64,8 @@ class Supervisor:
         #: pid -> (worker number, when it started)
         self.workers: dict[int, tuple[int, float]] = {}
         self.stopping = False
+        #: in a worker started by run(): the pipe to say that it serves
+        self._ready_fd: int | None = None
         # bound before any worker exists, so that a port in use fails at once
         # and port 0 becomes one port that every worker shares
         if REUSE_PORT:
@@ -76,13 +79,27 @@ class Supervisor:
         self.config = config
         self.port = self.socket.getsockname()[1]
 
-    def run(self) -> int:
-        """Start the workers and supervise them; the exit status once they have all stopped."""
+    def run(self, on_ready: Callable[[], None]) -> int:
+        """Start the workers and supervise them; the exit status once they have all stopped.
+
+        ``on_ready`` is called once every worker serves (or has died trying).
+        """
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._hangup)
-        for number in range(self.count):
-            self._start(number)
+        readiness, self._ready_fd = os.pipe()
+        try:
+            for number in range(self.count):
+                self._start(number)
+        finally:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+        # a byte from each worker that serves; the end of the pipe once none is left to write
+        ready = 0
+        while ready < self.count and (byte := os.read(readiness, 64)):
+            ready += len(byte)
+        os.close(readiness)
+        on_ready()
         status = 0
         while self.workers:
             try:
@@ -93,6 +110,13 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(wait_status)
             if self.stopping:
                 status = status or max(0, code)
+                continue
+            if code > 0 and time.monotonic() - started < RESTART_PAUSE:
+                # it could not start (its port for metrics is taken, say): so would another
+                log.error("worker %d (pid %d) exited with status %d as it started; stopping",
+                          number, pid, code)
+                status = code
+                self.stop()
                 continue
             log.warning("worker %d (pid %d) %s; starting another", number, pid,
                         f"exited with status {code}" if code >= 0 else
@@ -135,7 +159,7 @@ class Supervisor:
                 listener = bind(self.config, reuse_port=True, listen=True)
             else:
                 listener = self.socket
-            status = self.serve(listener, number)
+            status = self.serve(listener, number, self._ready)
         except BaseException:
             log.exception("worker %d failed", number)
         finally:
@@ -143,11 +167,22 @@ class Supervisor:
                 handler.flush()
             os._exit(status)
 
+    def _ready(self) -> None:
+        """In a worker: it serves. Only the first workers tell (they are awaited)."""
+        if self._ready_fd is not None:
+            os.write(self._ready_fd, b".")
+            os.close(self._ready_fd)
+            self._ready_fd = None
+
+    def stop(self) -> None:
+        """Stop every worker gracefully; run() returns once they have all exited."""
+        self.stopping = True
+        self._signal_workers(signal.SIGTERM)
+
     def _stop(self, signum, frame) -> None:
         if not self.stopping:
             log.info("%s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
-        self.stopping = True
-        self._signal_workers(signal.SIGTERM)
+        self.stop()
 
     def _hangup(self, signum, frame) -> None:
         self.on_hangup()
@@ -159,3 +194,4 @@ class Supervisor:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
+

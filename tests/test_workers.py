@@ -31,7 +31,9 @@ def served_by(server: GcmdProcess, clients: int) -> set[str]:
 
 def test_workers_share_the_port_and_each_serves(gcmd):
     server = gcmd("--workers", 2)
-    workers = wait_for(lambda: len(server.children()) == 2 and server.children())
+    # announced once every worker serves
+    assert server.log().count("serving port") == 2
+    workers = server.children()
     assert served_by(server, 40) == {str(pid) for pid in workers}
     assert "2 workers" in server.log() and "max 100 clients per worker" in server.log()
 
@@ -66,8 +68,9 @@ def test_port_0_is_one_port_for_every_worker(tmp_path):
                              "--root", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        first = proc.stdout.readline()
-        port = int(re.search(r"listening on 127\.0\.0\.1 port (\d+)", first).group(1))
+        while not (found := re.search(r"listening on 127\.0\.0\.1 port (\d+)", proc.stdout.readline())):
+            pass
+        port = int(found.group(1))
         pids = set()
         wait_for(lambda: len(children(proc.pid)) == 2)
         for _ in range(30):
@@ -109,3 +112,17 @@ def test_sighup_reaches_every_worker(gcmd, tmp_path):
     wait_for(lambda: server.log().count("re-read the token file") == 2)
     for _ in range(10):
         assert server.client().ask("auth second") == b"Authenticated.\n"
+
+
+def test_a_worker_that_cannot_start_stops_gcmd(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "gcmd", "--port", "0", "--workers", "2",
+                                 "--metrics-port", str(taken), "--root", str(tmp_path)],
+                                capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 1
+    # worker 1 may find port taken + 1 in use too, and stop gcmd first
+    assert re.search(r"metrics port \d+: address already in use", result.stderr)
+    assert "exited with status 1 as it started; stopping" in result.stdout
