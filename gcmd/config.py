@@ -48,7 +48,7 @@ class Config:
     #: digests remembered for unchanged files; 0 disables the cache
     hash_cache: int = 1024
     #: listen(2) backlog: how many connects may wait for accept
-    backlog: int = 1024
+    backlog: int = 4096
     #: every connection starts with a PROXY protocol header (v1 or v2) naming the client
     proxy_protocol: bool = False
     #: server processes sharing the port, each with its own max_clients

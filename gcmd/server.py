@@ -346,6 +346,20 @@ def _throw_if_reading(session: Session, greenlet, exception: type[BaseException]
         greenlet.throw(exception)
 
 
+def _has_input(sock) -> bool:
+    """Whether the client has sent something (or closed) already; nothing is read."""
+    sock.settimeout(0.0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # the session will meet it
+    finally:
+        sock.settimeout(None)
+    return True
+
+
 def _tcp_state(sock) -> int | None:
     try:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
@@ -396,12 +410,11 @@ class GcmdServer(StreamServer):
     def do_handle(self, sock, address) -> None:
         """Admit an accepted connection: runs in the hub, before any greenlet exists.
 
-        A plain connection is admitted here and parked at once, as a client
-        that has nothing to say is: a new client has rarely sent anything yet,
-        and a greenlet spawned for it would find nothing to read. Accepting
-        stays cheaper than connecting, so a burst of connects does not
-        overflow the listen backlog. A TLS handshake or a PROXY header needs
-        a greenlet first (handle).
+        A plain connection is admitted here, and gets a greenlet only if it has
+        already sent something; otherwise it is parked at once, as a client
+        that has nothing to say is. Accepting stays cheaper than connecting,
+        so a burst of connects does not overflow the listen backlog. A TLS
+        handshake or a PROXY header needs a greenlet first (handle).
         """
         self.stats.connections += 1
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -410,7 +423,10 @@ class GcmdServer(StreamServer):
             return
         admitted = self._admit(sock, address[0], next(self._numbers))
         if isinstance(admitted, Session):
-            self._park(admitted)
+            if _has_input(sock):  # a client that connects and asks at once
+                self.handlers.spawn(self._drive, admitted)
+            else:
+                self._park(admitted)
         elif admitted is not None:
             self.handlers.spawn(self._refuse, sock, admitted)
         else:
