@@ -84,6 +84,9 @@ class Commands:
             figures.internal_error += 1
             log.exception("internal error in %r from %s", handler.__name__, session.ip)
             return error_line(protocol.INTERNAL_ERROR)
+        except BaseException:  # the client left, or the server stops: no reply
+            figures.cancelled += 1
+            raise
         figures.ok += 1
         return reply
 

@@ -48,8 +48,8 @@ class GcmdCollector:
         for reason, count in sorted(stats.refused.items()):
             refused.add_metric([reason], count)
         yield refused
-        commands = CounterMetricFamily("gcmd_commands", "Commands answered, by name and outcome "
-                                       "(ok, error, internal_error, denied)",
+        commands = CounterMetricFamily("gcmd_commands", "Commands received, by name and outcome "
+                                       "(ok, error, internal_error, denied, cancelled)",
                                        labels=["command", "outcome"])
         latency = HistogramMetricFamily("gcmd_command_duration_seconds",
                                         "Time from a request to its reply, by command: the slow "

@@ -62,6 +62,8 @@ def _parse_v1(data: bytes) -> tuple[int, str | None] | None:
     if len(fields) != 6 or fields[1] not in _V1_FAMILIES:
         raise ProxyError("version 1 header is not 'PROXY TCP4|TCP6 SRC DST SPORT DPORT'")
     family = _V1_FAMILIES[fields[1]]
+    if b"%" in fields[2] or b"%" in fields[3]:
+        raise ProxyError("version 1 header with an IPv6 scope")  # any bytes may follow a %
     try:
         source = family(fields[2].decode("ascii"))
         family(fields[3].decode("ascii"))

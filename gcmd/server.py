@@ -492,6 +492,9 @@ class GcmdServer(StreamServer):
                 self._end(session, reason)
 
     def _park(self, session: Session) -> None:
+        if self.closing:  # parked as shutdown began: it must still hear the goodbye
+            self.handlers.spawn(self._drive, session)
+            return
         self._parked.add(session.sock)
         session.park(self._wake)
 

@@ -15,10 +15,10 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 class CommandStats:
     """One command's answers by outcome, and for a slow command a histogram of how long they took."""
 
-    __slots__ = ("buckets", "denied", "error", "internal_error", "ok", "seconds")
+    __slots__ = ("buckets", "cancelled", "denied", "error", "internal_error", "ok", "seconds")
 
     def __init__(self) -> None:
-        self.ok = self.error = self.internal_error = self.denied = 0
+        self.ok = self.error = self.internal_error = self.denied = self.cancelled = 0
         #: answers that took at most each bucket's bound, then the slower ones (not cumulative)
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.seconds = 0.0
@@ -29,9 +29,10 @@ class CommandStats:
 
     @property
     def outcomes(self) -> dict[str, int]:
-        """ok, error (an error line), internal_error, denied (no auth): the non-zero ones."""
+        """ok, error (an error line), internal_error, denied (no auth), cancelled (no
+        reply: the client left or the server stopped): the non-zero ones."""
         counts = {"ok": self.ok, "error": self.error, "internal_error": self.internal_error,
-                  "denied": self.denied}
+                  "denied": self.denied, "cancelled": self.cancelled}
         return {outcome: count for outcome, count in counts.items() if count}
 
 

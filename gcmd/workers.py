@@ -28,6 +28,8 @@ RESTART_PAUSE = 1.0
 
 REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: the exit status of a worker that could not start serving (a crash is 1 or a signal)
+CANNOT_START = 3
 
 
 def bind(config: Config, *, reuse_port: bool, listen: bool) -> socket.socket:
@@ -52,8 +54,10 @@ class Supervisor:
     """Runs ``serve(listener, number, ready)`` in ``count`` forked workers until SIGTERM or SIGINT.
 
     ``serve`` gets a plain listening socket, the worker's number (0 to
-    count - 1) and a function to call once it serves, and returns the
-    worker's exit status.
+    count - 1) and a function to call once it serves, and returns 0 after
+    serving or non-zero when it could not start: gcmd then stops, since
+    another worker could not either. A worker that dies otherwise is
+    replaced.
     """
 
     def __init__(self, config: Config, count: int, serve: Callable[[socket.socket, int, Callable[[], None]], int],
@@ -82,7 +86,7 @@ class Supervisor:
     def run(self, on_ready: Callable[[], None]) -> int:
         """Start the workers and supervise them; the exit status once they have all stopped.
 
-        ``on_ready`` is called once every worker serves (or has died trying).
+        ``on_ready`` is called once every worker serves.
         """
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -90,7 +94,12 @@ class Supervisor:
         readiness, self._ready_fd = os.pipe()
         try:
             for number in range(self.count):
+                if self.stopping:
+                    break
                 self._start(number)
+        except OSError as exc:
+            log.error("cannot start worker %d: %s; stopping", number, exc.strerror or exc)
+            self.stop()
         finally:
             os.close(self._ready_fd)
             self._ready_fd = None
@@ -99,7 +108,10 @@ class Supervisor:
         while ready < self.count and (byte := os.read(readiness, 64)):
             ready += len(byte)
         os.close(readiness)
-        on_ready()
+        if ready == self.count:
+            on_ready()
+        elif not self.stopping:
+            log.warning("only %d of %d workers started serving", ready, self.count)
         status = 0
         while self.workers:
             try:
@@ -108,15 +120,14 @@ class Supervisor:
                 break
             number, started = self.workers.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
+            if code == CANNOT_START:
+                # its port for metrics is taken, say: so would another's be
+                log.error("worker %d (pid %d) could not start; stopping", number, pid)
+                status = 1
+                self.stop()
+                continue
             if self.stopping:
                 status = status or max(0, code)
-                continue
-            if code > 0 and time.monotonic() - started < RESTART_PAUSE:
-                # it could not start (its port for metrics is taken, say): so would another
-                log.error("worker %d (pid %d) exited with status %d as it started; stopping",
-                          number, pid, code)
-                status = code
-                self.stop()
                 continue
             log.warning("worker %d (pid %d) %s; starting another", number, pid,
                         f"exited with status {code}" if code >= 0 else
@@ -145,6 +156,8 @@ class Supervisor:
             raise
         if pid:
             self.workers[pid] = (number, time.monotonic())
+            if self.stopping:  # stopped while it was being started
+                os.kill(pid, signal.SIGTERM)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
             return
         status = 1
@@ -159,7 +172,7 @@ class Supervisor:
                 listener = bind(self.config, reuse_port=True, listen=True)
             else:
                 listener = self.socket
-            status = self.serve(listener, number, self._ready)
+            status = CANNOT_START if self.serve(listener, number, self._ready) else 0
         except BaseException:
             log.exception("worker %d failed", number)
         finally:

@@ -88,7 +88,7 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
 def test_systemd_unit_is_valid_and_confined(tmp_path):
     unit = (DEPLOY / "gcmd.service").read_text()
     for directive in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                      "ReadOnlyPaths=/srv/gcmd"):
+                      "ReadOnlyPaths=-/srv/gcmd"):
         assert directive in unit
     gcmd = shutil.which("gcmd") or "/bin/true"
     local = tmp_path / "gcmd.service"

@@ -68,6 +68,8 @@ def test_header(data, expected):
     b"PROXY TCP4 203.0.113.7 10.0.0.1 +1 9999\r\n",
     b"PROXY TCP5 203.0.113.7 10.0.0.1 1 2\r\n",
     b"PROXY \r\n",
+    b"PROXY TCP6 fe80::1%\x1b]0;x\x07\nFORGED ::1 1 2\r\n",  # a scope may hold any byte
+    b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
     b"PROXY " + b"1" * 120,
     V2_SIGNATURE + b"\x10\x11\x00\x0c" + b"\x00" * 12,  # version 1 in a v2 signature
     V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2

@@ -125,4 +125,5 @@ def test_a_worker_that_cannot_start_stops_gcmd(tmp_path):
     assert result.returncode == 1
     # worker 1 may find port taken + 1 in use too, and stop gcmd first
     assert re.search(r"metrics port \d+: address already in use", result.stderr)
-    assert "exited with status 1 as it started; stopping" in result.stdout
+    assert "could not start; stopping" in result.stdout
+    assert "listening on" not in result.stdout
