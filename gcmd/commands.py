@@ -76,11 +76,9 @@ class Commands:
         try:
             reply = handler(session, arg)
         except CommandError as exc:
-            self.stats.errors += 1
             figures.error += 1
             return error_line(str(exc))
         except Exception:
-            self.stats.internal_errors += 1
             figures.internal_error += 1
             log.exception("internal error in %r from %s", handler.__name__, session.ip)
             return error_line(protocol.INTERNAL_ERROR)

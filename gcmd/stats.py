@@ -43,16 +43,10 @@ class ServerStats:
     clients: int = 0
     #: connections accepted since start, refused or not
     connections: int = 0
-    #: connections refused: over a cap, not allowed, no PROXY header, shutting down
-    rejected: int = 0
-    #: ``rejected`` by reason
+    #: connections refused, by reason: over a cap, not allowed, no PROXY header, shutting down
     refused: Counter[str] = field(default_factory=Counter)
     #: requests answered (blank lines are not requests)
     commands: int = 0
-    #: commands that answered an error line
-    errors: int = 0
-    #: commands that failed unexpectedly (logged with a traceback)
-    internal_errors: int = 0
     auth_failures: int = 0
     #: answers and their latency, by command name
     by_command: dict[str, CommandStats] = field(default_factory=dict)
@@ -61,8 +55,22 @@ class ServerStats:
     def uptime_s(self) -> int:
         return int(time.monotonic() - self.started)
 
+    @property
+    def rejected(self) -> int:
+        """Connections refused."""
+        return sum(self.refused.values())
+
+    @property
+    def errors(self) -> int:
+        """Commands that answered an error line."""
+        return sum(figures.error for figures in self.by_command.values())
+
+    @property
+    def internal_errors(self) -> int:
+        """Commands that failed unexpectedly (logged with a traceback)."""
+        return sum(figures.internal_error for figures in self.by_command.values())
+
     def refuse(self, reason: str) -> None:
-        self.rejected += 1
         self.refused[reason] += 1
 
     def command(self, name: str) -> CommandStats:
