@@ -13,6 +13,7 @@ import itertools
 import logging
 import socket
 import ssl
+import sys
 from collections import Counter
 from time import monotonic
 
@@ -20,6 +21,7 @@ import gevent
 import gevent.socket
 import gevent.ssl
 from gevent import GreenletExit
+from gevent.hub import Waiter
 from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -56,9 +58,13 @@ SWEEP_EVERY = 0.1
 ACCEPT_PAUSE = 0.1
 #: seconds a load balancer has to send the PROXY header (at most the idle timeout)
 PROXY_TIMEOUT = 5.0
+#: greenlets kept to serve the next client instead of creating new ones
+IDLE_DRIVERS = 64
 #: threads that resolve paths, open files and stat the log
 METADATA_WORKERS = 4
 
+#: Linux gives an accepted connection the listening socket's TCP_NODELAY
+_NODELAY_INHERITED = sys.platform.startswith("linux")
 _TCP_CLOSE = 7  # Linux tcpi_state of a connection the peer has reset
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -126,11 +132,12 @@ class Session:
         #: never fails for want of them; None for TLS
         self.readable = server.loop.io(sock.fileno(), 1) if self.parkable else None
 
-    def serve(self) -> str | None:
-        """Serve the client until it leaves (the reason) or is idle (None: park it)."""
+    def serve(self, data: bytes = b"") -> str | None:
+        """Serve the client, starting with ``data`` it has sent already, until it
+        leaves (the reason) or is idle (None: park it)."""
         self.greenlet = gevent.getcurrent()
         try:
-            return self._serve()
+            return self._serve(data)
         except Shutdown:
             self._farewell(protocol.SHUTTING_DOWN)
             return "server shutting down"
@@ -149,7 +156,7 @@ class Session:
         finally:
             self.greenlet = None
 
-    def _serve(self) -> str | None:
+    def _serve(self, data: bytes) -> str | None:
         config = self.server.config
         commands = self.server.commands
         do_auth = commands.do_auth
@@ -159,25 +166,12 @@ class Session:
         wait = gevent.get_hub().wait
         max_line = config.max_line
         idle_timeout = config.idle_timeout
-        data = b""
         if self.server.closing:
             raise Shutdown
         if monotonic() >= self.deadline:
             raise IdleTimeout
-        if not self.parkable:
-            if not self.talked:
-                self._handshake()
-        elif not self.talked:
-            # a new client that has not spoken yet waits parked
-            sock.settimeout(0.0)
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                return None
-            finally:
-                sock.settimeout(None)
-            if not data:
-                return "Connection was closed cleanly."
+        if not self.parkable and not self.talked:
+            self._handshake()
         while True:
             if self.server.closing:
                 raise Shutdown
@@ -295,7 +289,11 @@ class Session:
             except TimeoutError:
                 pass
             if _tcp_state(self.sock) == _TCP_CLOSE:
-                self.greenlet.kill(ClientGone, block=False)
+                # this watcher may outlive its command by a moment: interrupt
+                # the session only while it still runs a command
+                greenlet = self.greenlet
+                if greenlet is not None and not self.reading:
+                    greenlet.kill(ClientGone, block=False)
                 return
             # input that is waiting keeps the socket readable: do not spin on it
             gevent.sleep(HANGUP_CHECK)
@@ -346,18 +344,16 @@ def _throw_if_reading(session: Session, greenlet, exception: type[BaseException]
         greenlet.throw(exception)
 
 
-def _has_input(sock) -> bool:
-    """Whether the client has sent something (or closed) already; nothing is read."""
+def _read_now(sock) -> bytes | None:
+    """What the client has sent so far (b"" once it has closed), or None if
+    nothing has arrived yet. Never waits."""
     sock.settimeout(0.0)
     try:
-        sock.recv(1, socket.MSG_PEEK)
+        return sock.recv(RECV_SIZE)
     except BlockingIOError:
-        return False
-    except OSError:
-        pass  # the session will meet it
+        return None
     finally:
         sock.settimeout(None)
-    return True
 
 
 def _tcp_state(sock) -> int | None:
@@ -398,6 +394,8 @@ class GcmdServer(StreamServer):
         self._accept_timer = None
         self.closing = False
         self._numbers = itertools.count()
+        #: greenlets waiting for the next session to serve
+        self._idle_drivers: list[Waiter] = []
 
     def set_token(self, token: bytes) -> None:
         """Require this token from now on (clients already authenticated stay so)."""
@@ -417,16 +415,24 @@ class GcmdServer(StreamServer):
         handshake or a PROXY header needs a greenlet first (handle).
         """
         self.stats.connections += 1
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not _NODELAY_INHERITED:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None or self.config.proxy_protocol:
             super().do_handle(sock, address)
             return
         admitted = self._admit(sock, address[0], next(self._numbers))
         if isinstance(admitted, Session):
-            if _has_input(sock):  # a client that connects and asks at once
-                self.handlers.spawn(self._drive, admitted)
-            else:
+            try:
+                data = _read_now(sock)
+            except OSError as exc:
+                self._end(admitted, exc.strerror or str(exc))
+                return
+            if data is None:
                 self._park(admitted)
+            elif data:  # a client that connects and asks at once
+                self._dispatch(admitted, data)
+            else:
+                self._end(admitted, "Connection was closed cleanly.")
         elif admitted is not None:
             self.handlers.spawn(self._refuse, sock, admitted)
         else:
@@ -478,12 +484,35 @@ class GcmdServer(StreamServer):
         self.sessions.add(session)
         return session
 
-    def _drive(self, session: Session) -> None:
-        """Serve ``session`` in this greenlet until it leaves or is parked."""
+    def _dispatch(self, session: Session, data: bytes = b"") -> None:
+        """Serve ``session`` in an idle driver greenlet, or in a new one. Runs in the hub."""
+        if self._idle_drivers:
+            self._idle_drivers.pop().switch((session, data))
+        else:
+            self.handlers.spawn(self._driver, session, data)
+
+    def _driver(self, session: Session, data: bytes) -> None:
+        """Serve sessions one after another, so that a connection does not pay
+        for creating and destroying a greenlet."""
+        while True:
+            self._drive(session, data)
+            session = data = None  # a client that has gone is not kept alive here
+            if self.closing or len(self._idle_drivers) >= IDLE_DRIVERS:
+                return
+            waiter = Waiter()
+            self._idle_drivers.append(waiter)
+            job = waiter.get()
+            if job is None:
+                return
+            session, data = job
+
+    def _drive(self, session: Session, data: bytes = b"") -> None:
+        """Serve ``session`` in this greenlet, starting with ``data`` it has sent
+        already, until it leaves or is parked."""
         reason = "internal error"
         self.active.add(session)
         try:
-            reason = session.serve()
+            reason = session.serve(data)
         finally:
             self.active.discard(session)
             if reason is None:
@@ -503,7 +532,7 @@ class GcmdServer(StreamServer):
             return
         session.unpark()
         self._parked.discard(session.sock)
-        self.handlers.spawn(self._drive, session)
+        self._dispatch(session)
 
     def _end(self, session: Session, reason: str) -> None:
         self.sessions.discard(session)
@@ -517,6 +546,11 @@ class GcmdServer(StreamServer):
             del self.per_ip[ip]
         self.slots.release()
         log.info("Lost client connection. Reason: %s", reason, extra=session.context)
+
+    def init_socket(self) -> None:
+        super().init_socket()
+        if _NODELAY_INHERITED:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_read(self):
         try:
@@ -590,6 +624,9 @@ class GcmdServer(StreamServer):
         log.info("Shutting down: %d clients connected", len(self.sessions))
         self.closing = True
         self.close()
+        for waiter in self._idle_drivers:
+            self.loop.run_callback(waiter.switch, None)
+        self._idle_drivers.clear()
         for session in list(self.sessions):
             if session.watchers is not None:
                 self._wake(session)

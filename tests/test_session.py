@@ -2,11 +2,16 @@
 
 import ipaddress
 import os
+import socket
+import struct
 from pathlib import Path
 
 import gevent
+import gevent.socket
 import pytest
-from support import sha1_of, write_file
+from support import Client, sha1_of, write_file
+
+from gcmd.server import IDLE_DRIVERS
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -217,3 +222,60 @@ def test_parked_clients_get_the_shutdown_goodbye(server, connect):
     server.shutdown()
     for c in clients:
         assert c.line() == b"Server shutting down. bye !\n" and c.closed()
+
+
+def _before_accept(server, request: bytes = b"", *, how: str = "shutdown"):
+    """Connect with a blocking socket, which does not yield to the server's loop:
+    ``request`` is sent and the connection ended (``how``) before the server accepts."""
+    raw = socket.create_connection(("127.0.0.1", server.port))
+    raw.sendall(request)
+    if how == "reset":
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+        return None
+    if how == "close":
+        raw.close()
+        return None
+    raw.shutdown(socket.SHUT_WR)
+    return Client(server.port, sock=gevent.socket.socket(fileno=raw.detach()))
+
+
+def test_client_that_asks_and_hangs_up_before_it_is_accepted_gets_every_reply(server):
+    c = _before_accept(server, b"ping\nhelp\nping\n")
+    assert c.line() == b"pong\n"
+    assert c.block(b"End help\n")[0] == b"Begin help\n"
+    assert c.line() == b"pong\n" and c.closed()
+    poll(lambda: server.stats.clients == 0)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_client_gone_before_it_is_accepted_frees_its_slot(make_server, connect, how):
+    server = make_server(max_clients=1)
+    for number in range(1, 4):
+        _before_accept(server, how=how)
+        poll(lambda n=number: server.stats.connections == n and server.stats.clients == 0)
+    assert connect(server).ask("ping") == b"pong\n"  # no slot was kept
+
+
+def test_one_greenlet_serves_clients_one_after_another(server, connect):
+    for _ in range(20):
+        c = connect(server)
+        assert c.ask("ping") == b"pong\n"
+        c.close()
+        poll(lambda: server.stats.clients == 0)
+    assert len(server.handlers) == 1  # it waits for the next client
+    server.shutdown()
+    assert len(server.handlers) == 0
+
+
+def test_greenlets_kept_waiting_for_clients_are_capped(server, connect):
+    clients = [connect(server) for _ in range(IDLE_DRIVERS + 30)]
+    for c in clients:
+        c.send("ping\n")
+    for c in clients:
+        assert c.line() == b"pong\n"
+    assert len(server.handlers) == len(clients)  # each one is served at once
+    for c in clients:
+        c.close()
+    poll(lambda: server.stats.clients == 0)
+    poll(lambda: len(server.handlers) == IDLE_DRIVERS)
