@@ -163,7 +163,7 @@ class Session:
         log_requests = log.isEnabledFor(logging.INFO)
         sock = self.sock
         readable = self.readable
-        wait = gevent.get_hub().wait
+        to_hub = gevent.get_hub().switch
         max_line = config.max_line
         idle_timeout = config.idle_timeout
         if self.server.closing:
@@ -183,7 +183,10 @@ class Session:
                     if readable is not None:
                         # wait, then read: a read that finds nothing costs a
                         # system call and an exception
-                        wait(readable)
+                        if not readable.active:
+                            readable.start(self._on_readable)
+                        to_hub()
+                        self.reading = False
                     data = sock.recv(RECV_SIZE)
                 except Park:
                     return None
@@ -250,10 +253,22 @@ class Session:
                 # readable does that for plain connections)
                 gevent.sleep(0)
 
+    def _on_readable(self) -> None:
+        """The read watcher's callback while the session has a greenlet (in the hub).
+
+        The watcher stays started between requests, so that each request does
+        not start and stop it; when it fires while the session is busy it is
+        stopped, and started again at the next wait."""
+        if self.reading:
+            self.greenlet.switch()
+        else:
+            self.readable.stop()
+
     def park(self, wake) -> None:
         """Wait for the client's next bytes, or its idle deadline, without a greenlet."""
         deadline = self.server.loop.timer(max(self.deadline - monotonic(), 0.0))
         self.watchers = (self.readable, deadline)
+        self.readable.stop()
         self.readable.start(wake, self)
         deadline.start(wake, self)
 
