@@ -500,7 +500,10 @@ class GcmdServer(StreamServer):
         return session
 
     def _dispatch(self, session: Session, data: bytes = b"") -> None:
-        """Serve ``session`` in an idle driver greenlet, or in a new one. Runs in the hub."""
+        """Serve ``session`` in an idle driver greenlet, or in a new one.
+
+        Runs in the hub (an idle driver is switched to at once), or while the
+        server shuts down, when no driver waits any more."""
         if self._idle_drivers:
             self._idle_drivers.pop().switch((session, data))
         else:
