@@ -408,7 +408,8 @@ class GcmdServer(StreamServer):
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
         self.sessions: set[Session] = set()
-        #: sockets of parked sessions, which the server must not close
+        #: sockets of parked sessions (and of those handed to another greenlet
+        #: as shutdown begins), which the greenlet that served them must not close
         self._parked: set = set()
         #: sessions that have a greenlet (not parked)
         self.active: set[Session] = set()
@@ -559,10 +560,12 @@ class GcmdServer(StreamServer):
                 self._end(session, reason)
 
     def _park(self, session: Session) -> None:
+        # the greenlet that served it may be handle()'s, which closes its
+        # socket on return unless the socket is here
+        self._parked.add(session.sock)
         if self.closing:  # parked as shutdown began: it must still hear the goodbye
             self.handlers.spawn(self._drive, session)
             return
-        self._parked.add(session.sock)
         session.park(self._wake)
 
     def _wake(self, session: Session) -> None:
@@ -574,6 +577,7 @@ class GcmdServer(StreamServer):
 
     def _end(self, session: Session, reason: str) -> None:
         self.sessions.discard(session)
+        self._parked.discard(session.sock)
         if session.readable is not None:
             session.readable.close()
         session.sock.close()

@@ -10,6 +10,7 @@ import pytest
 from support import wait_for
 
 from gcmd.proxy import V2_SIGNATURE, ProxyError, parse
+from gcmd.server import Park
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -138,6 +139,21 @@ def test_client_silent_after_its_header_waits_parked_without_a_greenlet(make_ser
     for c in clients:
         assert c.ask("ping") == b"pong\n"
     assert server.per_ip == {"203.0.113.7": 5}
+
+
+def test_client_parked_as_shutdown_begins_still_gets_the_goodbye(make_server, connect):
+    # served in the greenlet that read its header, then parked just as the
+    # server begins to stop: its socket must outlive that greenlet
+    server = make_server(proxy_protocol=True)
+    c = connect(server)
+    c.send(V1_TCP4 + b"ping\n")
+    assert c.line() == b"pong\n"
+    (session,) = server.active
+    assert session.reading  # waiting for its next request
+    stopping = gevent.spawn(server.shutdown)
+    server.interrupt(session, Park)
+    assert c.line() == b"Server shutting down. bye !\n" and c.closed()
+    stopping.join()
 
 
 def test_silent_connection_is_closed_without_holding_a_slot(make_server, connect):
