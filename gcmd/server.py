@@ -105,7 +105,6 @@ class Session:
         "reading",
         "server",
         "sock",
-        "talked",
         "waiting",
         "watchers",
     )
@@ -125,8 +124,6 @@ class Session:
         self.deadline = monotonic() + server.config.idle_timeout
         #: the start of a request line whose end has not arrived
         self.pending = b""
-        #: whether the client has sent a request yet
-        self.talked = False
         #: the read watcher and idle timer of a parked session
         self.watchers = None
         #: TLS buffers what it decrypted, where a read watcher cannot see it
@@ -173,7 +170,7 @@ class Session:
             raise Shutdown
         if monotonic() >= self.deadline:
             raise IdleTimeout
-        if not self.parkable and not self.talked:
+        if not self.parkable:  # TLS: never parked, so served once from the start
             self._handshake()
         while True:
             if self.server.closing:
@@ -206,7 +203,6 @@ class Session:
                     return "line too long"
                 self.pending, data = data, b""
                 continue
-            self.talked = True
             lines = data.split(b"\n")
             data = b""
             self.pending = lines.pop()
@@ -564,7 +560,7 @@ class GcmdServer(StreamServer):
         # socket on return unless the socket is here
         self._parked.add(session.sock)
         if self.closing:  # parked as shutdown began: it must still hear the goodbye
-            self.handlers.spawn(self._drive, session)
+            self._dispatch(session)
             return
         session.park(self._wake)
 
