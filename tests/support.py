@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import gevent
+
 LOG_LINES = [f"Nov 24 10:{i // 60:02d}:{i % 60:02d} lab app[{i}]: line {i}" for i in range(60)]
 
 
@@ -77,6 +79,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def poll(predicate, timeout: float = 5.0, message: str = ""):
+    """Wait cooperatively (an in-process server runs in this thread) until
+    ``predicate`` returns something true; fail after ``timeout``."""
+    with gevent.Timeout(timeout, AssertionError(message or f"condition not met in {timeout} s")):
+        while not (value := predicate()):
+            gevent.sleep(0.01)
+    return value
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, message: str = ""):

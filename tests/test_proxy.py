@@ -7,7 +7,7 @@ import struct
 
 import gevent
 import pytest
-from support import wait_for
+from support import poll, wait_for
 
 from gcmd.proxy import V2_SIGNATURE, ProxyError, parse
 from gcmd.server import Park
@@ -132,10 +132,8 @@ def test_client_silent_after_its_header_waits_parked_without_a_greenlet(make_ser
     for c in clients:
         c.send(V1_TCP4)
     # at once, not after the second of silence that parks a client that has spoken
-    poll_until = gevent.Timeout(0.5, AssertionError("the silent clients hold greenlets"))
-    with poll_until:
-        while not (server.stats.clients == 5 and len(server.handlers) == 0):
-            gevent.sleep(0.01)
+    poll(lambda: server.stats.clients == 5 and len(server.handlers) == 0, timeout=0.5,
+         message="the silent clients hold greenlets")
     for c in clients:
         assert c.ask("ping") == b"pong\n"
     assert server.per_ip == {"203.0.113.7": 5}

@@ -9,19 +9,11 @@ from pathlib import Path
 import gevent
 import gevent.socket
 import pytest
-from support import Client, sha1_of, write_file
+from support import Client, poll, sha1_of, write_file
 
 from gcmd.server import IDLE_DRIVERS
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def poll(predicate, timeout=5.0):
-    """Wait cooperatively (the server runs in this thread) until predicate() is true."""
-    with gevent.Timeout(timeout, AssertionError(f"condition not met in {timeout} s")):
-        while not (value := predicate()):
-            gevent.sleep(0.01)
-    return value
 
 
 def own_children() -> list[int]:
