@@ -84,7 +84,7 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
         out.close()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
 def test_systemd_unit_is_valid_and_confined(tmp_path):
     unit = (DEPLOY / "gcmd.service").read_text()
     for directive in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",

@@ -75,3 +75,13 @@ def test_loadtest_script_fails_when_requests_fail(tmp_path):
                              "--gcmd-arg=--logfile=/no/such/log"],
                             capture_output=True, text=True, timeout=55, check=False)
     assert result.returncode == 1 and "FAILED" in result.stdout
+
+
+def test_loadtest_script_without_locust_says_what_to_install(tmp_path):
+    # -S: no site-packages, so this Python has no locust
+    result = subprocess.run([sys.executable, "-S", str(HERE / "scripts" / "loadtest"), "--time", "1s",
+                             "--results", str(tmp_path / "results")],
+                            capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["scripts/loadtest needs locust: pip install -e '.[loadtest]'"]
+    assert not (tmp_path / "results").exists()
