@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 MAX_LASTLOG_LINES = 1000
 
 
-def command(*, slow: bool = False, public: bool = False) -> Callable:
+def command(*, slow: bool = False, public: bool = False, secret: bool = False) -> Callable:
     """Mark a ``do_`` method: ``slow`` ones wait on a thread or a process, so the
-    replies before them are sent first; ``public`` ones need no authentication."""
+    replies before them are sent first; ``public`` ones need no authentication;
+    the argument of a ``secret`` one never reaches the server log."""
 
     def mark(method: Callable) -> Callable:
         method.slow = slow
         method.public = public
+        method.secret = secret
         #: the name in stats and metrics
         method.verb = method.__name__.removeprefix("do_") if method.__name__ != "default" else "unknown"
         return method
@@ -147,6 +149,8 @@ class Commands:
             "uptime_s": stats.uptime_s,
             "pid": os.getpid(),
             "clients": stats.clients,
+            "clients_parked": stats.parked,
+            "greenlets": stats.greenlets,
             "max_clients": self.config.max_clients,
             "connections": stats.connections,
             "commands": stats.commands,
@@ -172,7 +176,7 @@ class Commands:
         """help - list the commands"""
         return self._help
 
-    @command(public=True)
+    @command(public=True, secret=True)
     def do_auth(self, session, arg: bytes) -> bytes:
         """auth TOKEN - authenticate, when the server asks for a token"""
         token = self.config.token
@@ -182,10 +186,10 @@ class Commands:
             session.authenticated = True
             return protocol.AUTH_OK
         self.stats.auth_failures += 1
-        log.warning("Authentication failed from %s", session.ip)
-        return Close(protocol.AUTH_FAILED)
+        log.warning("Authentication failed from %s", session.ip, extra=session.context)
+        return Close(protocol.AUTH_FAILED, "closed by the server after a failed auth")
 
     @command(public=True)
     def do_exit(self, session, arg: bytes) -> bytes:
         """exit - close the connection (also: quit)"""
-        return Close(b"")
+        return Close(b"", "closed by the server after exit")

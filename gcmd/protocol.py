@@ -30,7 +30,14 @@ MAX_ECHOED_PATH = 256
 
 
 class Close(bytes):
-    """A reply after which the server closes the connection."""
+    """A reply after which the server closes the connection; ``reason`` says why, for the log."""
+
+    reason: str
+
+    def __new__(cls, line: bytes, reason: str) -> Close:  # noqa: PYI034 - Self needs 3.11
+        reply = super().__new__(cls, line)
+        reply.reason = reason
+        return reply
 
 
 class CommandError(Exception):
@@ -44,6 +51,32 @@ def error_line(message: str) -> bytes:
 def block(name: bytes, lines: list[bytes]) -> bytes:
     """A multi-line reply: ``Begin name``, the lines, ``End name``."""
     return b"".join([b"Begin %s\n" % name, *(line + b"\n" for line in lines), b"End %s\n" % name])
+
+
+def split_lines(pending: bytes, data: bytes, max_line: int) -> tuple[list[bytes], bytes, bool]:
+    """Frame requests: the complete lines of ``pending + data`` (without their
+    ``\n``), the unterminated rest, and whether a line is over ``max_line``
+    bytes (its ``\n`` not counted).
+
+    When a line is too long, only the lines before it are returned and the
+    rest is dropped: the client gets the replies to those, then is cut. An
+    unterminated rest that is already too long counts as a line too long.
+    """
+    if pending:
+        data = pending + data
+    if b"\n" not in data:
+        if len(data) > max_line:
+            return [], b"", True
+        return [], data, False
+    lines = data.split(b"\n")
+    rest = lines.pop()
+    if len(data) > max_line:  # else no line can be too long: skip the checks
+        for index, line in enumerate(lines):
+            if len(line) > max_line:
+                return lines[:index], b"", True
+        if len(rest) > max_line:
+            return lines, b"", True
+    return lines, rest, False
 
 
 _BLANKS = b" \t"

@@ -41,6 +41,10 @@ class ServerStats:
     started: float = field(default_factory=time.monotonic)
     #: clients holding a slot now
     clients: int = 0
+    #: clients waiting without a greenlet (parked) now
+    parked: int = 0
+    #: greenlets serving clients or waiting for the next one, now
+    greenlets: int = 0
     #: connections accepted since start, refused or not
     connections: int = 0
     #: connections refused, by reason: over a cap, not allowed, no PROXY header, shutting down

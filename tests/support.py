@@ -17,6 +17,24 @@ from pathlib import Path
 
 import gevent
 
+# the replies of PROTOCOL.md, byte for byte, defined once for every test
+PONG = b"pong\n"
+NOT_FOUND = b"Command not found.\n"
+ERROR = b"An error occured : "
+OUTSIDE = b"An error occured : Permission denied: path is outside the served root\n"
+NEED_PATH = b"Please provide a path.\n"
+LASTLOG_USAGE = b"Usage: lastlog [LINES]\n"
+HASH_USAGE = b"Usage: hash ALGO PATH\n"
+TOO_MANY = b"Too many connections. bye !\n"
+TOO_MANY_FROM_ADDRESS = b"Too many connections from your address. bye !\n"
+LINE_TOO_LONG = b"Line too long. bye !\n"
+IDLE_TIMEOUT = b"Idle timeout. bye !\n"
+SHUTTING_DOWN = b"Server shutting down. bye !\n"
+AUTH_REQUIRED = b"Authentication required.\n"
+AUTH_OK = b"Authenticated.\n"
+AUTH_FAILED = b"Authentication failed. bye !\n"
+AUTH_DISABLED = b"Authentication is not enabled.\n"
+
 LOG_LINES = [f"Nov 24 10:{i // 60:02d}:{i % 60:02d} lab app[{i}]: line {i}" for i in range(60)]
 
 

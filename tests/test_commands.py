@@ -5,12 +5,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from support import LOG_LINES, sha1_of, write_file
+from support import ERROR, LOG_LINES, OUTSIDE, sha1_of, write_file
 
 from gcmd.hashing import ALGORITHMS
 
-ERROR = b"An error occured : "
-OUTSIDE = b"An error occured : Permission denied: path is outside the served root\n"
 pytestmark = pytest.mark.timeout(20)
 
 

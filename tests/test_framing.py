@@ -2,7 +2,14 @@
 
 import pytest
 
-from gcmd.protocol import block, echo_path, error_line, escape, split_request
+from gcmd.protocol import (
+    block,
+    echo_path,
+    error_line,
+    escape,
+    split_lines,
+    split_request,
+)
 
 
 @pytest.mark.parametrize(("line", "expected"), [
@@ -23,6 +30,26 @@ from gcmd.protocol import block, echo_path, error_line, escape, split_request
 ])
 def test_split_request(line, expected):
     assert split_request(line) == expected
+
+
+@pytest.mark.parametrize(("pending", "data", "expected"), [
+    # (pending, data) -> (complete lines, new pending, a line is too long); max_line 8
+    (b"", b"ping\n", ([b"ping"], b"", False)),
+    (b"", b"ping", ([], b"ping", False)),
+    (b"pi", b"ng\nhe", ([b"ping"], b"he", False)),
+    (b"", b"a\nb\n\nc\n", ([b"a", b"b", b"", b"c"], b"", False)),
+    (b"", b"ping\r\n", ([b"ping\r"], b"", False)),  # the \r is split_request's business
+    (b"", b"12345678\n", ([b"12345678"], b"", False)),  # at the limit
+    (b"", b"123456789\n", ([], b"", True)),  # one byte over
+    (b"", b"ok\n123456789\nlater\n", ([b"ok"], b"", True)),  # the lines before it are served
+    (b"", b"123456789", ([], b"", True)),  # no newline yet, already too long
+    (b"12345", b"6789", ([], b"", True)),
+    (b"1234", b"5678", ([], b"12345678", False)),
+    (b"", b"ok\n123456789", ([b"ok"], b"", True)),  # a rest too long: served, then cut
+    (b"", b"", ([], b"", False)),
+])
+def test_split_lines(pending, data, expected):
+    assert split_lines(pending, data, 8) == expected
 
 
 @pytest.mark.parametrize(("data", "expected"), [

@@ -13,16 +13,19 @@ import socket
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import LOG_LINES, GcmdProcess
+from support import (
+    ERROR,
+    HASH_USAGE,
+    LASTLOG_USAGE,
+    LOG_LINES,
+    NEED_PATH,
+    NOT_FOUND,
+    PONG,
+    GcmdProcess,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-PONG = b"pong\n"
-NOT_FOUND = b"Command not found.\n"
-ERROR = b"An error occured : "
-NEED_PATH = b"Please provide a path.\n"
-LASTLOG_USAGE = b"Usage: lastlog [LINES]\n"
-HASH_USAGE = b"Usage: hash ALGO PATH\n"
 MAX_LINE = 1024
 DATA = b"fuzzing data\n" * 100
 #: the fixed-size algorithms of hashlib.algorithms_guaranteed

@@ -27,23 +27,29 @@ from pathlib import Path
 from time import monotonic
 
 import pytest
-from support import LOG_LINES, Client, sha1_of, wait_for, write_file
+from support import (
+    AUTH_FAILED,
+    AUTH_OK,
+    AUTH_REQUIRED,
+    ERROR,
+    IDLE_TIMEOUT,
+    LASTLOG_USAGE,
+    LINE_TOO_LONG,
+    LOG_LINES,
+    NOT_FOUND,
+    OUTSIDE,
+    PONG,
+    SHUTTING_DOWN,
+    TOO_MANY,
+    TOO_MANY_FROM_ADDRESS,
+    Client,
+    sha1_of,
+    wait_for,
+    write_file,
+)
 
 MiB = 1 << 20
 
-PONG = b"pong\n"
-NOT_FOUND = b"Command not found.\n"
-ERROR = b"An error occured : "
-OUTSIDE = b"An error occured : Permission denied: path is outside the served root\n"
-TOO_MANY = b"Too many connections. bye !\n"
-TOO_MANY_FROM_ADDRESS = b"Too many connections from your address. bye !\n"
-LINE_TOO_LONG = b"Line too long. bye !\n"
-IDLE_TIMEOUT = b"Idle timeout. bye !\n"
-SHUTTING_DOWN = b"Server shutting down. bye !\n"
-AUTH_REQUIRED = b"Authentication required.\n"
-AUTH_OK = b"Authenticated.\n"
-AUTH_FAILED = b"Authentication failed. bye !\n"
-LASTLOG_USAGE = b"Usage: lastlog [LINES]\n"
 
 #: fixed-size algorithms every Python has: distinct ones never share one read of a file
 ALGORITHMS = ("sha1", "md5", "sha256", "sha512", "blake2b", "blake2s", "sha224", "sha384")

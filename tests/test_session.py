@@ -11,8 +11,6 @@ import gevent.socket
 import pytest
 from support import Client, poll, sha1_of, write_file
 
-from gcmd.server import IDLE_DRIVERS
-
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -196,7 +194,7 @@ def test_identical_lastlogs_share_one_tail(server, connect):
 
 def test_silent_clients_wait_parked_without_a_greenlet(server, connect):
     clients = [connect(server) for _ in range(20)]
-    poll(lambda: server.stats.clients == 20 and len(server.handlers) == 0)
+    poll(lambda: server.stats.clients == 20 and server.stats.parked == 20 and server.stats.greenlets == 0)
     for c in clients:
         assert c.ask("ping") == b"pong\n"
 
@@ -210,7 +208,7 @@ def test_parked_client_is_cut_at_its_idle_deadline(make_server, connect):
 
 def test_parked_clients_get_the_shutdown_goodbye(server, connect):
     clients = [connect(server) for _ in range(5)]
-    poll(lambda: server.stats.clients == 5 and len(server.handlers) == 0)
+    poll(lambda: server.stats.clients == 5 and server.stats.parked == 5 and server.stats.greenlets == 0)
     server.shutdown()
     for c in clients:
         assert c.line() == b"Server shutting down. bye !\n" and c.closed()
@@ -256,22 +254,23 @@ def test_one_greenlet_serves_clients_one_after_another(server, connect):
         assert c.ask("ping") == b"pong\n"
         c.close()
         poll(lambda: server.stats.clients == 0)
-    assert len(server.handlers) == 1  # it waits for the next client
+    assert server.stats.greenlets == 1  # it waits for the next client
     server.shutdown()
-    assert len(server.handlers) == 0
+    assert server.stats.greenlets == 0
 
 
 def test_greenlets_kept_waiting_for_clients_are_capped(server, connect):
-    clients = [connect(server) for _ in range(IDLE_DRIVERS + 30)]
+    clients = [connect(server) for _ in range(99)]
     for c in clients:
         c.send("ping\n")
     for c in clients:
         assert c.line() == b"pong\n"
-    assert len(server.handlers) == len(clients)  # each one is served at once
+    assert server.stats.greenlets == len(clients)  # each one is served at once
     for c in clients:
         c.close()
     poll(lambda: server.stats.clients == 0)
-    poll(lambda: len(server.handlers) == IDLE_DRIVERS)
+    kept = server.stats.greenlets
+    assert 0 < kept < len(clients)
 
 
 def test_a_greenlet_killed_while_it_waits_for_a_client_is_given_none(server, connect):
