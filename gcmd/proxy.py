@@ -8,11 +8,7 @@ the connection is for. The specification is HAProxy's ``proxy-protocol.txt``.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
-from time import monotonic
-
-import gevent
 
 #: the first 12 bytes of a version 2 header
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -25,8 +21,6 @@ _V1_FAMILIES = {b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address}
 #: version 2 address families (high nibble of byte 13) and the length of their addresses
 _V2_INET, _V2_INET6 = 0x1, 0x2
 _V2_ADDRESS_SIZE = {_V2_INET: 12, _V2_INET6: 36}
-#: seconds between looks at a header that has arrived in part
-_PARTIAL_WAIT = 0.005
 
 
 class ProxyError(ValueError):
@@ -97,35 +91,3 @@ def _parse_v2(data: bytes) -> tuple[int, str | None] | None:
     else:
         source = ipaddress.IPv6Address(data[16:32])
     return 16 + length, str(source)
-
-
-def read_header(sock, timeout: float) -> str | None:
-    """Take the PROXY header off ``sock`` (a gevent socket) and return the address it names.
-
-    Only the header is read, so that what follows (requests or a TLS
-    handshake) stays for the session. Raises ProxyError for a connection
-    without a valid header, and OSError when it is closed or the header has
-    not arrived within ``timeout`` seconds.
-    """
-    deadline = monotonic() + timeout
-    while True:
-        remaining = deadline - monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no complete PROXY header in time")
-        sock.settimeout(remaining)
-        peeked = sock.recv(V2_MAX, socket.MSG_PEEK)
-        if not peeked:
-            raise ConnectionError("closed before its PROXY header")
-        found = parse(peeked)
-        if found is not None:
-            break
-        # part of a header: the socket stays readable, so look again shortly
-        gevent.sleep(_PARTIAL_WAIT)
-    size, address = found
-    while size:
-        chunk = sock.recv(size)
-        if not chunk:
-            raise ConnectionError("closed within its PROXY header")
-        size -= len(chunk)
-    sock.settimeout(None)
-    return address

@@ -1,6 +1,6 @@
 """The server: accepting clients, admitting them, and lending them greenlets.
 
-Who owns what (see gcmd/session.py for one client's side):
+Who owns what (see gcmd/connection.py for one client's side):
 
 - GcmdServer accepts a connection and makes it a Session at once; from then
   on the Session owns the socket and is the only one to close it. gevent's
@@ -44,9 +44,7 @@ from gevent.threadpool import ThreadPool
 from gcmd import protocol
 from gcmd.commands import Commands
 from gcmd.config import Config
-from gcmd.hashing import HashService
-from gcmd.logtail import LogTail
-from gcmd.session import (
+from gcmd.connection import (
     FAREWELL_TIMEOUT,
     LINGER,
     OPEN,
@@ -54,9 +52,11 @@ from gcmd.session import (
     READABLE,
     REFUSED,
     Ended,
-    Session,
     Shutdown,
 )
+from gcmd.hashing import HashService
+from gcmd.logtail import LogTail
+from gcmd.session import Session
 from gcmd.stats import ServerStats
 
 log = logging.getLogger(__name__)

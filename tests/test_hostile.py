@@ -183,7 +183,9 @@ def ping_seconds(server) -> float:
 
 
 def stats_of(server) -> dict[str, int]:
-    client = server.client()
+    """The server's figures, asked by a new client (which waits for a slot that
+    clients which have just hung up may still hold)."""
+    client = wait_for(lambda: served(server), timeout=5, message="no slot for a stats client")
     try:
         client.send(b"stats\n")
         lines = client.block(b"End stats\n")
