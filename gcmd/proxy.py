@@ -23,6 +23,21 @@ _V2_INET, _V2_INET6 = 0x1, 0x2
 _V2_ADDRESS_SIZE = {_V2_INET: 12, _V2_INET6: 36}
 
 
+def canonical(address: str) -> str:
+    """One spelling per client address: an IPv4-mapped IPv6 address
+    (``::ffff:a.b.c.d``, RFC 4291 section 2.5.5.2), as a dual-stack socket or a
+    PROXY header may give it, is the IPv4 address ``a.b.c.d``; any other IPv6
+    address is written in its compressed form (RFC 5952). Anything that is not
+    an IP address is returned as it is."""
+    if ":" not in address:  # IPv4, as the kernel writes it: already canonical
+        return address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ip.ipv4_mapped or ip)
+
+
 class ProxyError(ValueError):
     """The connection does not start with a valid PROXY header."""
 
@@ -67,7 +82,7 @@ def _parse_v1(data: bytes) -> tuple[int, str | None] | None:
     if not all(0 <= port <= 65535 and str(port).encode() == text
                for port, text in zip(ports, fields[4:])):
         raise ProxyError("version 1 header with a bad port")
-    return end + 2, str(source)
+    return end + 2, canonical(str(source))
 
 
 def _parse_v2(data: bytes) -> tuple[int, str | None] | None:
@@ -90,4 +105,4 @@ def _parse_v2(data: bytes) -> tuple[int, str | None] | None:
         source = ipaddress.IPv4Address(data[16:20])
     else:
         source = ipaddress.IPv6Address(data[16:32])
-    return 16 + length, str(source)
+    return 16 + length, canonical(str(source))

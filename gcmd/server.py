@@ -56,6 +56,7 @@ from gcmd.connection import (
 )
 from gcmd.hashing import HashService
 from gcmd.logtail import LogTail
+from gcmd.proxy import canonical
 from gcmd.session import Session
 from gcmd.stats import ServerStats
 
@@ -99,6 +100,8 @@ class GcmdServer(StreamServer):
         self.tail = LogTail(config.logfile, config.command_timeout, self.metadata_pool)
         self.commands = Commands(config, self.hashing, self.tail, self.stats)
         self.hub = gevent.get_hub()
+        #: --allow, with IPv4-mapped IPv6 networks as the IPv4 networks they mean
+        self.allow = tuple(_unmapped(network) for network in config.allow)
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
         #: every connection not yet closed, admitted or not
@@ -133,7 +136,7 @@ class GcmdServer(StreamServer):
         self.stats.connections += 1
         if not _NODELAY_INHERITED:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = Session(self, sock, address[0], next(self._numbers))
+        session = Session(self, sock, canonical(address[0]), next(self._numbers))
         self.sessions.add(session)
         if self.ssl_context is not None or self.config.proxy_protocol:
             self.dispatch(session, OPEN)
@@ -163,7 +166,7 @@ class GcmdServer(StreamServer):
     def admit(self, session: Session) -> Ended | None:
         """Give ``session`` a slot (None), or say how it is refused. Never blocks."""
         ip, context = session.ip, session.context
-        if self.config.allow and not _allowed(ip, self.config.allow):
+        if self.allow and not _allowed(ip, self.allow):
             self.stats.refuse("not_allowed")
             log.warning("Refused connection from %s: not in --allow", ip, extra=context)
             return Ended("not in --allow", None)
@@ -307,9 +310,20 @@ class GcmdServer(StreamServer):
 
 
 def _allowed(ip: str, networks) -> bool:
+    """Whether the (canonical) address ``ip`` is in one of ``networks``."""
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return any(address in net or (mapped is not None and mapped in net) for net in networks)
+    return any(address in network for network in networks)
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _unmapped(network):
+    """``::ffff:a.b.c.d/n`` (n >= 96) is the IPv4 network ``a.b.c.d/(n - 96)``."""
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        return ipaddress.ip_network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network

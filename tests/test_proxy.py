@@ -49,6 +49,11 @@ V2_TCP4 = v2_tcp4("203.0.113.7")
     (V2_TCP4 + b"ping\n", (len(V2_TCP4), "203.0.113.7")),
     (v2_tcp4("198.51.100.9", tlvs=b"\x05\x00\x02id"), (16 + 12 + 5, "198.51.100.9")),
     (v2_tcp6("2001:db8::7"), (16 + 36, "2001:db8::7")),
+    # one address per client: IPv4-mapped IPv6 is the IPv4 address; IPv6 compressed
+    (b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:10.0.0.1 56324 9999\r\n", (56, "192.0.2.7")),
+    (b"PROXY TCP6 ::ffff:c000:207 ::1 56324 9999\r\n", (43, "192.0.2.7")),
+    (b"PROXY TCP6 2001:0db8:0000::0007 ::1 56324 9999\r\n", (48, "2001:db8::7")),
+    (v2_tcp6("::ffff:192.0.2.7"), (16 + 36, "192.0.2.7")),
     (v2(command=0), (16, None)),  # LOCAL: a health check of the load balancer
     (v2(family=3, addresses=b"\x00" * 216), (16 + 216, None)),  # a UNIX socket
     (v2(family=1, protocol=2, addresses=b"\x00" * 12), (28, None)),  # UDP
@@ -92,6 +97,22 @@ def test_served_as_the_client_the_header_names(make_server, connect, caplog, hea
         assert c.ask("ping") == b"pong\n"
     assert "Client connection from 203.0.113.7" in caplog.text
     assert "Cmd received from 203.0.113.7 : ping" in caplog.text
+    assert server.per_ip == {"203.0.113.7": 1}
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP6 ::ffff:203.0.113.7 ::ffff:10.0.0.1 56324 9999\r\n", v2_tcp6("::ffff:203.0.113.7")],
+    ids=["v1", "v2"])
+def test_a_mapped_address_is_the_same_client_as_its_ipv4_address(make_server, connect, caplog, header):
+    server = make_server(proxy_protocol=True, max_per_ip=1,
+                         allow=(ipaddress.ip_network("::ffff:203.0.113.0/120"),))
+    first = connect(server)
+    with caplog.at_level(logging.INFO, logger="gcmd"):
+        assert first.ask(V1_TCP4 + b"ping") == b"pong\n"  # IPv4, allowed by the mapped network
+        second = connect(server)
+        second.send(header)
+        assert second.line() == b"Too many connections from your address. bye !\n"
+    assert "Client connection from 203.0.113.7" in caplog.text and "::ffff" not in caplog.text
     assert server.per_ip == {"203.0.113.7": 1}
 
 

@@ -1,6 +1,7 @@
 """Connection lifecycle and the services behind the commands, in-process on port 0."""
 
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -68,6 +69,21 @@ def test_allow_list_closes_others_without_a_reply(make_server, connect):
     assert c.closed() and c.buf == b""
     allowed = make_server(allow=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")))
     assert connect(allowed).ask("ping") == b"pong\n"
+
+
+def test_dual_stack_listener_sees_ipv4_clients_as_ipv4(make_server, caplog):
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 sockets on this machine")
+    server = make_server(host="::", max_per_ip=1)
+    with caplog.at_level(logging.INFO, logger="gcmd"):
+        first = Client(server.port, socket_module=gevent.socket, host="127.0.0.1")
+        assert first.ask("ping") == b"pong\n"
+        second = Client(server.port, socket_module=gevent.socket, host="127.0.0.1")
+        assert second.line() == b"Too many connections from your address. bye !\n"
+    assert "Client connection from 127.0.0.1" in caplog.text and "::ffff" not in caplog.text
+    assert server.per_ip == {"127.0.0.1": 1}
+    first.close()
+    second.close()
 
 
 def test_token_gates_commands(make_server, connect):
