@@ -302,25 +302,44 @@ class Connection:
                 raise Ended("the client accepted no reply bytes in time", None)
 
     def _farewell(self, line: bytes | None) -> None:
-        """Send the last line, then drain the client's input briefly before
-        closing, so that the kernel does not reset the connection and destroy
-        the last reply in flight."""
+        """Send the last line and end the stream gently: TLS sends close_notify;
+        plain TCP drains the client's input briefly before closing, so that the
+        kernel does not reset the connection and destroy the last reply in
+        flight. ``line`` None: the client cannot take anything; just close."""
         if line is None:
             return
         try:
             if line:
                 self._send(line, FAREWELL_TIMEOUT)
             if self.tls:
-                return
-            self.sock.shutdown(socket.SHUT_WR)
-            until = monotonic() + LINGER
-            while monotonic() < until:
-                self.deadline = min(monotonic() + LINGER_QUIET, until)
-                data = self.recv()
-                if data == b"" or data is None and self.wait(READ) is DEADLINE:
-                    return
+                self._close_notify()
+            else:
+                self._linger()
         except (OSError, Ended):
             pass
+
+    def _close_notify(self) -> None:
+        """Send TLS close_notify (RFC 8446 section 6.1), so that the client can
+        tell the end of the stream from a cut; the client's own is not awaited."""
+        self._progress(FAREWELL_TIMEOUT)
+        while True:
+            try:
+                self.sock.unwrap()
+                return
+            except ssl.SSLWantReadError:  # ours is sent; the reply is the client's business
+                return
+            except ssl.SSLWantWriteError:
+                if self.wait(WRITE) is DEADLINE:
+                    return
+
+    def _linger(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+        until = monotonic() + LINGER
+        while monotonic() < until:
+            self.deadline = min(monotonic() + LINGER_QUIET, until)
+            data = self.recv()
+            if data == b"" or data is None and self.wait(READ) is DEADLINE:
+                return
 
     # --- opening a TLS or PROXY connection, in its greenlet ------------------------------
 

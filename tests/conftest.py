@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import gevent.socket
 import pytest
-from support import LOG_LINES, Client, GcmdProcess
+from support import LOG_LINES, Client, GcmdProcess, make_certificate
 
 from gcmd.config import Config
 from gcmd.server import GcmdServer
@@ -50,6 +52,14 @@ def connect():
     yield open_client
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for localhost and its key (needs openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl (apt-get install openssl)")
+    return make_certificate(tmp_path)
 
 
 @pytest.fixture

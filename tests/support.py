@@ -93,6 +93,25 @@ class Client:
         self.sock.close()
 
 
+def make_certificate(directory: Path, name: str = "server", cn: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate and its key, made with openssl (Debian: openssl)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={cn}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=20)
+    return cert, key
+
+
+def tls_client(port: int, cert: Path, **wrap) -> Client:
+    """A line client over TLS that trusts ``cert``."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return Client(port, sock=context.wrap_socket(raw, server_hostname="localhost", **wrap))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

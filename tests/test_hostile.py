@@ -19,7 +19,6 @@ import select
 import selectors
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from support import (
     TOO_MANY_FROM_ADDRESS,
     Client,
     sha1_of,
+    tls_client,
     wait_for,
     write_file,
 )
@@ -247,22 +247,6 @@ def ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
-
-
-@pytest.fixture
-def certificate(tmp_path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=20)
-    return cert, key
-
-
-def tls_client(port: int, cert: Path) -> Client:
-    context = ssl.create_default_context(cafile=str(cert))
-    context.check_hostname = False
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return Client(port, sock=context.wrap_socket(raw, server_hostname="localhost"))
 
 
 # --- 1. slow readers --------------------------------------------------------------------
