@@ -14,7 +14,7 @@ from time import monotonic
 
 from gcmd import protocol
 from gcmd.config import Config
-from gcmd.hashing import ALGORITHMS, HashService
+from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
 from gcmd.logtail import LogTail
 from gcmd.protocol import Close, CommandError, block, error_line, split_request
 from gcmd.stats import ServerStats
@@ -120,7 +120,7 @@ class Commands:
         """comphash PATH - the SHA-1 of a file under the served root"""
         if not arg:
             return protocol.NEED_PATH
-        return b"File hash is : %s\n" % self.hashing.digest("sha1", arg).encode()
+        return self._digest(session, "sha1", arg)
 
     @command(slow=True)
     def do_hash(self, session, arg: bytes) -> bytes:
@@ -134,7 +134,16 @@ class Commands:
                                f"(choose from {', '.join(ALGORITHMS)})")
         if not path:
             return protocol.NEED_PATH
-        return b"File hash is : %s\n" % self.hashing.digest(name, path).encode()
+        return self._digest(session, name, path)
+
+    def _digest(self, session, algorithm: str, path: bytes) -> bytes:
+        try:
+            digest = self.hashing.digest(algorithm, path)
+        except OutsideRoot:
+            log.warning("Refused a path outside the served root from %s: %s", session.ip,
+                        protocol.echo_path(path), extra=session.context)
+            raise
+        return b"File hash is : %s\n" % digest.encode()
 
     @command()
     def do_ping(self, session, arg: bytes) -> bytes:

@@ -32,6 +32,11 @@ ALGORITHMS = tuple(sorted(a for a in hashlib.algorithms_guaranteed if not a.star
 
 OUTSIDE_ROOT = "Permission denied: path is outside the served root"
 
+
+class OutsideRoot(CommandError):
+    """A path that leads out of the served root: refused, and a security signal."""
+
+
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -152,7 +157,7 @@ class HashService:
         """Resolve ``path`` inside the root and open it without following a late swap."""
         real = os.path.realpath(os.path.join(self.served_root, path))
         if not self._inside(real):
-            raise CommandError(OUTSIDE_ROOT)
+            raise OutsideRoot(OUTSIDE_ROOT)
         try:
             # decide before opening, so that a FIFO or a device is never opened
             if not stat.S_ISREG(os.stat(real).st_mode):
@@ -167,7 +172,7 @@ class HashService:
             # what was opened decides, not what the path named a moment before:
             # a directory swapped for a symlink after the check is caught here
             if not self._inside(_opened_path(fd, real, st)):
-                raise CommandError(OUTSIDE_ROOT)
+                raise OutsideRoot(OUTSIDE_ROOT)
         except BaseException:
             os.close(fd)
             raise

@@ -176,11 +176,11 @@ class GcmdServer(StreamServer):
             return Ended("refused: shutting down", protocol.SHUTTING_DOWN)
         if self.config.max_per_ip and self.per_ip[ip] >= self.config.max_per_ip:
             self.stats.refuse("max_per_ip")
-            log.info("Too many connections from %s. bye !", ip, extra=context)
+            log.warning("Too many connections from %s. bye !", ip, extra=context)
             return Ended("refused: too many from the address", protocol.TOO_MANY_FROM_ADDRESS)
         if not self.slots.acquire(blocking=False):
             self.stats.refuse("max_clients")
-            log.info("Too many connections. bye !", extra=context)
+            log.warning("Too many connections. bye !", extra=context)
             return Ended("refused: too many", protocol.TOO_MANY)
         self.per_ip[ip] += 1
         self.stats.clients += 1

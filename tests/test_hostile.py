@@ -358,6 +358,34 @@ def test_connect_flood_beyond_max_clients_gets_slots_or_refusals_and_leaks_no_sl
     assert server.proc.poll() is None
 
 
+@pytest.mark.timeout(30)
+def test_security_signals_are_warnings_that_quiet_keeps_each_in_its_session(gcmd, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = gcmd("--quiet", "--max-clients", 3, "--max-per-ip", 1, "--token-file", token)
+
+    def client_from(source: str) -> Client:
+        return Client(server.port, sock=connect_raw(server.port, source=source))
+
+    first = client_from("127.0.0.5")
+    assert first.ask("auth s3cret") == AUTH_OK
+    assert first.ask("comphash ../outside/x") == OUTSIDE
+    assert client_from("127.0.0.5").line() == TOO_MANY_FROM_ADDRESS
+    assert client_from("127.0.0.2").ask("auth nope") == AUTH_FAILED
+    # fill the slots (the start-up probe may still hold one): the next is refused
+    crowd = [client_from(f"127.0.1.{n}") for n in range(3)]
+    assert [c.ask("ping") for c in crowd].count(TOO_MANY) >= 1
+    session = r"\[Session,\d+,"
+    expected = [session + r"127\.0\.0\.5\] WARNING: Too many connections from 127\.0\.0\.5",
+                session + r"127\.0\.0\.2\] WARNING: Authentication failed from 127\.0\.0\.2",
+                session + r"127\.0\.1\.\d\] WARNING: Too many connections\. bye !",
+                session + r"127\.0\.0\.5\] WARNING: Refused a path outside the served root "
+                r"from 127\.0\.0\.5: \.\./outside/x"]
+    wait_for(lambda: all(re.search(pattern, server.log()) for pattern in expected),
+             message=f"missing warnings in: {server.log()}")
+    assert "Cmd received" not in server.log()  # --quiet: warnings only
+
+
 @pytest.mark.timeout(20)
 def test_max_per_ip_refuses_the_third_connection_from_one_address(gcmd):
     server = gcmd("--max-per-ip", 2)
