@@ -6,10 +6,15 @@ import shutil
 
 import gevent.socket
 import pytest
+from gevent.threadpool import ThreadPool
 from support import LOG_LINES, Client, GcmdProcess, make_certificate
 
+from gcmd.commands import Commands
 from gcmd.config import Config
+from gcmd.hashing import HashService
+from gcmd.logtail import LogTail
 from gcmd.server import GcmdServer
+from gcmd.stats import ServerStats
 
 
 @pytest.fixture
@@ -52,6 +57,52 @@ def connect():
     yield open_client
     for client in clients:
         client.close()
+
+
+class PlainSession:
+    """What a command sees of a session, without a socket."""
+
+    def __init__(self) -> None:
+        self.ip = "127.0.0.1"
+        self.context = {"context": "Session,0,127.0.0.1"}
+        self.authenticated = False
+
+
+class CommandTable:
+    """The commands over real services (files, tail, threads), with no server or socket."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool = ThreadPool(2)
+        self.hashing = HashService(config.root, 2, config.max_pending, config.hash_cache, self.pool)
+        self.commands = Commands(config, self.hashing, LogTail(config.logfile, config.command_timeout,
+                                                               self.pool), ServerStats())
+        self.session = PlainSession()
+
+    def ask(self, request: bytes | str) -> bytes | None:
+        """The reply to one request line (without its newline); None for a blank line."""
+        parsed = self.commands.parse(request.encode() if isinstance(request, str) else request)
+        if parsed is None:
+            return None
+        handler, arg = parsed
+        run = self.commands.run_slow if handler.slow else self.commands.run
+        return run(handler, self.session, arg)
+
+    def close(self) -> None:
+        self.hashing.close()
+        self.pool.kill()
+
+
+@pytest.fixture
+def commands(tmp_path):
+    """The commands of a server with a root and a log in tmp_path; no socket."""
+    root = tmp_path / "root"
+    root.mkdir()
+    logfile = tmp_path / "syslog"
+    logfile.write_text("\n".join(LOG_LINES) + "\n")
+    table = CommandTable(Config(host="127.0.0.1", port=0, root=str(root), logfile=str(logfile)))
+    yield table
+    table.close()
 
 
 @pytest.fixture
