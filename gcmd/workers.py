@@ -34,6 +34,7 @@ RESTART_PAUSE = 1.0
 
 REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: the signals the supervisor acts on, in the order it acts on those that arrive together
 _HANDLED = (*_FORWARDED, signal.SIGCHLD)
 #: the exit status of a worker that could not start serving (a crash is 1 or a signal)
 CANNOT_START = 3
@@ -160,7 +161,9 @@ class Supervisor:
                     elif not self.stopping:
                         log.warning("only %d of %d workers started serving", ready, self.config.workers)
             if self._wakeup[0] in readable:
-                for signum in os.read(self._wakeup[0], 256):
+                # a stop first: a Ctrl-C reaches the workers too, and one that has
+                # exited already is then not taken for a worker to replace
+                for signum in sorted(set(os.read(self._wakeup[0], 256)), key=_HANDLED.index):
                     self._act(signum)
             self._restart_due()
         if self._ready_read is not None:

@@ -148,3 +148,22 @@ def test_sighup_reopens_the_output_of_the_supervisor_and_every_worker(tmp_path):
     assert "SIGTERM: stopping 2 workers" in output.read_text()
     assert "All workers stopped" in output.read_text()
     assert "SIGHUP" not in rotated.read_text() and "All workers stopped" not in rotated.read_text()
+
+
+def test_ctrl_c_to_the_process_group_stops_gcmd_and_every_worker(tmp_path):
+    out = tmp_path / "gcmd.out"
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--workers", "2",
+                                 "--root", str(tmp_path), "--logfile", os.devnull],
+                                stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: "listening on" in out.read_text(), timeout=15)
+            workers = children(proc.pid)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "All workers stopped" in out.read_text()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
