@@ -201,3 +201,122 @@ def test_tls_serves_the_protocol_and_refuses_plaintext(gcmd, tmp_path):
 
 def test_free_port_helper_never_returns_9999():
     assert free_port() != 9999
+
+
+# --- every flag behaves as documented -------------------------------------------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--host", ""], "--host is empty: give 0.0.0.0 or :: to listen on every interface"),
+    (["--host="], "--host is empty"),
+    (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an IPv4 or IPv6 address, nor a host name"),
+    (["--host", "10.0.0"], "--host '10.0.0' is not an IPv4 or IPv6 address, nor a host name"),
+    (["--host", "bad name"], "--host 'bad name' is not an IPv4 or IPv6 address, nor a host name"),
+    (["--host", "nosuch.invalid"], "--host 'nosuch.invalid' does not resolve"),
+])
+def test_empty_or_malformed_host_exits_2_with_one_message(args, message):
+    result = run_gcmd(*args, "--port", 0)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"gcmd: error: {message}")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_host_name_that_resolves_is_served(tmp_path):
+    server = GcmdProcess(tmp_path, host="localhost")
+    try:
+        assert f"listening on localhost port {server.port}" in server.log()
+        assert server.client().ask("ping") == b"pong\n"
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backlog", "99999999999"], "--backlog must be at most 65535, not 99999999999"),
+    (["--backlog", "0"], "--backlog must be at least 1, not 0"),
+    (["--max-clients", "1000001"], "--max-clients must be at most 1000000"),
+    (["--max-per-ip", "-1"], "--max-per-ip must be at least 0"),
+    (["--max-line", str(2 ** 64)], "--max-line must be at most 1048576"),
+    (["--hash-workers", "0"], "--hash-workers must be at least 1"),
+    (["--hash-cache", "1000001"], "--hash-cache must be at most 1000000"),
+    (["--max-pending", "1000001"], "--max-pending must be at most 1000000"),
+    (["--workers", "257"], "--workers must be at most 256"),
+    (["--metrics-port", "65536"], "--metrics-port must be between 0 and 65535"),
+    (["--workers", "4", "--metrics-port", "65535"], "--metrics-port must be between 0 and 65532"),
+    (["--idle-timeout", "nan"], "--idle-timeout must be a finite number of seconds, not nan"),
+    (["--idle-timeout", "inf"], "--idle-timeout must be a finite number of seconds, not inf"),
+    (["--command-timeout=-inf"], "--command-timeout must be a finite number of seconds"),
+    (["--shutdown-timeout", "1e400"], "--shutdown-timeout must be a finite number of seconds, not inf"),
+    (["--idle-timeout", "86401"], "--idle-timeout must be at most 86400 seconds, not 86401"),
+])
+def test_numbers_out_of_their_range_exit_2_with_one_message(args, message):
+    result = run_gcmd(*args)
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+NUMERIC_FLAGS = ("--port", "--backlog", "--workers", "--metrics-port", "--max-clients", "--max-per-ip",
+                 "--max-line", "--hash-workers", "--max-pending", "--hash-cache", "--idle-timeout",
+                 "--command-timeout", "--shutdown-timeout")
+
+
+def test_help_gives_the_range_of_every_numeric_flag():
+    text = " ".join(run_gcmd("--help").stdout.split())
+    for flag in NUMERIC_FLAGS:
+        described = re.search(rf"{flag} [A-Z_]+ (.*?)(?= --|$)", text).group(1)
+        assert re.search(r"\d+ to \d+|more than 0, at most \d+", described), (flag, described)
+
+
+@pytest.mark.parametrize("args", [
+    ["--port", "70000"],
+    ["--no-such-flag"],
+    ["--port", "abc"],
+    ["--port"],
+    ["--log-level", "loud"],
+    ["--root", "/no/such/dir"],
+    ["--quiet", "--log-level", "info"],
+    ["stray"],
+])
+def test_a_bad_setting_is_one_line_and_a_hint_without_the_usage_banner(args):
+    result = run_gcmd(*args)
+    assert result.returncode == 2
+    first, hint = result.stderr.splitlines()
+    assert first.startswith("gcmd: error: ") and hint == "Try 'gcmd --help'."
+    assert "usage:" not in result.stderr
+
+
+def test_quiet_with_a_log_level_exits_2():
+    result = run_gcmd("--quiet", "--log-level", "debug")
+    assert result.returncode == 2
+    assert "gcmd: error: argument --log-level: not allowed with argument --quiet" in result.stderr
+
+
+def test_debug_logs_more_than_info(gcmd):
+    info, debug = gcmd(), gcmd("--log-level", "debug")
+    for server in (info, debug):
+        assert server.client().ask("ping") == b"pong\n"
+        server.stop()
+    assert "settings: host=127.0.0.1" not in info.log()
+    settings = re.search(r"settings: (.*)", debug.log()).group(1)
+    assert f"port={debug.port}" in settings and "log_level=debug" in settings
+    assert len(debug.log().splitlines()) > len(info.log().splitlines())
+
+
+def test_every_worker_names_itself_in_its_log_lines(gcmd):
+    server = gcmd("--workers", 2, "--log-level", "debug")
+    wait_for(lambda: server.log().count("serving port") == 2)
+    server.stop()
+    log = server.log()
+    for worker in (0, 1):
+        assert re.search(rf"\[w{worker}\] settings: .* workers=2 .*worker={worker} ", log), log
+        assert re.search(rf"\[w{worker}\] serving port {server.port}, pid \d+", log), log
+
+
+@pytest.mark.xfail(reason="server.py builds the session context; proposed with --workers: "
+                          "Session,w1:42,127.0.0.1 (from Config.worker)", strict=False)
+def test_session_numbers_name_their_worker(gcmd):
+    server = gcmd("--workers", 2)
+    for _ in range(10):
+        server.client().ask("ping")
+    wait_for(lambda: server.log().count("Cmd received") == 10)
+    contexts = re.findall(r"\[(Session,[^\]]*)\] Cmd received", server.log())
+    assert all(re.fullmatch(r"Session,w[01]:\d+,127\.0\.0\.1", c) for c in contexts), contexts

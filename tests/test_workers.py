@@ -127,3 +127,43 @@ def test_a_worker_that_cannot_start_stops_gcmd(tmp_path):
     assert re.search(r"metrics port \d+: address already in use", result.stderr)
     assert "could not start; stopping" in result.stdout
     assert "listening on" not in result.stdout
+
+
+def test_sighup_reopens_the_output_of_the_supervisor_and_every_worker(tmp_path):
+    output = tmp_path / "gcmd.log"
+    rotated = tmp_path / "gcmd.log.1"
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--workers", "2",
+                             "--root", str(tmp_path), "--logfile", os.devnull, "--output", str(output)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: output.exists() and "listening on" in output.read_text())
+        output.rename(rotated)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: output.exists() and output.read_text().count("SIGHUP: reopened the log output") == 2)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and out == b""
+    # the supervisor's own lines after the rotation go to the new file too
+    assert "SIGTERM: stopping 2 workers" in output.read_text()
+    assert "All workers stopped" in output.read_text()
+    assert "SIGHUP" not in rotated.read_text() and "All workers stopped" not in rotated.read_text()
+
+
+def test_ctrl_c_to_the_process_group_stops_gcmd_and_every_worker(tmp_path):
+    out = tmp_path / "gcmd.out"
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--workers", "2",
+                                 "--root", str(tmp_path), "--logfile", os.devnull],
+                                stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: "listening on" in out.read_text(), timeout=15)
+            workers = children(proc.pid)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "All workers stopped" in out.read_text()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)

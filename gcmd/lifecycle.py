@@ -1,0 +1,171 @@
+"""Start gcmd, serve until a signal asks to stop, stop gracefully: in one process or in ``--workers``.
+
+Signal handlers only record the signal in a queue; the main greenlet takes
+them from it one at a time and acts: SIGHUP reopens --output and re-reads
+--token-file, SIGTERM or SIGINT stops. With ``--workers`` the parent's loop
+does the same in gcmd.workers and passes the signals on to the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import gevent
+import gevent.queue
+import gevent.socket
+import gevent.ssl
+
+from gcmd import __version__
+from gcmd.config import DEFAULT_LOGFILE, Config, RunOptions, SettingError, read_token
+from gcmd.logsetup import open_output, reopen_output, setup_logging
+
+log = logging.getLogger(__name__)
+
+_STOP = (signal.SIGTERM, signal.SIGINT)
+
+
+def run(config: Config, options: RunOptions) -> int:
+    """Serve ``config`` until SIGTERM or SIGINT; the exit status (1: cannot listen, 2: cannot log)."""
+    try:
+        output = open_output(options.output)
+    except OSError as exc:
+        print(f"gcmd: cannot open --output {options.output}: {exc.strerror}", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    if config.workers == 1:
+        return serve(config, options, setup_logging(options.log_level, options.log_format, output))
+    return supervise(config, options, output)
+
+
+def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
+    """``--workers N``: fork the workers, supervise them; the exit status."""
+    from gcmd.workers import Supervisor
+
+    # the parent never runs a gevent hub: its log lines are written at once
+    handler = setup_logging(options.log_level, options.log_format, output, batched=False)
+
+    def serve_worker(worker_config: Config, listener: socket.socket, ready: Callable[[], None]) -> int:
+        gevent.reinit()  # a forked worker
+        worker_handler = setup_logging(options.log_level, options.log_format, handler.stream,
+                                       context=f"w{worker_config.worker}")
+        return serve(worker_config, options, worker_handler,
+                     gevent.socket.socket(fileno=listener.detach()), ready)
+
+    try:
+        supervisor = Supervisor(config, serve_worker, lambda: reopen_output(handler, options.output))
+    except OSError as exc:
+        return cannot_listen(config.host, config.port, exc)
+    return supervisor.run(lambda: announce(config, supervisor.port, f", {config.workers} workers"))
+
+
+def serve(config: Config, options: RunOptions, handler: logging.Handler,
+          listener: socket.socket | None = None, ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status.
+
+    ``listener`` and ``ready``: a worker's listening socket, and what it calls
+    once it serves (see gcmd.workers).
+    """
+    from gcmd.server import GcmdServer  # after logging is set up
+
+    log.debug("settings: %s", describe(config, options))
+    server = GcmdServer(config, tls_context(config) if config.tls else None, listener)
+    metrics = None
+    if config.metrics_port is not None:
+        from gcmd.metrics import MetricsServer
+
+        metrics = MetricsServer(server, config.host, config.metrics_port + config.worker)
+    try:
+        server.start()
+    except OSError as exc:
+        return cannot_listen(config.host, config.port, exc)
+    signals: gevent.queue.Queue[int] = gevent.queue.Queue()
+    for signum in (*_STOP, signal.SIGHUP):
+        gevent.signal_handler(signum, signals.put, signum)
+    if listener is None:
+        announce(config, server.port)
+    else:
+        log.info("serving port %d, pid %d", server.port, os.getpid())
+    if metrics is not None:
+        try:
+            metrics.start()
+        except OSError as exc:
+            server.shutdown()
+            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
+    if ready is not None:
+        handler.flush()
+        ready()
+    while signals.get() == signal.SIGHUP:
+        reload(server, handler, options)
+    server.shutdown()
+    if metrics is not None:
+        metrics.stop()
+    return 0
+
+
+def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:
+    """SIGHUP: reopen the log output (after logrotate moved it) and re-read the token."""
+    reopen_output(handler, options.output)
+    if options.token_file is not None:
+        try:
+            server.set_token(read_token(options.token_file))
+        except SettingError as exc:
+            log.error("SIGHUP: %s; the previous token stays in force", exc)
+            return
+    log.info("SIGHUP: reopened the log output%s",
+             " and re-read the token file" if options.token_file else "")
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server side of TLS 1.2 or later with the configured certificate; ssl.SSLError or OSError."""
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def raise_fd_limit() -> None:
+    """Allow as many open files as the hard limit: every client is one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
+def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
+    """Say why gcmd cannot listen on ``port`` (of ``what``: "" or "metrics "); the status, 1."""
+    why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+    print(f"gcmd: cannot listen on {host} {what}port {port}: {why}", file=sys.stderr)
+    return 1
+
+
+def announce(config: Config, port: int, workers: str = "") -> None:
+    log.info("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
+             " (TLS)" if config.tls else "", workers)
+    log.info("root %s, log file %s, max %d clients%s%s", config.root, config.logfile,
+             config.max_clients, " per worker" if workers else "",
+             ", token required" if config.token else "")
+    if not os.path.exists(config.logfile):
+        log.warning("log file %s does not exist: lastlog answers an error until it does; "
+                    "start gcmd with --logfile PATH to serve another log%s", config.logfile,
+                    " (this machine has no syslog file)" if config.logfile == DEFAULT_LOGFILE else "")
+
+
+def describe(config: Config, options: RunOptions) -> str:
+    """Every setting as ``name=value``, the token hidden: the start-up line at level debug."""
+    settings = {**dataclasses.asdict(config), **dataclasses.asdict(options)}
+    if config.token is not None:
+        settings["token"] = "***"
+    settings["allow"] = ",".join(map(str, config.allow)) or "everyone"
+    return " ".join(f"{name}={value}" for name, value in settings.items())
