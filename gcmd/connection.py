@@ -108,7 +108,7 @@ class Connection:
         sock.settimeout(0.0)  # every wait is wait(): no socket timeouts
         self.ip = ip
         self.number = number
-        self.context = {"context": f"Session,{number},{ip}"}
+        self.context = server.session_context(number, ip)
         #: holds a slot (counted in clients, per_ip)
         self.admitted = False
         #: the greenlet serving the connection; None while parked
@@ -407,6 +407,6 @@ class Connection:
             raise Ended("no valid PROXY header", None) from None
         if address:
             self.ip = address
-            self.context = {"context": f"Session,{self.number},{address}"}
+            self.context = self.server.session_context(self.number, address)
 
 

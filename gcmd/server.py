@@ -108,6 +108,7 @@ class GcmdServer(StreamServer):
         self.sessions: set[Session] = set()
         self.closing = False
         self._numbers = itertools.count()
+        self._context_prefix = f"Session,w{config.worker}:" if config.workers > 1 else "Session,"
         #: greenlets waiting for the next session to serve
         self._idle_drivers: list[Waiter] = []
         self._sweeper = None
@@ -117,6 +118,12 @@ class GcmdServer(StreamServer):
     def set_token(self, token: bytes) -> None:
         """Require this token from now on (clients already authenticated stay so)."""
         self.config = self.commands.config = dataclasses.replace(self.config, token=token)
+
+    def session_context(self, number: int, ip: str) -> dict:
+        """The context of a session's log lines: ``Session,42,127.0.0.1``; with
+        --workers, the worker too, so that numbers do not repeat:
+        ``Session,w1:42,127.0.0.1``."""
+        return {"context": f"{self._context_prefix}{number},{ip}"}
 
     @property
     def port(self) -> int:

@@ -311,8 +311,6 @@ def test_every_worker_names_itself_in_its_log_lines(gcmd):
         assert re.search(rf"\[w{worker}\] serving port {server.port}, pid \d+", log), log
 
 
-@pytest.mark.xfail(reason="server.py builds the session context; proposed with --workers: "
-                          "Session,w1:42,127.0.0.1 (from Config.worker)", strict=False)
 def test_session_numbers_name_their_worker(gcmd):
     server = gcmd("--workers", 2)
     for _ in range(10):
