@@ -61,7 +61,7 @@ def test_client_times_out(gcmd, tmp_path):
 
 def locust_aggregated(output: str) -> tuple[int, int]:
     """(requests, failures) of the Aggregated row of locust's own final table."""
-    requests, failures = re.search(r"^\s+Aggregated\s+(\d+)\s+(\d+)\(", output, re.M).groups()
+    requests, failures = re.search(r"^\s+Aggregated\s+(\d+)\s+(\d+)\(", output, re.MULTILINE).groups()
     return int(requests), int(failures)
 
 
@@ -69,7 +69,7 @@ def summary_rows(stdout: str) -> dict[str, tuple[int, int]]:
     """The script's summary: {command: (requests, failures)}."""
     table = stdout.split("command ")[1]
     return {name: (int(requests), int(failures)) for name, requests, failures
-            in re.findall(r"^(\w+)\s+(\d+)\s+(\d+)\s", table, re.M)}
+            in re.findall(r"^(\w+)\s+(\d+)\s+(\d+)\s", table, re.MULTILINE)}
 
 
 def run_script(*args, cwd=None, timeout: float = 55) -> subprocess.CompletedProcess:
@@ -174,7 +174,7 @@ def test_locustfile_shares_one_file_set_in_the_temp_dir_and_removes_it(gcmd, tmp
     assert len(seen) == 1, seen  # one set for the 8 users
     assert f"comphash hashes the files of {temp / seen.pop()} (no --gcmd-files)" in output
     assert list(temp.glob("gcmd-load-*")) == [] and list(cwd.iterdir()) == []
-    assert re.search(r"^gcmd\s+comphash\s+[1-9]\d*\s+0\(", output, re.M), output[-3000:]
+    assert re.search(r"^gcmd\s+comphash\s+[1-9]\d*\s+0\(", output, re.MULTILINE), output[-3000:]
 
 
 @pytest.mark.slow
