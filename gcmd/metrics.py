@@ -3,13 +3,15 @@
 Nothing is counted twice: the collector turns the server's own counters into
 metric families when Prometheus asks, so ``stats`` and ``/metrics`` agree and
 the request path pays nothing for the endpoint. The HTTP server is gevent's
-WSGI server, in the server's own hub.
+WSGI server, in the server's own hub; any other path answers 404. With
+``--workers``, each worker serves its own figures on its own port (worker i
+on ``--metrics-port`` + i), so that a scrape target is one worker.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from gevent.pywsgi import WSGIServer
@@ -20,6 +22,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
+from gcmd import __version__
 from gcmd.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -37,6 +40,10 @@ class GcmdCollector:
     def collect(self) -> Iterator:
         server = self.server
         stats, hashing, tail = server.stats, server.hashing.stats, server.tail.stats
+        build = GaugeMetricFamily("gcmd_build_info", "The version of gcmd serving; always 1",
+                                  labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
         yield GaugeMetricFamily("gcmd_clients", "Clients connected now (holding a slot)",
                                 value=stats.clients)
         yield GaugeMetricFamily("gcmd_max_clients", "Clients served at once before refusing",
@@ -89,6 +96,22 @@ class GcmdCollector:
                                   value=tail.timeouts)
 
 
+#: the only path served; a scrape of another is a mistake to see at once
+METRICS_PATH = "/metrics"
+
+
+def only_metrics_path(app: Callable) -> Callable:
+    """The WSGI ``app`` at METRICS_PATH, and 404 Not Found everywhere else."""
+
+    def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"Not found: the metrics are at {METRICS_PATH}\n".encode()]
+        return app(environ, start_response)
+
+    return serve
+
+
 class MetricsServer:
     """``GET /metrics`` on ``host:port`` (port 0 picks a free one)."""
 
@@ -96,8 +119,8 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GcmdCollector(server))
         self.registry.register(ProcessCollector(registry=None))
-        self.http = WSGIServer((host, port), make_wsgi_app(self.registry), log=None,
-                               error_log=log)
+        self.http = WSGIServer((host, port), only_metrics_path(make_wsgi_app(self.registry)),
+                               log=None, error_log=log)
 
     @property
     def port(self) -> int:
@@ -106,7 +129,8 @@ class MetricsServer:
     def start(self) -> None:
         self.http.start()
         host = self.http.address[0]
-        log.info("metrics at http://%s:%d/metrics", f"[{host}]" if ":" in host else host, self.port)
+        log.info("metrics at http://%s:%d%s", f"[{host}]" if ":" in host else host, self.port,
+                 METRICS_PATH)
 
     def stop(self) -> None:
         self.http.stop(timeout=1)

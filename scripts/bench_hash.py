@@ -2,10 +2,11 @@
 """Benchmark what touches the disk and other processes: comphash and lastlog.
 
     python scripts/bench_hash.py             # full: a 1 GiB file, 3 runs
-    python scripts/bench_hash.py --quick     # small files, 1 run: a smoke test
+    python scripts/bench_hash.py --quick     # small files, 1 run: a smoke test, no targets
 
-Prints each figure beside its baseline measured in the same run, and exits 1
-when a target is missed:
+Prints each figure beside its baseline measured in the same run, and, for a
+full run, exits 1 when a target is missed (a --quick run checks none: its
+small files and short loads are too noisy to judge):
 
 1. comphash of a 1 GiB file in the page cache takes at most 1.1x the time of
    `openssl dgst -sha1` (median of 3, alternating), and the server's peak
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-mib", type=int, default=256, help="each of the 4 loop files (default: 256)")
     p.add_argument("--seconds", type=float, default=5, help="length of each load (default: 5)")
     p.add_argument("--pings", type=int, default=3000, help="pings per latency figure (default: 3000)")
-    p.add_argument("--quick", action="store_true", help="64 MiB, 16 MiB files, 1 run, short loads")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 64 MiB, 16 MiB files, 1 run, short loads, and no target checked")
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.size_mib, a.load_mib, a.seconds, a.pings = 1, 64, 16, 2, 500
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = []
 
     def row(figure: str, value: str, baseline: str, verdict: bool | None) -> None:
+        if a.quick:
+            verdict = None
         mark = "" if verdict is None else ("PASS" if verdict else "FAIL")
         print(f"{figure:<44}{value:>16}{baseline:>22}  {mark}")
         if verdict is False:
@@ -334,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             f"twisted {rates['twisted_growing']:.0f}/s", None)
     else:
         row("lastlog/s at 10 clients, static", f"{rates['gcmd']:.0f}/s", "no twisted installed", None)
+    if a.quick:
+        print("\nquick run: a smoke test, every figure measured; no target checked")
+        return 0
     if missed:
         print(f"\n{len(missed)} target(s) missed")
         return 1

@@ -5,6 +5,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,9 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
 
         wait_for(both_answered, timeout=15, interval=0)
         for backend in backends:
-            log = backend.log()
-            assert "Client connection from 127.0.0.2" in log
-            assert "Cmd received from 127.0.0.2 : stats" in log
+            # a command may be logged after its reply has reached the client
+            wait_for(lambda b=backend: "Cmd received from 127.0.0.2 : stats" in b.log())
+            assert "Client connection from 127.0.0.2" in backend.log()
         assert ask_from("127.0.0.3", front, "ping") == b"pong\n"
         # --max-per-ip counts the client behind HAProxy, not HAProxy itself
         held = [socket.create_connection(("127.0.0.1", front), timeout=10, source_address=("127.0.0.4", 0))
@@ -84,15 +85,89 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
         out.close()
 
 
+def unit_settings(text: str) -> list[tuple[str, str]]:
+    """The (key, value) settings of a unit, comments left out."""
+    return [tuple(line.split("=", 1)) for line in text.splitlines()
+            if "=" in line and not line.startswith(("#", ";"))]
+
+
+def unit_overrides(text: str) -> list[str]:
+    """The overrides the unit's comments show: each indented ``[Service]`` block."""
+    blocks = re.findall(r"^#     \[Service\]\n((?:#     \S.*\n)+)", text, re.MULTILINE)
+    return ["[Service]\n" + re.sub(r"^#     ", "", block, flags=re.MULTILINE) for block in blocks]
+
+
+def verify(tmp_path, text: str) -> subprocess.CompletedProcess:
+    gcmd = shutil.which("gcmd") or "/bin/true"
+    local = tmp_path / "gcmd.service"
+    local.write_text(text.replace("/opt/gcmd/bin/gcmd", gcmd))
+    return subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
 def test_systemd_unit_is_valid_and_confined(tmp_path):
     unit = (DEPLOY / "gcmd.service").read_text()
     for directive in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",
                       "ReadOnlyPaths=-/srv/gcmd"):
         assert directive in unit
-    gcmd = shutil.which("gcmd") or "/bin/true"
-    local = tmp_path / "gcmd.service"
-    local.write_text(unit.replace("/opt/gcmd/bin/gcmd", gcmd))
-    result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
-                            text=True, timeout=30, check=False)
-    assert result.returncode == 0, result.stderr
+    result = verify(tmp_path, unit)
+    # systemd-analyze exits 0 for an unknown key too, and says so
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
+def test_systemd_unit_overrides_in_its_comments_are_valid(tmp_path):
+    unit = (DEPLOY / "gcmd.service").read_text()
+    overrides = unit_overrides(unit)
+    assert len(overrides) == 2
+    for override in overrides:
+        result = verify(tmp_path, unit + "\n" + override)
+        assert (result.returncode, result.stderr) == (0, ""), override
+
+
+def test_systemd_unit_serves_no_system_log_unless_told():
+    unit = (DEPLOY / "gcmd.service").read_text()
+    settings = unit_settings(unit)
+    command = dict(settings)["ExecStart"].split()
+    logs = [command[i + 1] for i, word in enumerate(command) if word == "--logfile"]
+    # a log is named, so that gcmd does not fall back to the system's
+    assert logs == ["/var/log/app/app.log"]
+    assert ("ReadOnlyPaths", "-/srv/gcmd -/var/log/app/app.log") in settings
+    assert "SupplementaryGroups" not in dict(settings)
+    # the overrides that serve a system log add the group that reads it
+    served = {}
+    for override in unit_overrides(unit):
+        extra = dict(unit_settings(override))
+        served[extra["SupplementaryGroups"]] = extra["ExecStart"].split("--logfile ")[1].split()[0]
+    assert served == {"adm": "/var/log/syslog", "systemd-journal": "journal"}
+    # SECURITY.md says the same
+    security = " ".join((DEPLOY.parent / "SECURITY.md").read_text().split())
+    assert "It serves an application's log, `/var/log/app/app.log`, and no system log" in security
+    for group in served:
+        assert f"`SupplementaryGroups={group}`" in security
+
+
+def test_systemd_unit_documentation_is_what_its_install_leaves():
+    unit = (DEPLOY / "gcmd.service").read_text()
+    checkout = re.search(r"^#   git clone /path/to/gcmd (\S+)$", unit, re.MULTILINE).group(1)
+    documents = dict(unit_settings(unit))["Documentation"].split()
+    assert documents
+    for url in documents:
+        path = url.removeprefix("file://")
+        assert path.startswith(checkout + "/"), url
+        assert (DEPLOY.parent / path.removeprefix(checkout + "/")).is_file(), url
+
+
+@pytest.mark.timeout(60)
+def test_license_is_mit_and_packaged(tmp_path):
+    text = (DEPLOY.parent / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the gcmd authors\n")
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
+    assert re.search(r"^license = MIT$", (DEPLOY.parent / "setup.cfg").read_text(), re.MULTILINE)
+    # setuptools finds it: the metadata of every sdist and wheel names it
+    subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "egg_info",
+                    "--egg-base", str(tmp_path)], cwd=DEPLOY.parent, check=True, timeout=50,
+                   capture_output=True)
+    metadata = (tmp_path / "gcmd.egg-info" / "PKG-INFO").read_text()
+    assert "License-File: LICENSE" in metadata.splitlines()

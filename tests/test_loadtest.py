@@ -1,11 +1,16 @@
 """The load-test client and runner, against a real gcmd."""
 
+import importlib.machinery
+import importlib.util
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from support import write_file
 
 from loadtest.client import GcmdClient, GcmdError
 
@@ -54,17 +59,122 @@ def test_client_times_out(gcmd, tmp_path):
     assert isinstance(fire.events[0]["exception"], TimeoutError)
 
 
+def locust_aggregated(output: str) -> tuple[int, int]:
+    """(requests, failures) of the Aggregated row of locust's own final table."""
+    requests, failures = re.search(r"^\s+Aggregated\s+(\d+)\s+(\d+)\(", output, re.MULTILINE).groups()
+    return int(requests), int(failures)
+
+
+def summary_rows(stdout: str) -> dict[str, tuple[int, int]]:
+    """The script's summary: {command: (requests, failures)}."""
+    table = stdout.split("command ")[1]
+    return {name: (int(requests), int(failures)) for name, requests, failures
+            in re.findall(r"^(\w+)\s+(\d+)\s+(\d+)\s", table, re.MULTILINE)}
+
+
+def run_script(*args, cwd=None, timeout: float = 55) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "scripts" / "loadtest"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["local", "distributed"])
-def test_loadtest_script_runs_locust_and_passes(tmp_path, extra):
-    result = subprocess.run([sys.executable, str(HERE / "scripts" / "loadtest"), "--users", "5",
-                             "--time", "3s", "--results", str(tmp_path / "results"), *extra],
-                            capture_output=True, text=True, timeout=55, check=False)
+def test_loadtest_script_summary_is_locusts_final_figures(tmp_path, extra):
+    result = run_script("--users", 5, "--time", "0m3s", "--results", tmp_path / "results", *extra)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "none failed" in result.stdout
-    assert (tmp_path / "results" / "report.html").exists()
+    report = (tmp_path / "results" / "report.html").read_text()
     assert (tmp_path / "results" / "gcmd_stats.csv").read_text().count("\n") >= 3
+    # the figures of locust's table and HTML report, not those of its last
+    # once-a-second CSV write
+    rows = summary_rows(result.stdout)
+    assert rows["Aggregated"] == locust_aggregated(result.stderr)
+    failures, requests = re.search(r'"name": "Aggregated", "num_failures": (\d+), "num_requests": (\d+)',
+                                   report).groups()
+    assert rows["Aggregated"] == (int(requests), int(failures))
+    assert set(rows) == {"comphash", "lastlog", "ping", "stats", "Aggregated"}
+
+
+@pytest.mark.parametrize("text, seconds", [("10", 10), ("90s", 90), ("2m", 120), ("1h30m", 5400),
+                                           ("1h0m5s", 3605), ("0m3s", 3)])
+def test_loadtest_time_reads_locusts_syntax(text, seconds):
+    loader = importlib.machinery.SourceFileLoader("loadtest_script", str(HERE / "scripts" / "loadtest"))
+    script = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(script)
+    assert script.run_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time", "2x"], "argument --time: Invalid time span format"),
+    (["--time", "1.5m"], "argument --time: Invalid time span format"),
+    (["--time", "0"], "argument --time: the run must last at least 1 s"),
+    (["--step", "10"], "argument --step: USERS,SECONDS"),
+    (["--files", "."], "--files is for --host"),
+    (["--host", "127.0.0.1:1", "--files", "no-such-dir"], "no-such-dir is not a directory of files"),
+])
+def test_loadtest_script_refuses_bad_arguments(tmp_path, args, message):
+    result = run_script(*args, "--results", tmp_path / "results", cwd=tmp_path, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_loadtest_script_hashes_relative_files_of_a_running_gcmd(gcmd, tmp_path):
+    server = gcmd("--max-clients", 1000)
+    (server.root / "data").mkdir()
+    for i in range(3):
+        write_file(server.root / "data" / f"f{i}.bin", 100_000 * (i + 1))
+    # a path relative to where the script runs, not to where locust does
+    result = run_script("--host", f"127.0.0.1:{server.port}", "--files", "root/data", "--users", 3,
+                        "--time", 2, "--results", tmp_path / "results", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = summary_rows(result.stdout)
+    assert rows["comphash"][0] > 0 and rows["comphash"][1] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_loadtest_script_without_files_leaves_comphash_out(gcmd, tmp_path):
+    server = gcmd("--max-clients", 1000)
+    result = run_script("--host", f"127.0.0.1:{server.port}", "--users", 3, "--time", 2,
+                        "--results", tmp_path / "results", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == ("no --files: comphash is left out (give --files DIR, "
+                                             "served by the server at the same path, to include it)")
+    rows = summary_rows(result.stdout)
+    assert "comphash" not in rows and rows["ping"][0] > 0
+    assert "comphash" not in server.log()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_locustfile_shares_one_file_set_in_the_temp_dir_and_removes_it(gcmd, tmp_path):
+    temp, cwd = tmp_path / "temp", tmp_path / "cwd"
+    temp.mkdir()
+    cwd.mkdir()
+    server = gcmd("--max-clients", 1000, root=temp)
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(HERE)}
+    locust = subprocess.Popen([sys.executable, "-m", "locust", "-f", str(HERE / "loadtest" / "locustfile.py"),
+                               "--headless", "-u", "8", "-r", "100", "-t", "3s", "--only-summary",
+                               "--host", f"127.0.0.1:{server.port}"],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    try:
+        while locust.poll() is None:  # every set made while locust runs
+            seen |= {path.name for path in temp.glob("gcmd-load-*")}
+            time.sleep(0.02)
+        output = locust.stdout.read()
+    finally:
+        locust.kill()
+        locust.wait()
+    assert locust.returncode == 0, output[-3000:]
+    assert len(seen) == 1, seen  # one set for the 8 users
+    assert f"comphash hashes the files of {temp / seen.pop()} (no --gcmd-files)" in output
+    assert list(temp.glob("gcmd-load-*")) == [] and list(cwd.iterdir()) == []
+    assert re.search(r"^gcmd\s+comphash\s+[1-9]\d*\s+0\(", output, re.MULTILINE), output[-3000:]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import gevent.socket
@@ -10,20 +11,27 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, wait_for, write_file
 
+from gcmd import __version__ as gcmd_version
 from gcmd.metrics import MetricsServer
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def scrape(port: int, socket_module=gevent.socket) -> dict[tuple, float]:
-    """Every sample of /metrics as {(name, sorted labels): value}."""
+def get(port: int, path: str, socket_module=gevent.socket) -> tuple[bytes, bytes]:
+    """GET ``path`` over HTTP/1.0: (status line, body)."""
     with socket_module.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
         response = b""
         while chunk := sock.recv(65536):
             response += chunk
     head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), head
+    return head.split(b"\r\n")[0], body
+
+
+def scrape(port: int, socket_module=gevent.socket) -> dict[tuple, float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    status, body = get(port, "/metrics", socket_module)
+    assert status.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), status
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(body.decode())
             for sample in family.samples}
@@ -97,6 +105,19 @@ def test_command_outcomes_with_a_token(make_server, connect):
     assert samples["gcmd_commands_total", (("command", "auth"), ("outcome", "ok"))] == 1
 
 
+@pytest.mark.parametrize("path", ["/", "/metric", "/metrics/", "/metrics/x", "/favicon.ico", "/stats"])
+def test_other_paths_answer_404(make_server, path):
+    metrics = MetricsServer(make_server(), "127.0.0.1", 0)
+    metrics.start()
+    try:
+        status, body = get(metrics.port, path)
+        assert get(metrics.port, "/metrics?name[]=gcmd_clients")[0].endswith(b" 200 OK")
+    finally:
+        metrics.stop()
+    assert status.split(b" ", 1)[1] == b"404 Not Found"
+    assert body == b"Not found: the metrics are at /metrics\n"
+
+
 def test_real_server_serves_metrics_on_its_port(gcmd):
     port = free_port()
     server = gcmd("--metrics-port", port)
@@ -106,22 +127,54 @@ def test_real_server_serves_metrics_on_its_port(gcmd):
         text = response.read().decode()
     assert 'gcmd_commands_total{command="ping",outcome="ok"} 1.0' in text
     assert "# HELP gcmd_clients " in text
+    assert f'gcmd_build_info{{version="{gcmd_version}"}} 1.0' in text.splitlines()
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+    assert error.value.code == 404
 
 
-def test_each_worker_serves_metrics_on_its_own_port(gcmd):
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 are free."""
     port = free_port()
-    while True:  # two free ports in a row
+    while True:
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port + 1))
-                break
+                return port
             except OSError:
                 port = free_port()
+
+
+def test_each_worker_serves_its_own_figures_on_its_own_port(gcmd):
+    port = two_free_ports()
     server = gcmd("--workers", 2, "--metrics-port", port)
     for p in (port, port + 1):
         wait_for(lambda p=p: f"metrics at http://127.0.0.1:{p}/metrics" in server.log())
+    # one connection to each worker: the kernel spreads new connections
+    by_pid = {}
+
+    def both_workers_reached() -> bool:
+        client = server.client()
+        pid = stats_of(client)["pid"]
+        if pid in by_pid:
+            client.close()
+        by_pid.setdefault(pid, client)
+        return len(by_pid) == 2
+
+    wait_for(both_workers_reached, timeout=15, interval=0)
+    for pings, client in zip((3, 8), by_pid.values()):
+        for _ in range(pings):
+            assert client.ask("ping") == b"pong\n"
+    commands = sorted(stats_of(client)["commands"] for client in by_pid.values())
+    for client in by_pid.values():
+        client.close()
+    # each port serves one worker's figures, and every worker has a port
+    scraped = []
+    for p in (port, port + 1):
         samples = scrape(p, socket)
         assert samples["gcmd_max_clients", ()] == 100
+        scraped.append(sum(v for (name, _), v in samples.items() if name == "gcmd_commands_total"))
+    assert sorted(scraped) == commands
 
 
 def test_metrics_port_in_use_exits_1(tmp_path):
