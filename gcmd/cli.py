@@ -112,8 +112,9 @@ def _add_network_flags(p: Parser, d: Config) -> None:
               help=f"server processes sharing the port, {RANGES['workers']}, supervised by this one; "
                    "--max-clients applies to each (default: %(default)s)")
     p.setting(ops, "metrics-port", type=int, default=None, metavar="PORT",
-              help=f"serve Prometheus metrics at http://HOST:PORT/metrics, {RANGES['port']}; with "
-                   "--workers N, worker i serves PORT+i (default: off)")
+              help=f"serve Prometheus metrics at http://HOST:PORT/metrics (other paths: 404), "
+                   f"{RANGES['port']}; with --workers N, worker i (0 to N-1) serves its own "
+                   "figures at PORT+i: scrape every port (default: off)")
 
 
 def _add_served_flags(p: Parser, d: Config) -> None:
