@@ -84,15 +84,16 @@ def _left_out(count: int) -> bytes:
     return b"== %d older lines left out ==" % count
 
 
-def capped(newest_first: Iterable[bytes | None], left_out: int = 0, limit: int = MAX_REPLY) -> list[bytes]:
+def capped(newest_first: Iterable[bytes | None], older: int = 0, limit: int = MAX_REPLY) -> list[bytes]:
     """A lastlog block, oldest line first, from wire lines given newest first.
 
     At most ``limit`` bytes as sent, marker included: the oldest lines
-    that do not fit are left out and counted, with ``left_out`` lines already
-    left out before them, in a first line ``== K older lines left out ==``.
+    that do not fit are left out and counted, with ``older`` lines left out
+    before all of them, in a first line ``== K older lines left out ==``.
     """
     kept: list[bytes] = []
     size = 0
+    left_out = 0
     for line in newest_first:
         if line is None:
             continue
@@ -101,6 +102,7 @@ def capped(newest_first: Iterable[bytes | None], left_out: int = 0, limit: int =
         else:
             kept.append(line)
             size += len(line) + 1
+    left_out += older
     if left_out:
         while kept and size + len(_left_out(left_out)) + 1 > limit:
             size -= len(kept.pop()) + 1

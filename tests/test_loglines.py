@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gcmd.loglines import (
@@ -128,6 +128,8 @@ lines_strategy = st.lists(st.one_of(st.none(), st.binary(max_size=12)), max_size
 
 
 @given(lines=lines_strategy, count=st.integers(1, 25), keep=st.integers(1, 20), limit=st.integers(30, 120))
+@example(lines=[b"\0" * 8, b"\0" * 9, b"\0" * 10, b""], count=4, keep=4, limit=30)  # lines pushed out, then the marker's room
+@settings(max_examples=500)
 def test_recent_answers_as_the_whole_log_would(lines, count, keep, limit):
     recent = Recent(lines=keep, limit=limit)
     recent.extend(lines)
