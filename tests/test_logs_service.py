@@ -134,6 +134,8 @@ def test_lastlog_reads_the_file_the_path_names_after_rotation_and_copytruncate(t
       "café ok, ".encode() + rb"\xff\xfe not utf-8, \x9b c1", rb"nul\x00 del\x7f", b"no final newline"]),
     (b"short\n" + b"y" * 100_000 + b"\nlast\n", 3, [b"short", b"y" * 65536 + b" [+34464 bytes]", b"last"]),
     (b"x\n" * 100_000, 1000, [b"x"] * 1000),
+    # 2 MB of long lines: each read on its own, its first 64 KiB only
+    (b"first\n" + (b"z" * 100_000 + b"\n") * 20, 21, [b"first"] + [b"z" * 65536 + b" [+34464 bytes]"] * 20),
 ])
 def test_lastlog_is_tail_n_less_dropped_lines_escaped(tmp_path, open_log, content, count, lines):
     path = tmp_path / "odd.log"
