@@ -1,0 +1,377 @@
+"""The log service's input: the end of a file read in a thread, and reader processes.
+
+Used by :mod:`gcmd.logreader`, whose docstring tells the design. Functions
+that take a :class:`Job` run in pool threads and raise OSError; a
+:class:`Reader` runs in the hub and reports to its owner, a log.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import time
+from typing import Protocol
+
+import gevent
+import gevent.event
+from gevent import subprocess
+
+from gcmd.flight import outcome, unwrap
+from gcmd.loglines import (
+    DECIDING_BYTES,
+    MAX_LINE,
+    MAX_REPLY,
+    LineSplitter,
+    capped,
+    dropped,
+    wire_line,
+)
+from gcmd.protocol import CommandError
+
+log = logging.getLogger(__name__)
+
+#: bytes per read: of a file backwards, of a reader's output
+CHUNK = 65536
+#: lastlog takes its lines from the chunks it scanned while they hold at most this much
+SCANNED_KEPT = 1 << 20
+#: seconds before a reader that exited is started again: doubling from first to most
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+#: a reader that ran this many seconds is well again: its next restart waits BACKOFF_FIRST
+STABLE = 10.0
+#: journal: the backlog is over after this many quiet seconds, or this many without output
+JOURNAL_QUIET, JOURNAL_SETTLE = 0.2, 1.0
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Job:
+    """A read in a pool thread; the hub sets ``cancelled`` when nobody waits for it any more."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise TimeoutError("given up")
+
+
+# --- in threads -----------------------------------------------------------------
+
+def read_last_lines(path: str, count: int, job: Job) -> list[bytes] | None:
+    """The lastlog block of the last ``count`` lines of the file at ``path``; None if not regular.
+
+    Raises OSError when the path cannot be opened or read.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            block = _last_lines(fd, size, count, job)
+            st = os.fstat(fd)
+            # shorter now: truncated while it was read, what was read may mix contents
+            if st.st_size >= size:
+                return block
+    finally:
+        os.close(fd)
+
+
+def _fstat(fd: int) -> os.stat_result:
+    """fstat, refusing a directory: tail cannot follow one."""
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    return st
+
+
+def _last_spans(fd: int, size: int, count: int, job: Job) -> tuple[list[tuple[int, int]], bytes | None, int]:
+    """The (start, end) offsets of the last ``count`` lines of the first ``size`` bytes, newest first.
+
+    Also the bytes from the oldest line's start when they were all kept
+    while scanning (at most SCANNED_KEPT), and the offset they start at.
+    """
+    if size == 0 or count <= 0:
+        return [], b"", 0
+    end = size - 1 if os.pread(fd, 1, size - 1) == b"\n" else size
+    starts: list[int] = []
+    chunks: list[bytes] | None = []
+    pos = end
+    while pos > 0 and len(starts) < count:
+        job.check()
+        n = min(CHUNK, pos)
+        pos -= n
+        chunk = os.pread(fd, n, pos)
+        if chunks is not None:
+            chunks.append(chunk)
+            if len(chunks) * CHUNK > SCANNED_KEPT:
+                chunks = None
+        i = len(chunk)
+        while len(starts) < count and (i := chunk.rfind(b"\n", 0, i)) >= 0:
+            starts.append(pos + i + 1)
+    if len(starts) < count:
+        starts.append(0)
+    spans = []
+    for start in starts:
+        spans.append((start, end))
+        end = start - 1
+    if chunks is None:
+        return spans, None, 0
+    return spans, b"".join(reversed(chunks)), pos
+
+
+def _last_lines(fd: int, size: int, count: int, job: Job) -> list[bytes]:
+    spans, scanned, base = _last_spans(fd, size, count, job)
+    if scanned is not None:
+        return capped(wire_line(scanned[start - base:end - base]) for start, end in spans)
+    return capped(_read_lines(fd, spans, job))
+
+
+def _read_lines(fd: int, spans: list[tuple[int, int]], job: Job):
+    """The wire lines of ``spans``, newest first; past a full reply only whether each is dropped."""
+    room = MAX_REPLY
+    for start, end in spans:
+        job.check()
+        length = end - start
+        if room >= 0:
+            line = wire_line(os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE))
+            if line is not None:
+                room -= len(line) + 1
+            yield line
+        else:  # capped() leaves it out: any bytes stand for it
+            yield None if dropped(os.pread(fd, min(length, DECIDING_BYTES), start)) else b""
+
+
+def locate(path: str, job: Job) -> tuple[tuple[int, int], bool, int]:
+    """(device, inode), whether regular, and where a reader starting now starts reading."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode):
+            return identity, False, 0
+        size = st.st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return identity, True, size
+        # an unfinished last line is sent whole once it ends
+        return identity, True, _last_spans(fd, size, 1, job)[0][0][0]
+    finally:
+        os.close(fd)
+
+
+def identify(path: str, _job: Job) -> tuple[tuple[int, int], bool, int]:
+    """(device, inode), whether regular, and size of what ``path`` names."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino), stat.S_ISREG(st.st_mode), st.st_size
+
+
+# --- processes ------------------------------------------------------------------
+
+class Children:
+    """The reader processes of one log: each stopped and reaped here, all of them at close()."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._starting: set[gevent.Greenlet] = set()
+        self.closed = False
+
+    def start(self, argv: list[str]) -> subprocess.Popen:
+        """``argv`` in a process group of its own, stdout and stderr piped; raises OSError."""
+        if self.closed:
+            raise OSError("the log is closed")
+        # Popen waits (cooperatively) for the exec to succeed; cancelled there
+        # it would leave a running child behind. So it runs in a greenlet of
+        # its own, and a child that arrives after its caller left is stopped.
+        starter = gevent.spawn(outcome, self._popen, argv)
+        self._starting.add(starter)
+        starter.rawlink(self._starting.discard)
+        try:
+            return unwrap(starter.get())
+        except BaseException:
+            starter.link_value(self._stop_late)
+            raise
+
+    def _popen(self, argv: list[str]) -> subprocess.Popen:
+        # the readers' messages in English: tail's "file truncated" is recognised
+        env = {**os.environ, "LC_ALL": "C.UTF-8"}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0, close_fds=True,
+                                start_new_session=True, env=env)
+        self._procs.add(proc)
+        return proc
+
+    def _stop_late(self, starter: gevent.Greenlet) -> None:
+        ok, proc = starter.value
+        if ok:
+            gevent.spawn(self.stop, proc)
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """Kill the process group if it still runs, reap it, close its pipes."""
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            # the child watcher reaps it; this wait must not be cut short
+            with gevent.Timeout(5, False):
+                proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        self._procs.discard(proc)
+
+    def close(self) -> None:
+        self.closed = True
+        gevent.joinall(list(self._starting), timeout=5)
+        for proc in list(self._procs):
+            self.stop(proc)
+
+
+class ReaderOwner(Protocol):
+    """The log a :class:`Reader` reads for."""
+
+    source: str
+    children: Children
+    stats: object
+
+    def argv(self, reader: Reader) -> list[str]:
+        """The command that reads, for ``reader``'s next start."""
+
+    def restartable(self, reader: Reader) -> bool:
+        """Whether ``reader`` may start again now (it exited); may adjust it."""
+
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool) -> None:
+        """New lines from ``reader``: remembered when needed, sent unless ``backlog``."""
+
+
+class Reader:
+    """One reader process over one source, read in chunks and started again when it exits.
+
+    ``backlog``: the process first prints old lines (journalctl's last
+    1000); they are only remembered, and :attr:`ready` is set when its output
+    pauses. Otherwise :attr:`ready` is set at its first output.
+    """
+
+    def __init__(self, owner: ReaderOwner, identity: tuple[int, int] | None = None,
+                 regular: bool = False, offset: int = 0, backlog: bool = False) -> None:
+        self.owner = owner
+        #: (device, inode) of the file it reads; None for the journal
+        self.identity = identity
+        self.regular = regular
+        #: the next byte of the file to read: where a restart goes on from
+        self.position = offset
+        self.backlog = backlog
+        self.splitter = LineSplitter()
+        self.ready = gevent.event.Event()
+        #: set with ready, or when the process exits before it
+        self.settled = gevent.event.Event()
+        #: the last message of the process on stderr
+        self.last_error = ""
+        self.retiring = False
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Start the process; a failure raises CommandError here, in the caller."""
+        try:
+            proc = self.owner.children.start(self.owner.argv(self))
+        except OSError as exc:
+            raise CommandError(f"cannot start the reader of the log '{self.owner.source}': "
+                               f"{exc.strerror or exc}") from None
+        self._greenlet = gevent.spawn(self._run, proc)
+
+    def stop(self) -> None:
+        """Stop and reap the process (its greenlet's cleanup does)."""
+        self.retiring = True
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+    def _run(self, proc: subprocess.Popen) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            started = time.monotonic()
+            status = self._pump(proc)
+            if self.retiring:
+                return
+            if time.monotonic() - started >= STABLE:
+                delay = BACKOFF_FIRST
+            log.warning("the reader of the log '%s' exited with status %s%s; starting it again in %g s",
+                        self.owner.source, status, self.last_error and f" ({self.last_error})", delay)
+            self.last_error = self.last_error or f"its reader exited with status {status}"
+            self.settled.set()
+            proc = None
+            while proc is None:
+                gevent.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MOST)
+                if self.retiring:
+                    return
+                proc = self._restart()
+
+    def _restart(self) -> subprocess.Popen | None:
+        try:
+            if not self.owner.restartable(self):
+                return None
+            proc = self.owner.children.start(self.owner.argv(self))
+        except (OSError, CommandError) as exc:
+            log.warning("cannot start the reader of the log '%s' again: %s", self.owner.source, exc)
+            return None
+        self.owner.stats.reader_restarts += 1
+        self.last_error = ""
+        return proc
+
+    def _pump(self, proc: subprocess.Popen) -> int | None:
+        """Read the process's output until it ends; its exit status."""
+        errors = gevent.spawn(self._read_errors, proc.stderr)
+        try:
+            output = False
+            while True:
+                chunk = self._read(proc.stdout, output)
+                if chunk is None:  # a pause: the backlog is over
+                    self._set_ready()
+                    continue
+                if not chunk:
+                    errors.join(1)  # its last words, for the warning
+                    return proc.wait()
+                output = True
+                self.position += len(chunk)
+                backlog = self.backlog and not self.ready.is_set()
+                if not self.backlog:
+                    self._set_ready()
+                self.owner.publish(self, self.splitter.feed(chunk), backlog)
+        finally:
+            errors.kill()
+            self.owner.children.stop(proc)
+
+    def _set_ready(self) -> None:
+        self.ready.set()
+        self.settled.set()
+
+    def _read(self, pipe, output: bool) -> bytes | None:
+        if not self.backlog or self.ready.is_set():
+            return pipe.read(CHUNK)
+        with gevent.Timeout(JOURNAL_QUIET if output else JOURNAL_SETTLE, False):
+            return pipe.read(CHUNK)
+        return None
+
+    def _read_errors(self, pipe) -> None:
+        splitter = LineSplitter()
+        while chunk := pipe.read(4096):
+            for line in splitter.feed(chunk):
+                if line:
+                    self._error(line.decode("utf-8", "replace")[:512])
+
+    def _error(self, text: str) -> None:
+        if text.endswith(": file truncated"):
+            # tail reads the file again from its start; the bytes it sent since
+            # may be counted before this line is seen, so a restart may repeat them
+            log.info("the log '%s' was truncated; reading it from its start", self.owner.source)
+            self.position = 0
+            return
+        self.last_error = text
+        log.warning("the reader of the log '%s' says: %s", self.owner.source, text)
+
+

@@ -1,0 +1,367 @@
+"""The logs gcmd serves: a file, the systemd journal, and its own log.
+
+lastlog of a regular file reads the file itself at each request, in the
+thread pool it is given: open, ``fstat``, then the end is read backwards in
+64 KiB chunks until the newlines of the last N lines are found. When those
+lines hold little (1 MiB) they come from the chunks already read; otherwise
+each line is read on its own, a line longer than 64 KiB costing only its
+first 64 KiB plus the scan for its start, and once the 8 MiB reply is full the
+older lines only cost the bytes that say whether they are dropped. Memory
+stays bounded whatever the file's size, nothing is remembered between
+requests (a file rewritten in place is read again, whatever its timestamps),
+and no process is started per request. A path that is not a regular file (a
+FIFO) is never read in a thread: it is answered from what its reader read.
+
+follow: every log has at most one long-lived reader process, shared by its
+followers and started for the first one. For a file it is ``tail -c +OFFSET
+-f -- PATH`` from the start of the file's last unfinished line, so a line that
+began before the request and ends after it is sent whole; a named file (not
+a descriptor on stdin, which tail polls once a second) lets tail wait with
+inotify, so lines arrive within milliseconds. The output is read in 64 KiB
+chunks and cut on ``\\n``; each batch of complete lines goes, in one pass in a
+greenlet, to every subscriber. A reader that exits is started again with
+back-off, from the byte where it stopped.
+
+Rotation (logrotate ``create``): the path is looked up every half second
+while a reader runs; when it names another file, a reader starts on that one
+from its first byte and the old reader goes on for one more second, for the
+lines written to the old file just before the switch. Truncation
+(``copytruncate``) is left to tail: it sees it as it happens, through
+inotify, in the process that reads, and reads the file again from its start
+("file truncated" on its stderr); a restart by gcmd on top of that would send
+the new lines twice. A restart after the reader died checks the size itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+import gevent.lock
+from gevent.threadpool import ThreadPool
+
+from gcmd.flight import outcome, unwrap
+from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
+from gcmd.loglines import RECENT_LINES, Batch, LineSplitter, Recent, wire_line
+from gcmd.protocol import CommandError
+
+log = logging.getLogger(__name__)
+
+#: seconds between two checks of which file a followed path names
+ROTATION_CHECK = 0.5
+#: seconds the reader of a rotated file goes on after the switch, for its last lines
+DRAIN = 1.0
+
+Subscriber = Callable[[list[bytes]], object]
+
+
+@dataclass
+class LogStats:
+    """The figures of one log, for ``stats``."""
+
+    #: subscribers now
+    followers: int = 0
+    #: lines the log's readers read (dropped ones included)
+    lines_read: int = 0
+    #: lines the followers' buffers dropped; their owner adds them
+    lines_dropped: int = 0
+    #: reader processes started again after one exited
+    reader_restarts: int = 0
+
+
+class Broadcast:
+    """What every log has: its subscribers, its recent lines, its figures.
+
+    A subscriber is called in a greenlet of the hub with each batch of new
+    wire lines (a :class:`~gcmd.loglines.Batch`, a list every subscriber
+    shares: never changed); it must be cheap (it queues them).
+    One that raises is logged and keeps its place.
+    """
+
+    #: what ``logs`` shows as the log's SOURCE
+    source: str
+
+    def __init__(self) -> None:
+        self.stats = LogStats()
+        #: the last lines read, for logs answered from memory
+        self.recent = Recent()
+        self._subscribers: dict[Subscriber, None] = {}
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Send ``callback`` every line that ends from now on."""
+        self._subscribers[callback] = None
+        self.stats.followers = len(self._subscribers)
+
+    def unsubscribe(self, callback: Subscriber) -> None:
+        self._subscribers.pop(callback, None)
+        self.stats.followers = len(self._subscribers)
+
+    def _deliver(self, wire: list[bytes | None]) -> None:
+        if not self._subscribers:
+            return
+        lines = Batch([line for line in wire if line is not None])
+        if not lines:
+            return
+        for callback in tuple(self._subscribers):
+            try:
+                callback(lines)
+            except Exception:
+                log.exception("a follower of the log '%s' failed", self.source)
+
+
+class _ProcessLog(Broadcast):
+    """A log read by reader processes: what FileLog and JournalLog share."""
+
+    def __init__(self, source: str, command_timeout: float) -> None:
+        super().__init__()
+        self.source = source
+        self.command_timeout = command_timeout
+        self.children = Children()
+        self._reader: Reader | None = None
+        # one reader start at a time: two first followers start one reader
+        self._starting = gevent.lock.Semaphore()
+
+    def argv(self, reader: Reader) -> list[str]:
+        """The command that reads, for ``reader``'s next start."""
+        raise NotImplementedError
+
+    def restartable(self, reader: Reader) -> bool:
+        """Whether ``reader`` may start again now (it exited); may adjust it."""
+        raise NotImplementedError
+
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool) -> None:
+        """New lines from ``reader``: remembered when needed, sent unless backlog."""
+        self.stats.lines_read += len(wire)
+        if not reader.regular:
+            self.recent.extend(wire)
+        if not backlog:
+            self._deliver(wire)
+
+    def _from_memory(self, count: int) -> list[bytes]:
+        """lastlog from what the reader read, once it read something."""
+        reader = self._reader
+        if not reader.settled.wait(self.command_timeout):
+            raise CommandError(f"lastlog timed out after {self.command_timeout:g} s")
+        if not reader.ready.is_set():
+            raise CommandError(f"cannot read the log '{self.source}': {reader.last_error}")
+        return self.recent.last(count)
+
+
+class FileLog(_ProcessLog):
+    """A log file: lastlog reads the file, followers share one ``tail -f``."""
+
+    def __init__(self, path: str, pool: ThreadPool, command_timeout: float) -> None:
+        super().__init__(path, command_timeout)
+        self.pool = pool
+        #: readers of rotated files, finishing: reader -> the greenlet that stops it
+        self._retiring: dict[Reader, gevent.Greenlet] = {}
+        self._checker: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Warn at start-up when the file cannot be read (lastlog says why, later)."""
+        try:
+            self._call(locate, "the log file check")
+        except CommandError as exc:
+            log.warning("%s", exc)
+
+    def lastlog(self, count: int) -> list[bytes]:
+        """The lastlog block of the last ``count`` lines; CommandError when it cannot be read."""
+        lines = self._call(read_last_lines, "lastlog", count)
+        if lines is not None:
+            return lines
+        self._follow_path()  # not a regular file: what its reader read
+        return self._from_memory(count)
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Follow the file; CommandError when it cannot be read or followed now."""
+        self._follow_path()
+        super().subscribe(callback)
+
+    def close(self) -> None:
+        """Stop every reader process and reap it."""
+        if self._checker is not None:
+            self._checker.kill()
+        for reader, stopper in list(self._retiring.items()):
+            stopper.kill()
+            reader.stop()
+        if self._reader is not None:
+            self._reader.stop()
+        self.children.close()
+
+    def argv(self, reader: Reader) -> list[str]:
+        offset = reader.position if reader.regular else 0
+        return ["tail", "-c", f"+{offset + 1}", "-f", "--", self.source]
+
+    def restartable(self, reader: Reader) -> bool:
+        identity, regular, size = self._call(identify, "the reader restart")
+        if identity != reader.identity:
+            return False  # another file now: the rotation check switches to it
+        if regular and size < reader.position:
+            reader.position = 0  # truncated while no reader ran
+        return True
+
+    def _follow_path(self) -> None:
+        """Have a reader on the file the path names now."""
+        with self._starting:
+            identity, regular, offset = self._call(locate, "follow")
+            if self._reader is None:
+                self._switch(Reader(self, identity, regular, offset))
+                self._checker = gevent.spawn(self._check_rotation)
+            elif self._reader.identity != identity:
+                self._switch(Reader(self, identity, regular))
+
+    def _check_rotation(self) -> None:
+        while True:
+            gevent.sleep(ROTATION_CHECK)
+            try:
+                with self._starting:
+                    identity, regular, _size = self._call(identify, "the rotation check")
+                    if identity != self._reader.identity:
+                        log.info("the log '%s' names another file: following it from its start", self.source)
+                        self._switch(Reader(self, identity, regular))
+            except CommandError as exc:
+                log.debug("%s", exc)
+
+    def _switch(self, reader: Reader) -> None:
+        """Make ``reader`` the current reader; the old one finishes within DRAIN seconds."""
+        reader.start()
+        old, self._reader = self._reader, reader
+        if old is not None:
+            self._retiring[old] = gevent.spawn_later(DRAIN, self._retire, old)
+
+    def _retire(self, reader: Reader) -> None:
+        reader.stop()
+        del self._retiring[reader]
+
+    def _call(self, fn: Callable, what: str, *args):
+        """``fn(path, *args, job)`` in the pool, waited for at most the command timeout."""
+        job = Job()
+        result = None
+        try:
+            with gevent.Timeout(self.command_timeout, False):
+                result = self.pool.spawn(outcome, fn, self.source, *args, job)
+                result.wait()
+        finally:
+            if result is None or not result.ready():
+                job.cancelled = True
+        if result is None or not result.ready():
+            raise CommandError(f"{what} timed out after {self.command_timeout:g} s")
+        try:
+            return unwrap(result.get())
+        except OSError as exc:
+            raise CommandError(f"cannot read the log file '{self.source}': {exc.strerror or exc} "
+                               "(start gcmd with --logfile PATH to serve another log)") from None
+
+
+class JournalLog(_ProcessLog):
+    """The systemd journal (``journal``) or the journal files in a directory (``journal:DIR``).
+
+    One ``journalctl --follow`` runs from start() to close(); lastlog is
+    answered from the last 1000 lines it printed.
+    """
+
+    def __init__(self, source: str, command_timeout: float) -> None:
+        super().__init__(source, command_timeout)
+        self.directory = source.partition(":")[2] or None
+
+    def start(self) -> None:
+        try:
+            self._ensure_reader()
+        except CommandError as exc:
+            log.warning("%s", exc)
+
+    def lastlog(self, count: int) -> list[bytes]:
+        """The lastlog block of the last ``count`` entries; CommandError when unreadable or slow."""
+        self._ensure_reader()
+        return self._from_memory(count)
+
+    def subscribe(self, callback: Subscriber) -> None:
+        self._ensure_reader()
+        super().subscribe(callback)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+        self.children.close()
+
+    def argv(self, reader: Reader) -> list[str]:
+        # --merge: with --follow alone, journalctl (252) shows the current boot
+        # only, and fails on journal files from other machines
+        argv = ["journalctl", "--follow", "--lines", str(RECENT_LINES), "--output", "short",
+                "--no-pager", "--quiet", "--merge"]
+        return argv + ["--directory", self.directory] if self.directory else argv
+
+    def restartable(self, reader: Reader) -> bool:
+        # it prints its backlog again: remembered anew, never sent
+        reader.ready.clear()
+        reader.settled.clear()
+        reader.splitter = LineSplitter()
+        self.recent.clear()
+        return True
+
+    def _ensure_reader(self) -> None:
+        with self._starting:
+            if self._reader is None:
+                reader = Reader(self, backlog=True)
+                reader.start()
+                self._reader = reader
+
+
+class MemoryLog(Broadcast, logging.Handler):
+    """The ``gcmd`` log: the server's own log lines, the last 1000 kept in memory.
+
+    A logging handler: whoever installs it sets its formatter and level.
+    Records may come from any thread; subscribers are called in the hub's.
+    """
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        logging.Handler.__init__(self, level)
+        Broadcast.__init__(self)
+        self.source = "memory"
+        #: wire lines logged and not yet sent to the subscribers (under self.lock)
+        self._pending: list[bytes | None] = []
+        self._scheduled = False
+        self._loop = None
+        self._hub_thread: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - logging's convention: report and go on
+            self.handleError(record)
+            return
+        wire = [wire_line(line.encode("utf-8", "backslashreplace")) for line in text.split("\n")]
+        self.recent.extend(wire)
+        self.stats.lines_read += len(wire)
+        if not self._subscribers or self._loop is None:
+            return
+        self._pending += wire
+        if not self._scheduled:
+            self._scheduled = True
+            # never call the subscribers from here: this may be a pool thread,
+            # or a subscriber itself that logs
+            if threading.get_ident() == self._hub_thread:
+                self._loop.run_callback(self._spawn_delivery)
+            else:
+                self._loop.run_callback_threadsafe(self._spawn_delivery)
+
+    def lastlog(self, count: int) -> list[bytes]:
+        with self.lock:
+            return self.recent.last(count)
+
+    def subscribe(self, callback: Subscriber) -> None:
+        if self._loop is None:
+            self._loop = gevent.get_hub().loop
+            self._hub_thread = threading.get_ident()
+        super().subscribe(callback)
+
+    def _spawn_delivery(self) -> None:
+        gevent.spawn(self._deliver_pending)
+
+    def _deliver_pending(self) -> None:
+        with self.lock:
+            wire, self._pending, self._scheduled = self._pending, [], False
+        self._deliver(wire)
