@@ -121,7 +121,12 @@ def _add_served_flags(p: Parser, d: Config) -> None:
     srv = p.add_argument_group("what is served")
     p.setting(srv, "root", default=None,
               help="directory comphash and hash may read (default: the current directory)")
-    p.setting(srv, "logfile", default=d.logfile, help="log file lastlog shows (default: %(default)s)")
+    p.setting(srv, "logfile", action=ReplaceDefault, default=(), metavar="[NAME=]SOURCE",
+              help="a log that lastlog and follow serve: a file, 'journal' (the systemd journal) "
+                   "or 'journal:DIR' (journal files in DIR), named NAME or after the file "
+                   "(/var/log/auth.log is 'auth'); repeatable, the first is the default log "
+                   "(default: /var/log/syslog, /var/log/messages or the journal, the first that "
+                   "can serve, else gcmd's own log, 'gcmd', which is always served)")
     sec = p.add_argument_group("security")
     p.setting(sec, "token-file", metavar="FILE",
               help="require 'auth TOKEN' with the token in this file; SIGHUP reads it again "
@@ -209,7 +214,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
             raise SettingError(name, f"cannot read {flag(name)} {path}: {why}")
     token = None if args.token_file is None else read_token(args.token_file)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
-    config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token})
+    config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
+                       "logfiles": tuple(args.logfile)})
     if config.tls:
         try:
             lifecycle.tls_context(config)

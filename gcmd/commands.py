@@ -6,23 +6,43 @@ Commands return their reply as bytes and never touch the socket; a
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
+import re
 from collections.abc import Callable
 from time import monotonic
 
 from gcmd import protocol
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
-from gcmd.logtail import LogTail
-from gcmd.protocol import Close, CommandError, block, error_line, split_request
+from gcmd.logs import Logs
+from gcmd.protocol import Close, CommandError, Follow, block, error_line, split_request
 from gcmd.stats import ServerStats
 
 log = logging.getLogger(__name__)
 
 #: most lines ``lastlog N`` returns
 MAX_LASTLOG_LINES = 1000
+
+#: a lastlog argument that is a number of lines (PROTOCOL.md: digits, optionally signed)
+_NUMBER = re.compile(rb"[+-]?[0-9]+").fullmatch
+_SPACES = re.compile(rb"[ \t]+")
+
+
+def _words(arg: bytes) -> list[bytes]:
+    """The words of an argument, split on spaces and tabs only."""
+    return _SPACES.split(arg) if arg else []
+
+
+def _count(word: bytes) -> int:
+    """The number of lines a lastlog argument asks for; 0 when out of any range."""
+    if word.startswith(b"-"):
+        return 0
+    digits = word.lstrip(b"+").lstrip(b"0")
+    # int() of thousands of digits is slow, and refused beyond 4300
+    return int(digits or b"0") if len(digits) <= 4 else 0
 
 
 def command(*, slow: bool = False, public: bool = False, secret: bool = False) -> Callable:
@@ -42,11 +62,11 @@ def command(*, slow: bool = False, public: bool = False, secret: bool = False) -
 
 
 class Commands:
-    def __init__(self, config: Config, hashing: HashService, tail: LogTail,
+    def __init__(self, config: Config, hashing: HashService, logs: Logs,
                  stats: ServerStats) -> None:
         self.config = config
         self.hashing = hashing
-        self.tail = tail
+        self.logs = logs
         self.stats = stats
         self.table: dict[bytes, Callable] = {
             name[3:].encode(): getattr(self, name) for name in dir(self) if name.startswith("do_")}
@@ -107,13 +127,31 @@ class Commands:
 
     @command(slow=True)
     def do_lastlog(self, session, arg: bytes) -> bytes:
-        """lastlog [LINES] - show the last LINES lines of the server's log (default 10, at most 1000)"""
-        digits = arg.lstrip(b"0")
-        # int() of thousands of digits is slow, and refused beyond 4300
-        count = int(digits or b"0") if arg.isdigit() and len(digits) <= 4 else 10 if not arg else 0
-        if not 1 <= count <= MAX_LASTLOG_LINES:
+        """lastlog [LINES] [LOG] - the last LINES lines of a log (default 10, at most 1000; LOG: see logs)"""
+        words = _words(arg)
+        count = 10
+        if words and _NUMBER(words[0]):
+            count = _count(words.pop(0))
+        if len(words) > 1 or not 1 <= count <= MAX_LASTLOG_LINES:
             return protocol.LASTLOG_USAGE
-        return block(b"lastlog", self.tail.lines(count))
+        log = self.logs.get(words[0] if words else None)
+        return block(b"lastlog", log.lastlog(count))
+
+    @command(slow=True)
+    def do_follow(self, session, arg: bytes) -> bytes:
+        """follow [LOG] - the new lines of a log as they are written, until you send a line"""
+        words = _words(arg)
+        if len(words) > 1:
+            return protocol.FOLLOW_USAGE
+        log = self.logs.get(words[0] if words else None)
+        session.start_following(log)
+        return Follow(protocol.BEGIN_FOLLOW)
+
+    @command()
+    def do_logs(self, session, arg: bytes) -> bytes:
+        """logs - the logs lastlog and follow serve, the default first: NAME SOURCE"""
+        return block(b"logs", [f"{name} {source}".encode("utf-8", "surrogateescape")
+                               for name, source in self.logs.listing()])
 
     @command(slow=True)
     def do_comphash(self, session, arg: bytes) -> bytes:
@@ -153,7 +191,7 @@ class Commands:
     @command()
     def do_stats(self, session, arg: bytes) -> bytes:
         """stats - figures about this server, one 'key value' per line"""
-        stats, hashing, tail = self.stats, self.hashing.stats, self.tail.stats
+        stats, hashing = self.stats, self.hashing.stats
         figures = {
             "uptime_s": stats.uptime_s,
             "pid": os.getpid(),
@@ -173,11 +211,10 @@ class Commands:
             "hash_cache_hits": hashing.cache_hits,
             "hash_shared": hashing.shared,
             "hash_busy": hashing.busy,
-            "tail_runs": tail.runs,
-            "tail_reused": tail.reused,
-            "tail_shared": tail.shared,
-            "tail_timeouts": tail.timeouts,
         }
+        for name, figures_of_log in self.logs.stats().items():
+            for key, value in dataclasses.asdict(figures_of_log).items():
+                figures[f"log.{name}.{key}"] = value
         return block(b"stats", [f"{key} {value}".encode() for key, value in figures.items()])
 
     @command(public=True)

@@ -17,8 +17,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-#: the tutorial server read this log; most Debian-like machines still have it
-DEFAULT_LOGFILE = "/var/log/syslog"
+from gcmd.logs import log_sources
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -106,8 +105,10 @@ class Config:
     port: int = _ranged(0, 65535, "port", default=9999)
     #: directory that comphash and hash may read from
     root: str = field(default_factory=os.getcwd)
-    #: the file lastlog shows the tail of
-    logfile: str = DEFAULT_LOGFILE
+    #: the logs lastlog and follow serve, as --logfile gives them ([NAME=]SOURCE: a
+    #: file, journal or journal:DIR), the first the default; empty: the first of
+    #: /var/log/syslog, /var/log/messages, the journal that can serve, else gcmd's own
+    logfiles: tuple[str, ...] = ()
     #: clients served at once; the next one is refused
     max_clients: int = _ranged(1, 1_000_000, default=100)
     #: clients served at once from one address; 0 means unlimited
@@ -151,6 +152,10 @@ class Config:
             if "range" in f.metadata:
                 f.metadata["range"].check(f.name, getattr(self, f.name))
         check_host(self.host)
+        try:
+            log_sources(list(self.logfiles))
+        except ValueError as exc:
+            raise SettingError("logfiles", str(exc)) from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingError("tls_cert", "--tls-cert and --tls-key go together")
         if self.metrics_port is not None:

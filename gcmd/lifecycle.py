@@ -26,7 +26,7 @@ import gevent.socket
 import gevent.ssl
 
 from gcmd import __version__
-from gcmd.config import DEFAULT_LOGFILE, Config, RunOptions, SettingError, read_token
+from gcmd.config import Config, RunOptions, SettingError, read_token
 from gcmd.logsetup import open_output, reopen_output, setup_logging
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
         announce(config, server.port)
     else:
         log.info("serving port %d, pid %d", server.port, os.getpid())
+    announce_logs(config, server.logs.listing())
     if metrics is not None:
         try:
             metrics.start()
@@ -151,15 +152,25 @@ def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
 
 
 def announce(config: Config, port: int, workers: str = "") -> None:
+    """The start-up lines: where gcmd listens and what it serves."""
     log.info("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
              " (TLS)" if config.tls else "", workers)
-    log.info("root %s, log file %s, max %d clients%s%s", config.root, config.logfile,
-             config.max_clients, " per worker" if workers else "",
-             ", token required" if config.token else "")
-    if not os.path.exists(config.logfile):
-        log.warning("log file %s does not exist: lastlog answers an error until it does; "
-                    "start gcmd with --logfile PATH to serve another log%s", config.logfile,
-                    " (this machine has no syslog file)" if config.logfile == DEFAULT_LOGFILE else "")
+    log.info("root %s, max %d clients%s%s", config.root, config.max_clients,
+             " per worker" if workers else "", ", token required" if config.token else "")
+
+
+def announce_logs(config: Config, logs: list[tuple[str, str]]) -> None:
+    """Which logs are served (``logs``: name, source; the default first), and how to choose."""
+    (name, source), *others = logs
+    log.info("default log: %s (%s)%s; %s", name, source,
+             f", also: {', '.join(other for other, _ in others)}" if others else "",
+             "--logfile [NAME=]SOURCE chooses the logs" if not config.logfiles
+             else "the first --logfile is the default")
+    for name, source in logs:
+        if source != "memory" and source != "journal" and not source.startswith("journal:") \
+                and not os.path.exists(source):
+            log.warning("log file %s does not exist: lastlog %s answers an error until it does; "
+                        "start gcmd with --logfile PATH to serve another log", source, name)
 
 
 def describe(config: Config, options: RunOptions) -> str:

@@ -39,7 +39,7 @@ class GcmdCollector:
 
     def collect(self) -> Iterator:
         server = self.server
-        stats, hashing, tail = server.stats, server.hashing.stats, server.tail.stats
+        stats, hashing = server.stats, server.hashing.stats
         build = GaugeMetricFamily("gcmd_build_info", "The version of gcmd serving; always 1",
                                   labels=["version"])
         build.add_metric([__version__], 1)
@@ -87,13 +87,24 @@ class GcmdCollector:
                                   value=hashing.busy)
         yield GaugeMetricFamily("gcmd_hash_pending", "Hash requests waiting for a thread",
                                 value=server.hashing.pending)
-        yield CounterMetricFamily("gcmd_tail_runs", "tail processes started", value=tail.runs)
-        yield CounterMetricFamily("gcmd_tail_reused", "lastlog replies reused while the log was unchanged",
-                                  value=tail.reused)
-        yield CounterMetricFamily("gcmd_tail_shared", "lastlog replies shared with a concurrent request",
-                                  value=tail.shared)
-        yield CounterMetricFamily("gcmd_tail_timeouts", "tail processes killed at --command-timeout",
-                                  value=tail.timeouts)
+        yield from _log_families(server.logs.stats())
+
+
+def _log_families(logs: dict) -> Iterator:
+    """Per-log figures, labelled by the log's name (see gcmd.logreader.LogStats)."""
+    families = (
+        (GaugeMetricFamily, "gcmd_log_followers", "Clients following the log now", "followers"),
+        (CounterMetricFamily, "gcmd_log_lines_read", "Lines read from the log", "lines_read"),
+        (CounterMetricFamily, "gcmd_log_lines_dropped",
+         "Lines dropped for followers that did not read them in time", "lines_dropped"),
+        (CounterMetricFamily, "gcmd_log_reader_restarts",
+         "Times the log's reader process was started again", "reader_restarts"),
+    )
+    for kind, name, what, figure in families:
+        family = kind(name, what, labels=["log"])
+        for log_name, figures in logs.items():
+            family.add_metric([log_name], getattr(figures, figure))
+        yield family
 
 
 #: the only path served; a scrape of another is a mistake to see at once

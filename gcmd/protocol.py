@@ -11,7 +11,10 @@ import re
 PONG = b"pong\n"
 NOT_FOUND = b"Command not found.\n"
 NEED_PATH = b"Please provide a path.\n"
-LASTLOG_USAGE = b"Usage: lastlog [LINES]\n"
+LASTLOG_USAGE = b"Usage: lastlog [LINES] [LOG]\n"
+FOLLOW_USAGE = b"Usage: follow [LOG]\n"
+BEGIN_FOLLOW = b"Begin follow\n"
+END_FOLLOW = b"End follow\n"
 HASH_USAGE = b"Usage: hash ALGO PATH\n"
 TOO_MANY = b"Too many connections. bye !\n"
 TOO_MANY_FROM_ADDRESS = b"Too many connections from your address. bye !\n"
@@ -38,6 +41,10 @@ class Close(bytes):
         reply = super().__new__(cls, line)
         reply.reason = reason
         return reply
+
+
+class Follow(bytes):
+    """``Begin follow``: a reply after which the session follows a log (Session._following)."""
 
 
 class CommandError(Exception):

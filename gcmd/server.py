@@ -55,7 +55,9 @@ from gcmd.connection import (
     Shutdown,
 )
 from gcmd.hashing import HashService
-from gcmd.logtail import LogTail
+from gcmd.logreader import MemoryLog
+from gcmd.logs import Logs, default_source, log_sources
+from gcmd.logsetup import TextFormatter
 from gcmd.proxy import canonical
 from gcmd.session import Session
 from gcmd.stats import ServerStats
@@ -97,8 +99,12 @@ class GcmdServer(StreamServer):
         self.metadata_pool = ThreadPool(METADATA_WORKERS)
         self.hashing = HashService(config.root, config.hash_workers, config.max_pending,
                                    config.hash_cache, self.metadata_pool)
-        self.tail = LogTail(config.logfile, config.command_timeout, self.metadata_pool)
-        self.commands = Commands(config, self.hashing, self.tail, self.stats)
+        #: the server's own log, the lines it writes at its level in the text format
+        self.memory_log = MemoryLog()
+        self.memory_log.setFormatter(TextFormatter())
+        self.logs = Logs(_served_logs(config), self.memory_log, self.metadata_pool,
+                         config.command_timeout)
+        self.commands = Commands(config, self.hashing, self.logs, self.stats)
         self.hub = gevent.get_hub()
         #: --allow, with IPv4-mapped IPv6 networks as the IPv4 networks they mean
         self.allow = tuple(_unmapped(network) for network in config.allow)
@@ -291,6 +297,8 @@ class GcmdServer(StreamServer):
 
     def start(self) -> None:
         super().start()
+        logging.getLogger("gcmd").addHandler(self.memory_log)
+        self.logs.start()
         self._sweeper = self.loop.timer(SWEEP_EVERY, SWEEP_EVERY)
         self._sweeper.start(self._sweep)
 
@@ -312,8 +320,20 @@ class GcmdServer(StreamServer):
             self._sweeper.stop()
             self._sweeper.close()
         self.hashing.close()
-        self.metadata_pool.kill()
+        self.logs.close()
         log.info("Server stopped")
+        logging.getLogger("gcmd").removeHandler(self.memory_log)
+        self.metadata_pool.kill()
+
+
+def _served_logs(config: Config) -> list[tuple[str, str]]:
+    """(name, source) of the logs --logfile gives; without it the default log
+    of PROTOCOL.md, when one can serve (gcmd's own log always can)."""
+    sources = log_sources(list(config.logfiles))
+    if not sources:
+        default = default_source()
+        sources = [default] if default is not None else []
+    return sources
 
 
 def _allowed(ip: str, networks) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 
 import gevent
 import gevent.socket
@@ -17,16 +18,21 @@ from gevent import getcurrent
 from gcmd import protocol
 from gcmd.connection import (
     DEADLINE,
+    FOLLOWING,
+    LINES,
     PARK,
     PARKABLE,
     READ,
+    READABLE,
     SHUTDOWN,
     STOPPABLE,
+    WRITE,
     ClientGone,
     Connection,
     Ended,
 )
-from gcmd.protocol import Close, escape, split_lines
+from gcmd.loglines import FollowBuffer
+from gcmd.protocol import Close, Follow, escape, split_lines
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ _TCP_CLOSE = 7  # Linux tcpi_state of a connection the peer has reset
 class Session(Connection):
     """One client: reads request lines, runs them in order, writes the replies."""
 
-    __slots__ = ("authenticated", "command", "pending")
+    __slots__ = ("authenticated", "command", "follow", "pending")
 
     def __init__(self, server, sock, ip: str, number: int) -> None:
         super().__init__(server, sock, ip, number)
@@ -49,6 +55,19 @@ class Session(Connection):
         self.pending = b""
         #: the watcher of a slow command's hang-up check while it runs, else None
         self.command = None
+        #: the log being followed, while the session follows one, else None
+        self.follow: Following | None = None
+
+    def close(self, reason: str) -> None:
+        if self.follow is not None:
+            self._stop_following()
+        super().close(reason)
+
+    def _goodbye(self) -> Ended:
+        line = protocol.SHUTTING_DOWN
+        if self.follow is not None:
+            line = protocol.END_FOLLOW + line
+        return Ended("server shutting down", line)
 
     # --- serving requests --------------------------------------------------------------
 
@@ -58,7 +77,11 @@ class Session(Connection):
         server = self.server
         max_line = server.config.max_line
         while True:
-            if not data:
+            if self.follow is not None:
+                data = self._following(ready)
+                if data is None:
+                    return PARK
+            elif not data:
                 data = self._read_request(ready)
                 if data is None:
                     return PARK
@@ -101,7 +124,7 @@ class Session(Connection):
         log_requests = log.isEnabledFor(logging.INFO)
         replies: list[bytes] = []
         size = 0
-        for line in lines:
+        for index, line in enumerate(lines):
             parsed = commands.parse(line)
             if parsed is None:
                 continue
@@ -113,6 +136,11 @@ class Session(Connection):
                 self._send(b"".join(replies))
                 replies, size = [], 0
                 reply = self._run_slow(handler, arg)
+                if isinstance(reply, Follow):
+                    self._send(reply)
+                    if index + 1 < len(lines):  # a line has come already: it ends the follow
+                        self._end_following()
+                    continue
             else:
                 reply = commands.run(handler, self, arg)
             if isinstance(reply, Close):
@@ -127,6 +155,109 @@ class Session(Connection):
                 self._send(b"".join(replies))
                 raise self._goodbye()
         self._send(b"".join(replies))
+
+    # --- following a log -----------------------------------------------------------------
+
+    def start_following(self, log) -> None:
+        """``follow``: from now on the session gets the new lines of ``log``, until
+        the client sends a line; CommandError when the log cannot be followed."""
+        self.follow = Following(log)
+        try:
+            log.subscribe(self._deliver)
+        except BaseException:
+            self.follow = None
+            raise
+
+    def _stop_following(self) -> Following:
+        follow, self.follow = self.follow, None
+        follow.log.unsubscribe(self._deliver)
+        return follow
+
+    def _following(self, ready: bool) -> bytes | None:
+        """Stream the followed log until the client sends a line: the bytes that
+        hold it (None: nothing to do, park meanwhile). Neither the idle timeout
+        nor a half-close ends a follow; a client that accepts no byte of what
+        waits for it for the idle timeout is cut."""
+        while True:
+            self._push()
+            reason = READABLE if ready else self.wait(self._follow_accepts())
+            ready = False
+            if reason is READABLE:
+                data = self.recv()
+                if data == b"":
+                    self.eof = True
+                    self.reader.stop()
+                elif data is not None:
+                    if b"\n" in data or len(self.pending) + len(data) > self.server.config.max_line:
+                        self._end_following()
+                        return data
+                    self.pending += data
+            elif reason is PARK:
+                return None
+            elif reason is DEADLINE:
+                raise Ended("the client accepted no followed lines in time", None)
+            elif reason is SHUTDOWN:
+                raise self._goodbye()
+
+    def _follow_accepts(self) -> int:
+        """What the follow waits for: room to write when lines wait (the idle
+        clock runs), else new lines (it may be parked, the clock stops)."""
+        accepts = STOPPABLE if self.eof else STOPPABLE | READ
+        if self.follow.out:
+            self.deadline = self.since + self.server.config.idle_timeout
+            return accepts | WRITE
+        self.deadline = float("inf")
+        return accepts | FOLLOWING | PARKABLE
+
+    def _push(self) -> None:
+        """Send what waits for the follower, as far as the socket takes it now."""
+        follow = self.follow
+        while True:
+            if not follow.out:
+                follow.out = follow.buffer.take()
+                if not follow.out:
+                    return
+                self._progress()  # the clock for this chunk starts now
+            try:
+                sent = self.sock.send(follow.out)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                return
+            if sent:
+                self._progress()
+            follow.out = memoryview(follow.out)[sent:]
+            if follow.out:
+                return
+
+    def _end_following(self) -> None:
+        """The client sent a line: what waits for it goes out, then End follow."""
+        follow = self._stop_following()
+        rest = [bytes(follow.out)]
+        while chunk := follow.buffer.take():
+            rest.append(chunk)
+        rest.append(protocol.END_FOLLOW)
+        self._send(b"".join(rest))
+
+    def _deliver(self, lines: list[bytes]) -> None:
+        """The followed log's new lines (the wire lines of one batch)."""
+        follow = self.follow
+        if follow is None:
+            return
+        dropped = follow.buffer.push(lines)
+        if dropped:
+            follow.log.stats.lines_dropped += dropped
+        if not follow.scheduled:
+            follow.scheduled = True
+            self.server.loop.run_callback(self._lines_arrived, follow)
+
+    def _lines_arrived(self, follow: Following) -> None:
+        # in the hub
+        follow.scheduled = False
+        if follow is not self.follow:
+            return
+        if self.parked:
+            self.wake(LINES)
+        elif self.waiting & FOLLOWING:
+            self.resume(LINES, FOLLOWING)
 
     def _run_slow(self, handler, arg: bytes) -> bytes:
         """Run a slow command, cancelling it if the connection is reset meanwhile."""
@@ -154,6 +285,20 @@ class Session(Connection):
         # in the hub; by now the command may be over: only its own watcher cancels it
         if self.command is watcher:
             self.greenlet.throw(ClientGone)
+
+
+class Following:
+    """A session's follow of one log: the lines waiting for the client (bounded),
+    and the part of a chunk the socket has not taken yet."""
+
+    __slots__ = ("buffer", "log", "out", "scheduled")
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.buffer = FollowBuffer()
+        self.out: bytes | memoryview = b""
+        #: a callback in the hub will tell the session that lines arrived
+        self.scheduled = False
 
 
 def _loggable(line: bytes, handler) -> str:

@@ -12,7 +12,8 @@ from support import LOG_LINES, Client, GcmdProcess, make_certificate
 from gcmd.commands import Commands
 from gcmd.config import Config
 from gcmd.hashing import HashService
-from gcmd.logtail import LogTail
+from gcmd.logreader import MemoryLog
+from gcmd.logs import Logs, log_sources
 from gcmd.server import GcmdServer
 from gcmd.stats import ServerStats
 
@@ -27,7 +28,7 @@ def make_server(tmp_path):
     logfile.write_text("\n".join(LOG_LINES) + "\n")
 
     def start(**settings) -> GcmdServer:
-        settings = {"host": "127.0.0.1", "port": 0, "root": str(root), "logfile": str(logfile),
+        settings = {"host": "127.0.0.1", "port": 0, "root": str(root), "logfiles": (str(logfile),),
                     **settings}
         server = GcmdServer(Config(**settings))
         server.start()
@@ -66,6 +67,10 @@ class PlainSession:
         self.ip = "127.0.0.1"
         self.context = {"context": "Session,0,127.0.0.1"}
         self.authenticated = False
+        self.following = None
+
+    def start_following(self, log) -> None:
+        self.following = log
 
 
 class CommandTable:
@@ -75,8 +80,9 @@ class CommandTable:
         self.config = config
         self.pool = ThreadPool(2)
         self.hashing = HashService(config.root, 2, config.max_pending, config.hash_cache, self.pool)
-        self.commands = Commands(config, self.hashing, LogTail(config.logfile, config.command_timeout,
-                                                               self.pool), ServerStats())
+        self.logs = Logs(log_sources(list(config.logfiles)), MemoryLog(), self.pool,
+                         config.command_timeout)
+        self.commands = Commands(config, self.hashing, self.logs, ServerStats())
         self.session = PlainSession()
 
     def ask(self, request: bytes | str) -> bytes | None:
@@ -89,6 +95,7 @@ class CommandTable:
         return run(handler, self.session, arg)
 
     def close(self) -> None:
+        self.logs.close()
         self.hashing.close()
         self.pool.kill()
 
@@ -100,7 +107,7 @@ def commands(tmp_path):
     root.mkdir()
     logfile = tmp_path / "syslog"
     logfile.write_text("\n".join(LOG_LINES) + "\n")
-    table = CommandTable(Config(host="127.0.0.1", port=0, root=str(root), logfile=str(logfile)))
+    table = CommandTable(Config(host="127.0.0.1", port=0, root=str(root), logfiles=(str(logfile),)))
     yield table
     table.close()
 

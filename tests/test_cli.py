@@ -33,7 +33,7 @@ def test_help_documents_every_flag_with_its_default():
                  "--log-level", "--log-format", "--quiet", "--command-timeout", "--hash-workers",
                  "--max-pending", "--hash-cache", "--max-per-ip", "--allow", "--backlog"):
         assert flag in text, flag
-    for default in ("(default: 127.0.0.1)", "(default: 9999)", "(default: /var/log/syslog)",
+    for default in ("(default: 127.0.0.1)", "(default: 9999)", "(default: /var/log/syslog,",
                     "(default: 100)", "(default: 8192)", "(default: 300)", "(default: 10)"):
         assert default in text, default
 

@@ -7,7 +7,15 @@ import socket
 from pathlib import Path
 
 import pytest
-from support import ERROR, LOG_LINES, OUTSIDE, sha1_of, write_file
+from support import (
+    ERROR,
+    FOLLOW_USAGE,
+    LASTLOG_USAGE,
+    LOG_LINES,
+    OUTSIDE,
+    sha1_of,
+    write_file,
+)
 
 from gcmd.hashing import ALGORITHMS
 
@@ -30,15 +38,23 @@ pytestmark = pytest.mark.timeout(20)
     (b"comphash \t ", b"Please provide a path.\n"),
     (b"hash", b"Usage: hash ALGO PATH\n"),
     (b"hash sha256", b"Please provide a path.\n"),
-    (b"lastlog 0", b"Usage: lastlog [LINES]\n"),
-    (b"lastlog 1001", b"Usage: lastlog [LINES]\n"),
-    (b"lastlog -5", b"Usage: lastlog [LINES]\n"),
-    (b"lastlog abc", b"Usage: lastlog [LINES]\n"),
-    (b"lastlog 5 6", b"Usage: lastlog [LINES]\n"),
+    (b"lastlog 0", LASTLOG_USAGE),
+    (b"lastlog 1001", LASTLOG_USAGE),
+    (b"lastlog -5", LASTLOG_USAGE),
+    (b"lastlog +2000", LASTLOG_USAGE),
+    (b"lastlog 00000000000000000000000000000000005000", LASTLOG_USAGE),
+    (b"lastlog 1 syslog x", LASTLOG_USAGE),
+    (b"lastlog abc 5", LASTLOG_USAGE),
+    (b"lastlog abc", b"An error occured : unknown log 'abc' (choose from syslog, gcmd)\n"),
+    (b"lastlog 5 6", b"An error occured : unknown log '6' (choose from syslog, gcmd)\n"),
+    (b"lastlog \x1b[2J", b"An error occured : unknown log '\\x1b[2J' (choose from syslog, gcmd)\n"),
+    (b"follow a b", FOLLOW_USAGE),
+    (b"follow nosuch", b"An error occured : unknown log 'nosuch' (choose from syslog, gcmd)\n"),
+    (b"logs", b"Begin logs\nsyslog SYSLOG\ngcmd memory\nEnd logs\n"),
     (b"auth anything", b"Authentication is not enabled.\n"),
 ])
 def test_one_line_replies(commands, request_line, reply):
-    assert commands.ask(request_line) == reply
+    assert commands.ask(request_line) == reply.replace(b"SYSLOG", commands.config.logfiles[0].encode())
 
 
 @pytest.mark.parametrize("blank", [b"", b"\r", b" \t ", b"\t\r"])
@@ -66,7 +82,7 @@ def test_lastlog_default_and_n(server, connect):
 def test_lastlog_drops_header_and_forged_lines(make_server, connect, tmp_path):
     log = tmp_path / "forged.log"
     log.write_bytes(b"one\n==> header <==\nEnd lastlog\nBegin lastlog\npong\nlast")
-    c = connect(make_server(logfile=str(log)))
+    c = connect(make_server(logfiles=(str(log),)))
     c.send("lastlog\n")
     assert c.block(b"End lastlog\n") == [b"Begin lastlog\n", b"one\n", b"pong\n", b"last\n",
                                          b"End lastlog\n"]
@@ -76,14 +92,14 @@ def test_lastlog_reply_follows_the_log_as_it_grows(server, connect):
     c = connect(server)
     c.send("lastlog 1\n")
     assert c.block(b"End lastlog\n")[1] == (LOG_LINES[-1] + "\n").encode()
-    with open(server.config.logfile, "a") as f:
+    with open(server.config.logfiles[0], "a") as f:
         f.write("a new line\n")
     c.send("lastlog 1\n")
     assert c.block(b"End lastlog\n")[1] == b"a new line\n"
 
 
 def test_lastlog_missing_log_names_the_file_and_the_flag(make_server, connect, tmp_path):
-    c = connect(make_server(logfile=str(tmp_path / "no-such.log")))
+    c = connect(make_server(logfiles=(str(tmp_path / "no-such.log"),)))
     reply = c.ask("lastlog")
     assert reply.startswith(ERROR) and b"no-such.log" in reply and b"--logfile" in reply
     assert c.ask("ping") == b"pong\n"
@@ -140,7 +156,8 @@ def test_help_lists_every_command_with_its_description(commands):
     lines = commands.ask("help").splitlines(keepends=True)
     assert lines[0] == b"Begin help\n"
     words = [line.split()[0] for line in lines[1:-1]]
-    assert words == [b"auth", b"comphash", b"exit", b"hash", b"help", b"lastlog", b"ping", b"stats"]
+    assert words == [b"auth", b"comphash", b"exit", b"follow", b"hash", b"help", b"lastlog", b"logs",
+                     b"ping", b"stats"]
     assert all(b" - " in line for line in lines[1:-1])
 
 

@@ -30,8 +30,8 @@ MAX_LINE = 1024
 DATA = b"fuzzing data\n" * 100
 #: the fixed-size algorithms of hashlib.algorithms_guaranteed
 ALGORITHMS = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake_"))
-#: words whose reply ends the session (or needs a token): never sent
-CLOSING = {b"exit", b"quit", b"auth"}
+#: words whose reply ends the session (or needs a token), or streams (follow): never sent
+CLOSING = {b"exit", b"quit", b"auth", b"follow"}
 KNOWN = {b"ping", b"help", b"stats", b"lastlog", b"comphash", b"hash"}
 
 FUZZ = settings(max_examples=1200, deadline=None, database=None,
@@ -84,14 +84,11 @@ def check_reply(line: bytes, reply: list[bytes], help_lines: list[bytes]) -> Non
         assert reply == help_lines
     elif word == b"stats":
         assert reply[0] == b"Begin stats\n" and reply[-1] == b"End stats\n"
-        assert all(re.fullmatch(rb"[a-z_]+ -?\d+\n", figure) for figure in reply[1:-1]), reply
+        assert all(re.fullmatch(rb"[A-Za-z0-9_.-]+ -?\d+\n", figure) for figure in reply[1:-1]), reply
     elif word == b"lastlog":
-        count = 10 if not arg else int(arg) if re.fullmatch(rb"[0-9]+", arg) else 0
-        if 1 <= count <= 1000:
-            assert reply == [b"Begin lastlog\n", *[(text + "\n").encode() for text in LOG_LINES[-count:]],
-                             b"End lastlog\n"]
-        else:
-            assert reply == [LASTLOG_USAGE]
+        check_lastlog(arg, reply)
+    elif word == b"logs":
+        assert reply[0] == b"Begin logs\n" and reply[-2:] == [b"gcmd memory\n", b"End logs\n"], reply
     elif word == b"comphash":
         if not arg:
             assert reply == [NEED_PATH]
@@ -110,6 +107,23 @@ def check_reply(line: bytes, reply: list[bytes], help_lines: list[bytes]) -> Non
                 (ERROR, NEED_PATH, b"File hash is : ")), reply
     else:
         assert reply == [NOT_FOUND]
+
+
+def check_lastlog(arg: bytes, reply: list[bytes]) -> None:
+    """``lastlog [N] [LOG]`` of PROTOCOL.md 1.1, on a server whose default log is syslog."""
+    words = re.split(rb"[ \t]+", arg) if arg else []
+    count = 10
+    if words and re.fullmatch(rb"[+-]?[0-9]+", words[0]):
+        count = int(words.pop(0))
+    if len(words) > 1 or not 1 <= count <= 1000:
+        assert reply == [LASTLOG_USAGE]
+    elif words and words[0] not in (b"syslog", b"gcmd"):
+        assert len(reply) == 1 and reply[0].startswith(ERROR + b"unknown log "), reply
+    elif words == [b"gcmd"]:
+        assert reply[0] == b"Begin lastlog\n" and reply[-1] == b"End lastlog\n"
+    else:
+        assert reply == [b"Begin lastlog\n", *[(text + "\n").encode() for text in LOG_LINES[-count:]],
+                         b"End lastlog\n"]
 
 
 def read_reply(client) -> list[bytes]:

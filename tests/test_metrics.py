@@ -85,8 +85,9 @@ def test_metrics_agree_with_stats(make_server, connect, tmp_path):
     assert ("gcmd_command_duration_seconds_count", (("command", "ping"),)) not in samples
     assert value("gcmd_hash_bytes_total") == stats["hash_bytes"] == 300_000
     assert value("gcmd_hash_cache_hits_total") == stats["hash_cache_hits"] == 1
-    assert value("gcmd_tail_runs_total") == stats["tail_runs"] == 1
-    assert value("gcmd_tail_timeouts_total") == stats["tail_timeouts"] == 0
+    assert value("gcmd_log_followers", log="syslog") == stats["log.syslog.followers"] == 0
+    assert value("gcmd_log_reader_restarts_total", log="syslog") == stats["log.syslog.reader_restarts"]
+    assert value("gcmd_log_lines_read_total", log="gcmd") == stats["log.gcmd.lines_read"]
     assert value("process_open_fds") > 0
 
 
