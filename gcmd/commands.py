@@ -6,7 +6,6 @@ Commands return their reply as bytes and never touch the socket; a
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import logging
 import os
@@ -213,7 +212,7 @@ class Commands:
             "hash_busy": hashing.busy,
         }
         for name, figures_of_log in self.logs.stats().items():
-            for key, value in dataclasses.asdict(figures_of_log).items():
+            for key, value in vars(figures_of_log).items():
                 figures[f"log.{name}.{key}"] = value
         return block(b"stats", [f"{key} {value}".encode() for key, value in figures.items()])
 

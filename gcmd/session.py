@@ -151,6 +151,9 @@ class Session(Connection):
             if size >= FLUSH_AT:  # a client that does not read its replies stops being read
                 self._send(b"".join(replies))
                 replies, size = [], 0
+                # and one whose kernel buffer takes megabytes does not hold the
+                # others back meanwhile: they run between its batches
+                gevent.sleep(0)
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))
                 raise self._goodbye()

@@ -1042,7 +1042,7 @@ def test_resets_in_the_middle_of_commands_leak_no_descriptor_and_no_child(gcmd, 
             resets += 1
     assert resets == 200
 
-    assert len(server.children()) == 1, "a process per request"
+    assert len(server.children()) <= 1, "a process per request"
     wait_for(lambda: server.open_fds() <= baseline, timeout=15,
              message=f"descriptors leaked: {server.open_fds()} open, {baseline} before")
     assert stats_of(server)["clients"] == 1
