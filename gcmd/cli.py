@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -27,6 +26,7 @@ from gcmd.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     RANGES,
+    TLS_VERSIONS,
     Config,
     RunOptions,
     SettingError,
@@ -107,6 +107,11 @@ def _add_network_flags(p: Parser, d: Config) -> None:
                    "nobody but the load balancer can reach (default: off)")
     p.setting(net, "tls-cert", metavar="PEM", help="serve TLS with this certificate (default: off)")
     p.setting(net, "tls-key", metavar="PEM", help="private key of --tls-cert (default: none)")
+    p.setting(net, "tls-client-ca", metavar="PEM",
+              help="require a client certificate signed by a CA in this file; the log names "
+                   "its subject (CN); SIGHUP reads it, --tls-cert and --tls-key again (default: off)")
+    p.setting(net, "tls-min-version", choices=TLS_VERSIONS, default=d.tls_min_version,
+              help="the oldest TLS version served (default: %(default)s)")
     ops = p.add_argument_group("processes and metrics")
     p.setting(ops, "workers", type=int, default=d.workers, metavar="N",
               help=f"server processes sharing the port, {RANGES['workers']}, supervised by this one; "
@@ -207,7 +212,7 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     if not os.path.isdir(root):
         raise SettingError("root", f"--root {root} is not a directory")
     check_resolves(args.host)
-    for name in ("tls_cert", "tls_key"):
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(args, name)
         if path is not None and not os.access(path, os.R_OK):
             why = "no such file" if not os.path.exists(path) else "permission denied"
@@ -217,11 +222,7 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
                        "logfiles": tuple(args.logfile)})
     if config.tls:
-        try:
-            lifecycle.tls_context(config)
-        except (ssl.SSLError, OSError) as exc:
-            raise SettingError("tls_cert", f"cannot use --tls-cert {config.tls_cert} "
-                                           f"with --tls-key {config.tls_key}: {exc}") from None
+        lifecycle.tls_context(config)
     options = RunOptions(log_level=args.log_level, log_format=args.log_format, output=args.output,
                          token_file=args.token_file, config_file=args.config)
     return config, options

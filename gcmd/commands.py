@@ -196,6 +196,7 @@ class Commands:
             "pid": os.getpid(),
             "clients": stats.clients,
             "clients_parked": stats.parked,
+            "authenticated": stats.authenticated,
             "greenlets": stats.greenlets,
             "max_clients": self.config.max_clients,
             "connections": stats.connections,
@@ -228,6 +229,7 @@ class Commands:
         if token is None:
             return protocol.AUTH_DISABLED
         if hmac.compare_digest(arg, token):
+            self.stats.authenticated += not session.authenticated
             session.authenticated = True
             return protocol.AUTH_OK
         self.stats.auth_failures += 1

@@ -21,6 +21,8 @@ from gcmd.logs import log_sources
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+#: the oldest TLS versions --tls-min-version accepts
+TLS_VERSIONS = ("1.2", "1.3")
 
 #: the longest a seconds setting may be: a day
 MAX_SECONDS = 86400
@@ -128,6 +130,10 @@ class Config:
     #: PEM certificate and key; both set means TLS
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: PEM CA certificate(s): clients must show a certificate signed by one; None: not asked
+    tls_client_ca: str | None = None
+    #: the oldest TLS version served: one of TLS_VERSIONS
+    tls_min_version: str = "1.2"
     #: threads that read and hash files (by default one per CPU, within the range)
     hash_workers: int = _ranged(1, 1024, default_factory=lambda: min(os.cpu_count() or 1, 1024))
     #: hash requests allowed to wait for a worker before clients get "server busy"
@@ -158,6 +164,12 @@ class Config:
             raise SettingError("logfiles", str(exc)) from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingError("tls_cert", "--tls-cert and --tls-key go together")
+        if self.tls_min_version not in TLS_VERSIONS:
+            raise SettingError("tls_min_version", f"--tls-min-version must be one of "
+                                                  f"{', '.join(TLS_VERSIONS)}, not {self.tls_min_version!r}")
+        for name in ("tls_client_ca", "tls_min_version"):
+            if getattr(self, name) != getattr(Config, name) and not self.tls:
+                raise SettingError(name, f"{flag(name)} needs --tls-cert and --tls-key")
         if self.metrics_port is not None:
             Range(0, 65535 - (self.workers - 1), "port").check("metrics_port", self.metrics_port)
             if self.metrics_port == 0 and self.workers > 1:

@@ -46,7 +46,10 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; whatever a client sent stays inside one string."""
+    """One JSON object per line; whatever a client sent stays inside one string.
+
+    The lines of a client that showed a certificate carry its CN as ``client_cn``.
+    """
 
     def __init__(self, context: str = "-") -> None:
         super().__init__()
@@ -60,6 +63,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        client_cn = getattr(record, "client_cn", None)
+        if client_cn is not None:
+            event["client_cn"] = client_cn
         if record.exc_info:
             event["traceback"] = self.formatException(record.exc_info)
         return json.dumps(event)

@@ -7,7 +7,9 @@ Who owns what (see gcmd/connection.py for one client's side):
   rule that the server closes a handler's socket when the handler returns
   does not apply: handlers are not used (``do_handle`` is overridden).
 - Admission (``admit``: --allow, --max-per-ip, --max-clients, shutdown) and
-  its undoing (``release``, called by Session.close) are here, once.
+  its undoing (``release``, called by Session.close) are here, once. A client
+  that must show a certificate is checked against --allow alone (``screen``)
+  before its TLS handshake, and admitted after it.
 - Greenlets: a plain connection is admitted in the hub; it gets a greenlet
   only when it has something to say (``dispatch``). A TLS or PROXY connection
   gets one at once, to read its header and do its handshake. A greenlet that
@@ -94,6 +96,7 @@ class GcmdServer(StreamServer):
         else:
             super().__init__(listener, spawn=self.handlers)
         self.config = config
+        #: the TLS settings of new connections (SIGHUP replaces it; open ones keep theirs)
         self.ssl_context = ssl_context
         self.stats = ServerStats()
         self.metadata_pool = ThreadPool(METADATA_WORKERS)
@@ -176,14 +179,27 @@ class GcmdServer(StreamServer):
         else:
             session.close("Connection was closed cleanly.")
 
-    def admit(self, session: Session) -> Ended | None:
-        """Give ``session`` a slot (None), or say how it is refused. Never blocks."""
-        ip, context = session.ip, session.context
-        if self.allow and not _allowed(ip, self.allow):
+    def screen(self, session: Session) -> Ended | None:
+        """Refuse a client outside --allow (logged, no reply), before anything
+        else is spent on it; None if it may go on."""
+        if self.allow and not _allowed(session.ip, self.allow):
             self.stats.refuse("not_allowed")
-            log.warning("Refused connection from %s: not in --allow", ip, extra=context)
+            log.warning("Refused connection from %s: not in --allow", session.ip, extra=session.context)
             return Ended("not in --allow", None)
-        log.info("Client connection from %s", ip, extra=context)
+        return None
+
+    def admit(self, session: Session) -> Ended | None:
+        """Give ``session`` a slot (None), or say how it is refused. Never blocks.
+
+        The connection line names the CN of a verified client certificate."""
+        refusal = self.screen(session)
+        if refusal is not None:
+            return refusal
+        ip, context = session.ip, session.context
+        if session.client_cn is None:
+            log.info("Client connection from %s", ip, extra=context)
+        else:
+            log.info("Client connection from %s (CN=%s)", ip, session.client_cn, extra=context)
         if self.closing:
             self.stats.refuse("shutting_down")
             return Ended("refused: shutting down", protocol.SHUTTING_DOWN)
@@ -198,6 +214,9 @@ class GcmdServer(StreamServer):
         self.per_ip[ip] += 1
         self.stats.clients += 1
         session.admitted = True
+        if session.client_cn is not None and self.config.token is None:
+            session.authenticated = True  # the certificate is all this server asks for
+            self.stats.authenticated += 1
         return None
 
     def release(self, session: Session, reason: str) -> None:
@@ -208,6 +227,8 @@ class GcmdServer(StreamServer):
         session.admitted = False
         ip = session.ip
         self.stats.clients -= 1
+        if session.authenticated:
+            self.stats.authenticated -= 1
         self.per_ip[ip] -= 1
         if not self.per_ip[ip]:
             del self.per_ip[ip]
