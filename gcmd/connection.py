@@ -171,6 +171,8 @@ class Connection:
             return "internal error"
 
     def _begin(self, start: str, data: bytes) -> str:
+        if self.server.closing and start is not REFUSED and start is not DEADLINE:
+            raise self._goodbye()
         if start is OPEN:
             self._open()
             data = self.recv()  # what came with the header or the handshake
@@ -204,22 +206,26 @@ class Connection:
         self.server.release(self, reason)
 
     def park(self) -> None:
-        """Wait for the client without a greenlet (see _on_readable, tick and wake)."""
+        """Wait for the client without a greenlet (see _on_readable, tick and wake);
+        once shutdown has begun, say goodbye instead."""
+        if self.server.closing:
+            self.server.dispatch(self, SHUTDOWN)
+            return
         self.parked = True
         self.server.stats.parked += 1
         if not self.eof:
             self.reader.start(self._on_readable)
 
-    def tick(self, now: float, park_before: float) -> None:
+    def tick(self, now: float, park_before: float, parked_too: bool) -> None:
         """In the hub, from the server's sweeper: end a wait past the deadline,
         park a connection whose wait allows it and that made no progress since
-        ``park_before``, and wake a parked one past its deadline."""
+        ``park_before``, and (``parked_too``) wake a parked one past its deadline."""
         if self.waiting:
             if now >= self.deadline:
                 self.resume(DEADLINE)
             elif self.waiting & PARKABLE and self.since <= park_before:
                 self.resume(PARK, PARKABLE)
-        elif self.parked and now >= self.deadline:
+        elif parked_too and self.parked and now >= self.deadline:
             self.wake(DEADLINE)
 
     def wake(self, reason: str) -> None:
@@ -435,6 +441,7 @@ class Connection:
                 if chunk == b"":
                     raise proxy.ProxyError("closed within its PROXY header")
                 size -= len(chunk or b"")
+            self._progress()  # the header's own deadline is over: the idle timeout runs
         except (proxy.ProxyError, OSError) as exc:
             self.server.stats.refuse("proxy_header")
             log.warning("Closed connection from %s: no valid PROXY header (%s)", self.ip, exc,

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 #: seconds between the sweeper's looks at the sessions' deadlines
 SWEEP_EVERY = 0.1
+#: parked sessions (no greenlet, waiting for a 300 s idle timeout) are looked at
+#: once in this many sweeps: their deadlines need no tenth of a second
+PARKED_SWEEP_EVERY = 10
 #: seconds accepting pauses when the process is out of file descriptors
 ACCEPT_PAUSE = 0.1
 #: greenlets kept to serve the next client instead of creating new ones
@@ -121,6 +124,7 @@ class GcmdServer(StreamServer):
         #: greenlets waiting for the next session to serve
         self._idle_drivers: list[Waiter] = []
         self._sweeper = None
+        self._sweeps = 0
         self._accept_timer = None
         self._resource_warned = 0.0
 
@@ -279,11 +283,14 @@ class GcmdServer(StreamServer):
     # --- the clock ---------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        """In the hub: every session's deadline, checked by one timer for all."""
+        """In the hub: every session's deadline, checked by one timer for all
+        (parked sessions, which may be thousands, every PARKED_SWEEP_EVERY sweeps)."""
         now = monotonic()
         park_before = now - PARK_AFTER
+        self._sweeps += 1
+        parked_too = self._sweeps % PARKED_SWEEP_EVERY == 0
         for session in list(self.sessions):
-            session.tick(now, park_before)
+            session.tick(now, park_before, parked_too)
 
     # --- accepting -----------------------------------------------------------------------
 
@@ -337,6 +344,8 @@ class GcmdServer(StreamServer):
             log.warning("Cutting %d commands still running after %g s",
                         len(self.handlers), self.config.shutdown_timeout)
             self.handlers.kill(Shutdown, block=True, timeout=FAREWELL_TIMEOUT + LINGER + 1)
+        for session in list(self.sessions):  # what no greenlet serves any more
+            session.close("server shutting down")
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper.close()

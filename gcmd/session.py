@@ -65,8 +65,8 @@ class Session(Connection):
 
     def _goodbye(self) -> Ended:
         line = protocol.SHUTTING_DOWN
-        if self.follow is not None:
-            line = protocol.END_FOLLOW + line
+        if self.follow is not None:  # the rest of a line begun, then End follow on a line of its own
+            line = bytes(self.follow.out) + protocol.END_FOLLOW + line
         return Ended("server shutting down", line)
 
     # --- serving requests --------------------------------------------------------------
@@ -96,6 +96,8 @@ class Session(Connection):
                     # never yield: let the others run between its batches
                     gevent.sleep(0)
             if too_long:
+                if self.follow is not None:  # the follow began in this batch
+                    self._end_following()
                 raise Ended("line too long", protocol.LINE_TOO_LONG)
 
     def _read_request(self, ready: bool) -> bytes | None:
@@ -182,6 +184,8 @@ class Session(Connection):
         nor a half-close ends a follow; a client that accepts no byte of what
         waits for it for the idle timeout is cut."""
         while True:
+            if self.server.closing:
+                raise self._goodbye()
             self._push()
             reason = READABLE if ready else self.wait(self._follow_accepts())
             ready = False
@@ -195,11 +199,11 @@ class Session(Connection):
                         self._end_following()
                         return data
                     self.pending += data
-            elif reason is PARK:
+            elif reason is PARK and not self.server.closing:
                 return None
             elif reason is DEADLINE:
                 raise Ended("the client accepted no followed lines in time", None)
-            elif reason is SHUTDOWN:
+            elif reason is SHUTDOWN or reason is PARK:
                 raise self._goodbye()
 
     def _follow_accepts(self) -> int:

@@ -166,3 +166,12 @@ def test_workers_serve_followers_each_with_its_own_reader(gcmd):
         assert read_lines(c, b"to every worker") == [b"to every worker"]
     assert server.stop() == 0
     assert server.children() == []
+
+
+def test_follow_and_a_line_too_long_in_one_write_end_the_follow_first(make_server, connect):
+    server = make_server(max_line=100)
+    c = connect(server)
+    c.send(b"follow\n" + b"x" * 200)
+    assert c.line() == BEGIN_FOLLOW
+    assert c.line() == END_FOLLOW
+    assert c.line() == b"Line too long. bye !\n" and c.closed()
