@@ -154,7 +154,7 @@ def _add_limit_flags(p: Parser, d: Config) -> None:
     p.setting(lim, "allow", action=ReplaceDefault, default=(), metavar="CIDR",
               help="accept clients only from this network; repeatable (default: everyone)")
     seconds = (("idle-timeout", "close a client silent (or not reading) this long"),
-               ("command-timeout", "kill a tail running this long"),
+               ("command-timeout", "give up a lastlog not answered in this long (a FIFO, a hung file)"),
                ("shutdown-timeout", "on SIGTERM, wait this long for running commands"))
     for name, what in seconds:
         field = name.replace("-", "_")
@@ -172,6 +172,10 @@ def _add_log_flags(p: Parser) -> None:
                    "and not allowed with it")
     p.setting(out, "log-format", choices=LOG_FORMATS, default="text",
               help="one line per event, as text or JSON (default: %(default)s)")
+    p.setting(out, "quiet-from", action=ReplaceDefault, default=(), metavar="CIDR",
+              help="log the connections from this network (a load balancer's health checks) "
+                   "at level debug instead of info: their connection, requests and close; "
+                   "warnings still show; repeatable (default: none)")
     p.setting(out, "output", metavar="FILE",
               help="append the server log to FILE instead of standard output; "
                    "SIGHUP reopens it, for logrotate (default: standard output)")
@@ -220,6 +224,7 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     token = None if args.token_file is None else read_token(args.token_file)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
+                       "quiet_from": parse_networks(args.quiet_from, "quiet_from"),
                        "logfiles": tuple(args.logfile)})
     if config.tls:
         lifecycle.tls_context(config)

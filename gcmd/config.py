@@ -117,6 +117,8 @@ class Config:
     max_per_ip: int = _ranged(0, 1_000_000, default=0)
     #: networks allowed to connect; empty means everyone
     allow: tuple[Network, ...] = ()
+    #: networks whose connections (health checks) are logged at debug, not info
+    quiet_from: tuple[Network, ...] = ()
     #: longest request line in bytes, without the newline
     max_line: int = _ranged(1, 1 << 20, default=8192)
     #: seconds without a complete line (or without reply progress) before a client is cut
@@ -226,14 +228,15 @@ def check_host(host: str) -> None:
         raise SettingError("host", f"--host {host!r} is not an IPv4 or IPv6 address, nor a host name")
 
 
-def parse_networks(texts: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
-    """The networks of ``--allow`` (``10.0.0.0/8``, ``::1``); SettingError names a bad one."""
+def parse_networks(texts: list[str] | tuple[str, ...], name: str = "allow") -> tuple[Network, ...]:
+    """The networks of ``--allow`` or another CIDR flag (``name``): ``10.0.0.0/8``,
+    ``::1``; SettingError names a bad one."""
     networks = []
     for text in texts:
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
-            raise SettingError("allow", f"--allow {text!r} is not a network address such as "
+            raise SettingError(name, f"{flag(name)} {text!r} is not a network address such as "
                                         f"10.0.0.0/8 or ::1/128") from None
     return tuple(networks)
 

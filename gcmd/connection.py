@@ -102,8 +102,8 @@ class Connection:
     Subclasses say what is served on it by defining ``_run(start, data)``.
     """
 
-    __slots__ = ("admitted", "client_cn", "context", "deadline", "eof", "greenlet", "ip", "number",
-                 "parked", "reader", "server", "since", "sock", "tls", "waiting", "writer")
+    __slots__ = ("admitted", "client_cn", "context", "deadline", "eof", "greenlet", "ip", "log_level",
+                 "number", "parked", "reader", "server", "since", "sock", "tls", "waiting", "writer")
 
     def __init__(self, server: GcmdServer, sock, ip: str, number: int) -> None:
         self.server = server
@@ -131,6 +131,8 @@ class Connection:
         self.tls = False
         #: the CN of the client's verified certificate (--tls-client-ca); None: none asked
         self.client_cn = None
+        #: the level of this client's connection, request and close lines (--quiet-from: debug)
+        self.log_level = logging.INFO
 
     # --- lifecycle: the server calls run() in a greenlet, and close() ends it -----------
 

@@ -114,6 +114,7 @@ class GcmdServer(StreamServer):
         self.hub = gevent.get_hub()
         #: --allow, with IPv4-mapped IPv6 networks as the IPv4 networks they mean
         self.allow = tuple(_unmapped(network) for network in config.allow)
+        self.quiet_from = tuple(_unmapped(network) for network in config.quiet_from)
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
         #: every connection not yet closed, admitted or not
@@ -200,10 +201,13 @@ class GcmdServer(StreamServer):
         if refusal is not None:
             return refusal
         ip, context = session.ip, session.context
+        if self.quiet_from and _allowed(ip, self.quiet_from):
+            session.log_level = logging.DEBUG  # a health check: not an event worth a line
         if session.client_cn is None:
-            log.info("Client connection from %s", ip, extra=context)
+            log.log(session.log_level, "Client connection from %s", ip, extra=context)
         else:
-            log.info("Client connection from %s (CN=%s)", ip, session.client_cn, extra=context)
+            log.log(session.log_level, "Client connection from %s (CN=%s)", ip, session.client_cn,
+                    extra=context)
         if self.closing:
             self.stats.refuse("shutting_down")
             return Ended("refused: shutting down", protocol.SHUTTING_DOWN)
@@ -237,7 +241,7 @@ class GcmdServer(StreamServer):
         if not self.per_ip[ip]:
             del self.per_ip[ip]
         self.slots.release()
-        log.info("Lost client connection. Reason: %s", reason, extra=session.context)
+        log.log(session.log_level, "Lost client connection. Reason: %s", reason, extra=session.context)
 
     # --- greenlets ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from time import monotonic
 
 import gevent
 import gevent.socket
@@ -123,7 +124,8 @@ class Session(Connection):
         and before any slow command so that the client is not kept waiting."""
         server = self.server
         commands = server.commands
-        log_requests = log.isEnabledFor(logging.INFO)
+        log_requests = log.isEnabledFor(self.log_level)
+        trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
         for index, line in enumerate(lines):
@@ -131,9 +133,10 @@ class Session(Connection):
             if parsed is None:
                 continue
             handler, arg = parsed
+            started = monotonic() if trace else 0.0
             if log_requests:
-                log.info("Cmd received from %s : %s", self.ip, _loggable(line, handler),
-                         extra=self.context)
+                log.log(self.log_level, "Cmd received from %s : %s", self.ip,
+                        _loggable(line, handler), extra=self.context)
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0
@@ -145,6 +148,8 @@ class Session(Connection):
                     continue
             else:
                 reply = commands.run(handler, self, arg)
+            if trace:
+                self._trace(handler, line, reply, started)
             if isinstance(reply, Close):
                 self._send(b"".join(replies))
                 raise Ended(reply.reason, reply)
@@ -160,6 +165,11 @@ class Session(Connection):
                 self._send(b"".join(replies))
                 raise self._goodbye()
         self._send(b"".join(replies))
+
+    def _trace(self, handler, line: bytes, reply: bytes, started: float) -> None:
+        """At level debug: the bytes of one request and of its reply, and the time it took."""
+        log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
+                  (monotonic() - started) * 1000, extra=self.context)
 
     # --- following a log -----------------------------------------------------------------
 

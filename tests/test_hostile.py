@@ -392,6 +392,22 @@ def test_security_signals_are_warnings_that_quiet_keeps_each_in_its_session(gcmd
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_health_checks_from_quiet_from_networks_are_logged_at_debug_only(gcmd, level):
+    server = gcmd("--quiet-from", "127.0.0.2/32", "--log-level", level)
+    for _ in range(3):  # a load balancer's checks: connect, ping, close
+        check = Client(server.port, sock=connect_raw(server.port, source="127.0.0.2"))
+        assert check.ask("ping") == PONG
+        check.close()
+    assert server.client().ask("ping") == PONG
+    wait_for(lambda: "Cmd received from 127.0.0.1 : ping" in server.log())
+    if level == "info":
+        assert "127.0.0.2" not in server.log()
+    else:
+        wait_for(lambda: server.log().count("Cmd received from 127.0.0.2 : ping") == 3)
+
+
+@pytest.mark.timeout(20)
 def test_max_per_ip_refuses_the_third_connection_from_one_address(gcmd):
     server = gcmd("--max-per-ip", 2)
     a, b = server.client(), server.client()
