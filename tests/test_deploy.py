@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import Client, free_port, wait_for
+from support import Client, free_port, ipv6_loopback, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -85,18 +85,9 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
         out.close()
 
 
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)")
-@pytest.mark.skipif(not has_ipv6_loopback(), reason="needs an IPv6 loopback (::1)")
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs an IPv6 loopback (::1)")
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 def test_haproxy_v4v6_bind_logs_an_ipv4_client_as_ipv4(gcmd, tmp_path, send_proxy):
     # an IPv6 socket that takes IPv4 connections (v4v6) sees 127.0.0.1 as

@@ -42,6 +42,7 @@ from support import (
     TOO_MANY,
     TOO_MANY_FROM_ADDRESS,
     Client,
+    ipv6_loopback,
     sha1_of,
     tls_client,
     wait_for,
@@ -243,15 +244,6 @@ def stable_fd_count(server, settle: float = 0.5) -> int:
 def log_bytes(server) -> bytes:
     server.log()
     return server.stdout.read_bytes()
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 # --- 1. slow readers --------------------------------------------------------------------
