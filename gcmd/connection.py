@@ -72,10 +72,14 @@ REFUSED = "refused"
 
 #: new lines for a follower
 LINES = "lines"
+#: a parked connection the client has reset (seen by tick: a follower after its EOF)
+GONE = "gone"
 
 # what a wait accepts: bits of Connection.waiting
 READ, WRITE, PARKABLE, STOPPABLE, FOLLOWING = 1, 2, 4, 8, 16
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
+#: Linux tcpi_state of a connection that is over (reset, or its keepalive went unanswered)
+TCP_CLOSE = 7
 
 
 class Ended(Exception):
@@ -173,6 +177,8 @@ class Connection:
             return "internal error"
 
     def _begin(self, start: str, data: bytes) -> str:
+        if start is GONE:
+            return "connection reset"
         if self.server.closing and start is not REFUSED and start is not DEADLINE:
             raise self._goodbye()
         if start is OPEN:
@@ -221,14 +227,19 @@ class Connection:
     def tick(self, now: float, park_before: float, parked_too: bool) -> None:
         """In the hub, from the server's sweeper: end a wait past the deadline,
         park a connection whose wait allows it and that made no progress since
-        ``park_before``, and (``parked_too``) wake a parked one past its deadline."""
+        ``park_before``, and (``parked_too``) wake a parked one past its deadline
+        or, when the client half-closed (its read watcher is stopped: EOF stays
+        readable), one whose client has since gone (GONE)."""
         if self.waiting:
             if now >= self.deadline:
                 self.resume(DEADLINE)
             elif self.waiting & PARKABLE and self.since <= park_before:
                 self.resume(PARK, PARKABLE)
-        elif parked_too and self.parked and now >= self.deadline:
-            self.wake(DEADLINE)
+        elif parked_too and self.parked:
+            if now >= self.deadline:
+                self.wake(DEADLINE)
+            elif self.eof and tcp_state(self.sock) == TCP_CLOSE:
+                self.wake(GONE)
 
     def wake(self, reason: str) -> None:
         """In the hub: give a parked connection a greenlet, for ``reason``."""
@@ -294,6 +305,16 @@ class Connection:
             return self.sock.recv(size, flags)
         except _WOULD_BLOCK:
             return None
+
+    def keepalive(self, idle: int, interval: int, count: int) -> None:
+        """Turn on TCP keepalive (tcp(7)): after ``idle`` seconds without traffic,
+        a probe every ``interval`` seconds; ``count`` unanswered probes, or a
+        reset in reply, end the connection (a read fails, or tick sees GONE)."""
+        sock = self.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            if hasattr(socket, option):  # Linux; elsewhere the system's defaults
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
     def _tls_pending(self) -> bool:
         # TLS holds what it decrypted where the read watcher cannot see it
@@ -452,3 +473,11 @@ class Connection:
         if address:
             self.ip = address
             self.context = self.server.session_context(self.number, address)
+
+
+def tcp_state(sock) -> int | None:
+    """The Linux TCP state of ``sock`` (tcpi_state of TCP_INFO); None where unknown."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except (OSError, AttributeError):
+        return None

@@ -8,7 +8,6 @@ commands in order, batching replies, and the follow state.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from time import monotonic
 
@@ -27,10 +26,12 @@ from gcmd.connection import (
     READABLE,
     SHUTDOWN,
     STOPPABLE,
+    TCP_CLOSE,
     WRITE,
     ClientGone,
     Connection,
     Ended,
+    tcp_state,
 )
 from gcmd.loglines import FollowBuffer
 from gcmd.protocol import Close, Follow, escape, split_lines
@@ -41,7 +42,10 @@ log = logging.getLogger(__name__)
 FLUSH_AT = 65536
 #: seconds between checks that a client is still there while its command runs
 HANGUP_CHECK = 0.1
-_TCP_CLOSE = 7  # Linux tcpi_state of a connection the peer has reset
+#: TCP keepalive of a follower (idle seconds, seconds between probes, probes):
+#: a quiet log sends nothing, and a client that went away (its machine gone,
+#: or, after a half-close, its socket closed) is found within about two minutes
+FOLLOW_KEEPALIVE = (60, 10, 6)
 
 
 class Session(Connection):
@@ -182,6 +186,7 @@ class Session(Connection):
         except BaseException:
             self.follow = None
             raise
+        self.keepalive(*FOLLOW_KEEPALIVE)
 
     def _stop_following(self) -> Following:
         follow, self.follow = self.follow, None
@@ -292,7 +297,7 @@ class Session(Connection):
                 gevent.socket.wait_read(fileno, timeout=HANGUP_CHECK)
             except TimeoutError:
                 pass
-            if _tcp_state(self.sock) == _TCP_CLOSE:
+            if tcp_state(self.sock) == TCP_CLOSE:
                 self.server.loop.run_callback(self._cancel, getcurrent())
                 return
             # input that is waiting keeps the socket readable: do not spin on it
@@ -327,9 +332,3 @@ def _loggable(line: bytes, handler) -> str:
         line = line[:-1]
     return escape(line)
 
-
-def _tcp_state(sock) -> int | None:
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-    except (OSError, AttributeError):
-        return None

@@ -27,24 +27,39 @@ def ask_from(address: str, port: int, request: str) -> bytes:
         client.close()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)")
-def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path):
-    backends = [gcmd("--proxy-protocol", "--max-per-ip", 3) for _ in range(2)]
-    front = free_port()
+def example_haproxy(tmp_path, backends, front: int, **replace: str) -> subprocess.Popen:
+    """HAProxy with deploy/haproxy.cfg in front of ``backends`` on port ``front``
+    (``replace``: more of the file's text to replace, old=new), checked by
+    ``haproxy -c`` first."""
     config = (DEPLOY / "haproxy.cfg").read_text()
     config = config.replace("127.0.0.1:9999", f"127.0.0.1:{front}")
     config = config.replace("127.0.0.1:10001", f"127.0.0.1:{backends[0].port}")
     config = config.replace("127.0.0.1:10002", f"127.0.0.1:{backends[1].port}")
     assert re.findall(r"server gcmd\d 127\.0\.0\.1:(\d+)", config) == [str(b.port) for b in backends]
+    for old, new in replace.values():
+        assert old in config, old
+        config = config.replace(old, new)
     path = tmp_path / "haproxy.cfg"
     path.write_text(config)
     check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True,
                            timeout=20, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    out = (tmp_path / "haproxy.out").open("wb")
-    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=out,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with (tmp_path / "haproxy.out").open("wb") as out:
+        return subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop(haproxy: subprocess.Popen) -> None:
+    haproxy.terminate()
+    haproxy.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)")
+def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path):
+    backends = [gcmd("--proxy-protocol", "--max-per-ip", 3) for _ in range(2)]
+    front = free_port()
+    haproxy = example_haproxy(tmp_path, backends, front)
     try:
         # the health checks speak the protocol behind a PROXY v2 LOCAL header
         for backend in backends:
@@ -80,9 +95,31 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
             for sock in held:
                 sock.close()
     finally:
-        haproxy.terminate()
-        haproxy.wait(10)
-        out.close()
+        stop(haproxy)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)")
+def test_haproxy_example_keeps_a_quiet_follow_past_its_client_and_server_timeouts(gcmd, tmp_path):
+    # the example's client and server timeouts, made 1 s: a follow of a quiet
+    # log outlives them (its timeout tunnel holds once the connection is up)
+    backends = [gcmd("--proxy-protocol") for _ in range(2)]
+    front = free_port()
+    haproxy = example_haproxy(tmp_path, backends, front, client=("timeout client 310s", "timeout client 1s"),
+                              server=("timeout server 310s", "timeout server 1s"))
+    try:
+        wait_for(lambda: all("Cmd received from 127.0.0.1 : ping" in b.log() for b in backends), timeout=15)
+        follower = Client(front, sock=socket.create_connection(("127.0.0.1", front), timeout=10))
+        assert follower.ask("follow") == b"Begin follow\n"
+        # quiet for three times the timeouts: HAProxy must not close it meanwhile
+        assert select.select([follower.sock], [], [], 3)[0] == []
+        for backend in backends:
+            with open(backend.logfile, "a") as f:
+                f.write("still here\n")
+        assert follower.line() == b"still here\n"
+        follower.close()
+    finally:
+        stop(haproxy)
 
 
 @pytest.mark.slow

@@ -130,6 +130,33 @@ def test_a_half_close_does_not_end_a_follow(gcmd):
     assert read_lines(c, b"still streaming") == [b"still streaming"]
 
 
+def test_a_follower_that_half_closed_then_left_frees_its_slot_on_a_quiet_log(gcmd):
+    server = gcmd()
+    c = server.client()
+    c.send("follow\n")
+    c.sock.shutdown(socket.SHUT_WR)  # printf 'follow\n' | nc -N host port, then Ctrl-C
+    assert c.line() == BEGIN_FOLLOW
+    asker = server.client()
+    wait_for(lambda: stats_of(asker)["clients_parked"] == "1", message="the follower is parked")
+    c.reset()  # what a half-closed peer's keepalive reply is once its socket is gone
+    # no new line comes to make the server write (and notice): it still frees the slot
+    wait_for(lambda: stats_of(asker)["clients"] == "1", timeout=5, message="the follower keeps its slot")
+    assert stats_of(asker)["log.syslog.followers"] == "0"
+
+
+def test_a_follower_gets_tcp_keepalive(make_server, connect):
+    server = make_server()
+    c = connect(server)
+    assert c.ask("follow") == BEGIN_FOLLOW
+    (session,) = server.sessions
+    sock = session.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+
+
 def test_a_quiet_follower_waits_parked_and_wakes_for_new_lines(make_server, connect):
     server = make_server()
     c = connect(server)
