@@ -107,7 +107,8 @@ class Connection:
     """
 
     __slots__ = ("admitted", "client_cn", "context", "deadline", "eof", "greenlet", "ip", "log_level",
-                 "number", "parked", "reader", "server", "since", "sock", "tls", "waiting", "writer")
+                 "number", "parked", "reader", "running", "server", "since", "sock", "tls", "waiting",
+                 "writer")
 
     def __init__(self, server: GcmdServer, sock, ip: str, number: int) -> None:
         self.server = server
@@ -122,6 +123,8 @@ class Connection:
         self.greenlet = None
         #: what the current wait accepts (READ, WRITE, PARKABLE... bits); 0 when not waiting
         self.waiting = 0
+        #: a command runs that the client's reset cancels (see tick)
+        self.running = False
         #: the client half-closed: nothing more to read
         self.eof = False
         self.parked = False
@@ -229,12 +232,17 @@ class Connection:
         park a connection whose wait allows it and that made no progress since
         ``park_before``, and (``parked_too``) wake a parked one past its deadline
         or, when the client half-closed (its read watcher is stopped: EOF stays
-        readable), one whose client has since gone (GONE)."""
+        readable), one whose client has since gone (GONE). A command that runs
+        while the connection is reset is cancelled (ClientGone)."""
         if self.waiting:
             if now >= self.deadline:
                 self.resume(DEADLINE)
             elif self.waiting & PARKABLE and self.since <= park_before:
                 self.resume(PARK, PARKABLE)
+        elif self.running:
+            if tcp_state(self.sock) == TCP_CLOSE:
+                self.running = False
+                self.greenlet.throw(ClientGone)  # as gevent.Timeout throws, from the hub
         elif parked_too and self.parked:
             if now >= self.deadline:
                 self.wake(DEADLINE)

@@ -12,8 +12,6 @@ import ssl
 from time import monotonic
 
 import gevent
-import gevent.socket
-from gevent import getcurrent
 
 from gcmd import protocol
 from gcmd.connection import (
@@ -26,12 +24,9 @@ from gcmd.connection import (
     READABLE,
     SHUTDOWN,
     STOPPABLE,
-    TCP_CLOSE,
     WRITE,
-    ClientGone,
     Connection,
     Ended,
-    tcp_state,
 )
 from gcmd.loglines import FollowBuffer
 from gcmd.protocol import Close, Follow, escape, split_lines
@@ -40,8 +35,6 @@ log = logging.getLogger(__name__)
 
 #: replies are gathered up to this size before one write
 FLUSH_AT = 65536
-#: seconds between checks that a client is still there while its command runs
-HANGUP_CHECK = 0.1
 #: TCP keepalive of a follower (idle seconds, seconds between probes, probes):
 #: a quiet log sends nothing, and a client that went away (its machine gone,
 #: or, after a half-close, its socket closed) is found within about two minutes
@@ -51,15 +44,13 @@ FOLLOW_KEEPALIVE = (60, 10, 6)
 class Session(Connection):
     """One client: reads request lines, runs them in order, writes the replies."""
 
-    __slots__ = ("authenticated", "command", "follow", "pending")
+    __slots__ = ("authenticated", "follow", "pending")
 
     def __init__(self, server, sock, ip: str, number: int) -> None:
         super().__init__(server, sock, ip, number)
         self.authenticated = False
         #: the start of a request line whose end has not arrived
         self.pending = b""
-        #: the watcher of a slow command's hang-up check while it runs, else None
-        self.command = None
         #: the log being followed, while the session follows one, else None
         self.follow: Following | None = None
 
@@ -282,31 +273,13 @@ class Session(Connection):
             self.resume(LINES, FOLLOWING)
 
     def _run_slow(self, handler, arg: bytes) -> bytes:
-        """Run a slow command, cancelling it if the connection is reset meanwhile."""
-        self.command = watcher = gevent.spawn(self._watch_hangup)
+        """Run a slow command; the server's sweeper cancels it (ClientGone) if the
+        connection is reset meanwhile."""
+        self.running = True
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
-            self.command = None
-            watcher.kill(block=False)
-
-    def _watch_hangup(self) -> None:
-        fileno = self.sock.fileno()
-        while True:
-            try:
-                gevent.socket.wait_read(fileno, timeout=HANGUP_CHECK)
-            except TimeoutError:
-                pass
-            if tcp_state(self.sock) == TCP_CLOSE:
-                self.server.loop.run_callback(self._cancel, getcurrent())
-                return
-            # input that is waiting keeps the socket readable: do not spin on it
-            gevent.sleep(HANGUP_CHECK)
-
-    def _cancel(self, watcher) -> None:
-        # in the hub; by now the command may be over: only its own watcher cancels it
-        if self.command is watcher:
-            self.greenlet.throw(ClientGone)
+            self.running = False
 
 
 class Following:
