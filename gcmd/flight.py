@@ -1,4 +1,5 @@
-"""Doing expensive work once: single-flight calls and a bounded LRU cache."""
+"""Doing expensive work once: single-flight calls, calls batched behind the
+one under way, and a bounded LRU cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import gevent
+from gevent.event import AsyncResult
 
 
 class LRU:
@@ -100,3 +102,54 @@ class SingleFlight:
     def joined(self, key: Hashable) -> bool:
         """Whether a call with this key would share work already under way."""
         return key in self._flights
+
+
+class _Batch:
+    __slots__ = ("args", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self.fn = fn
+        self.args = args
+        self.result = AsyncResult()
+
+
+class NextFlight:
+    """Runs at most one call per key at a time, each in a greenlet of its own;
+    callers that arrive while one runs share the *next* call, which starts
+    once it ends.
+
+    Unlike SingleFlight, every caller gets a result computed wholly after it
+    called (what the end of a growing file must be read with: exact at the
+    moment of the request), and N callers that arrive together cost two calls,
+    not N. A call runs to its end even when its callers have gone (bound its
+    work, as a command timeout does).
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, _Batch] = {}
+        self._queued: dict[Hashable, _Batch] = {}
+
+    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` called after this call began, shared with the other
+        callers of ``key`` waiting for the same call; what it raised is raised."""
+        if key in self._running:
+            batch = self._queued.get(key)
+            if batch is None:
+                batch = self._queued[key] = _Batch(fn, args)
+        else:
+            batch = _Batch(fn, args)
+            self._start(key, batch)
+        return unwrap(batch.result.get())
+
+    def _start(self, key: Hashable, batch: _Batch) -> None:
+        self._running[key] = batch
+        greenlet = gevent.spawn(outcome, batch.fn, *batch.args)
+        greenlet.rawlink(lambda done: self._done(key, batch, done))
+
+    def _done(self, key: Hashable, batch: _Batch, greenlet: gevent.Greenlet) -> None:
+        # in the hub
+        del self._running[key]
+        batch.result.set(greenlet.value if greenlet.successful() else (False, greenlet.exception))
+        queued = self._queued.pop(key, None)
+        if queued is not None:
+            self._start(key, queued)

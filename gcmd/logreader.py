@@ -1,7 +1,9 @@
 """The logs gcmd serves: a file, the systemd journal, and its own log.
 
-lastlog of a regular file reads the file itself at each request, in the
-thread pool it is given: open, ``fstat``, then the end is read backwards in
+lastlog of a regular file reads the file itself for each request, in the
+thread pool it is given (requests for the same number of lines that arrive
+while a read is under way share the next read, which starts after them):
+open, ``fstat``, then the end is read backwards in
 64 KiB chunks until the newlines of the last N lines are found. When those
 lines hold little (1 MiB) they come from the chunks already read; otherwise
 each line is read on its own, a line longer than 64 KiB costing only its
@@ -43,7 +45,7 @@ import gevent
 import gevent.lock
 from gevent.threadpool import ThreadPool
 
-from gcmd.flight import outcome, unwrap
+from gcmd.flight import NextFlight, outcome, unwrap
 from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
 from gcmd.loglines import RECENT_LINES, Batch, LineSplitter, Recent, wire_line
 from gcmd.protocol import CommandError
@@ -159,6 +161,8 @@ class FileLog(_ProcessLog):
         #: readers of rotated files, finishing: reader -> the greenlet that stops it
         self._retiring: dict[Reader, gevent.Greenlet] = {}
         self._checker: gevent.Greenlet | None = None
+        #: lastlog reads by line count: requests that arrive during a read share the next one
+        self._reads = NextFlight()
 
     def start(self) -> None:
         """Warn at start-up when the file cannot be read (lastlog says why, later)."""
@@ -169,7 +173,7 @@ class FileLog(_ProcessLog):
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines; CommandError when it cannot be read."""
-        lines = self._call(read_last_lines, "lastlog", count)
+        lines = self._reads.run(count, self._call, read_last_lines, "lastlog", count)
         if lines is not None:
             return lines
         self._follow_path()  # not a regular file: what its reader read
