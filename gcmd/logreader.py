@@ -40,8 +40,10 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 
 import gevent
+import gevent.event
 import gevent.lock
 from gevent.threadpool import ThreadPool
 
@@ -52,6 +54,14 @@ from gcmd.protocol import CommandError
 
 log = logging.getLogger(__name__)
 
+#: seconds between two delivery passes to a log's followers: the lines that
+#: end meanwhile go together, so that a log growing fast costs a pass (a send
+#: to each follower) per interval rather than per chunk the reader reads
+DELIVERY_INTERVAL = 0.02
+#: bytes of waiting lines that start a pass before the interval is over
+DELIVERY_BATCH = 1 << 20
+#: subscribers served in a row before a pass lets the others run
+PASS_SLICE = 64
 #: seconds between two checks of which file a followed path names
 ROTATION_CHECK = 0.5
 #: seconds the reader of a rotated file goes on after the switch, for its last lines
@@ -77,10 +87,15 @@ class LogStats:
 class Broadcast:
     """What every log has: its subscribers, its recent lines, its figures.
 
-    A subscriber is called in a greenlet of the hub with each batch of new
-    wire lines (a :class:`~gcmd.loglines.Batch`, a list every subscriber
-    shares: never changed); it must be cheap (it queues them).
-    One that raises is logged and keeps its place.
+    New lines are delivered in passes, by one greenlet per log (its courier):
+    a pass hands the lines that ended since the last one, as one
+    :class:`~gcmd.loglines.Batch` (a list every subscriber shares: never
+    changed), to every subscriber, letting the others run every PASS_SLICE
+    subscribers. A pass starts at once after a quiet spell, else
+    DELIVERY_INTERVAL after the last one (sooner when DELIVERY_BATCH bytes
+    wait), so a log that grows fast costs a pass per interval, not one per
+    chunk its reader reads. A subscriber must not block; one that raises is
+    logged and keeps its place.
     """
 
     #: what ``logs`` shows as the log's SOURCE
@@ -90,26 +105,70 @@ class Broadcast:
         self.stats = LogStats()
         #: the last lines read, for logs answered from memory
         self.recent = Recent()
-        self._subscribers: dict[Subscriber, None] = {}
+        #: subscriber -> the number of the first line it gets (lines are numbered as queued)
+        self._subscribers: dict[Subscriber, int] = {}
+        #: wire lines for the next pass, their bytes as sent, and the number of the next line
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self._numbered = 0
+        self._last_pass = 0.0
+        self._lines_wait = gevent.event.Event()
+        self._courier: gevent.Greenlet | None = None
 
     def subscribe(self, callback: Subscriber) -> None:
         """Send ``callback`` every line that ends from now on."""
-        self._subscribers[callback] = None
+        self._subscribers[callback] = self._numbered
         self.stats.followers = len(self._subscribers)
+        if self._courier is None:
+            self._courier = gevent.spawn(self._deliver_passes)
 
     def unsubscribe(self, callback: Subscriber) -> None:
         self._subscribers.pop(callback, None)
         self.stats.followers = len(self._subscribers)
 
+    def stop_delivery(self) -> None:
+        """Stop the courier (no more passes)."""
+        if self._courier is not None:
+            self._courier.kill(block=False)
+
     def _deliver(self, wire: list[bytes | None]) -> None:
+        """Queue new wire lines for the next pass (None: a line not sent)."""
         if not self._subscribers:
             return
-        lines = Batch([line for line in wire if line is not None])
-        if not lines:
-            return
-        for callback in tuple(self._subscribers):
+        for line in wire:
+            if line is not None:
+                self._waiting.append(line)
+                self._waiting_bytes += len(line) + 1
+                self._numbered += 1
+        if self._waiting:
+            self._lines_wait.set()
+
+    def _deliver_passes(self) -> None:
+        # the courier
+        while True:
+            self._lines_wait.wait()
+            delay = self._last_pass + DELIVERY_INTERVAL - monotonic()
+            while delay > 0 and self._waiting_bytes < DELIVERY_BATCH:
+                self._lines_wait.clear()
+                self._lines_wait.wait(delay)
+                delay = self._last_pass + DELIVERY_INTERVAL - monotonic()
+            self._lines_wait.clear()
+            self._pass()
+
+    def _pass(self) -> None:
+        lines, first = Batch(self._waiting), self._numbered - len(self._waiting)
+        self._waiting, self._waiting_bytes = [], 0
+        self._last_pass = monotonic()
+        for n, (callback, since) in enumerate(tuple(self._subscribers.items())):
+            if n and n % PASS_SLICE == 0:
+                gevent.sleep(0)  # the others run between slices of a long pass
+            if callback not in self._subscribers:
+                continue  # gone meanwhile
+            part = lines if since <= first else Batch(lines[since - first:])
+            if not part:
+                continue  # it came after these lines ended
             try:
-                callback(lines)
+                callback(part)
             except Exception:
                 log.exception("a follower of the log '%s' failed", self.source)
 
@@ -194,6 +253,7 @@ class FileLog(_ProcessLog):
         if self._reader is not None:
             self._reader.stop()
         self.children.close()
+        self.stop_delivery()
 
     def argv(self, reader: Reader) -> list[str]:
         offset = reader.position if reader.regular else 0
@@ -290,6 +350,7 @@ class JournalLog(_ProcessLog):
         if self._reader is not None:
             self._reader.stop()
         self.children.close()
+        self.stop_delivery()
 
     def argv(self, reader: Reader) -> list[str]:
         # --merge: with --follow alone, journalctl (252) shows the current boot

@@ -251,13 +251,26 @@ class Session(Connection):
         self._send(b"".join(rest))
 
     def _deliver(self, lines: list[bytes]) -> None:
-        """The followed log's new lines (the wire lines of one batch)."""
+        """The followed log's new lines (the wire lines of one batch), in the hub.
+
+        A parked follower whose socket takes them all stays parked: they are
+        sent here, without a greenlet. Otherwise (a partial send, an error, a
+        session that is running) its greenlet is told (LINES)."""
         follow = self.follow
         if follow is None:
             return
         dropped = follow.buffer.push(lines)
         if dropped:
             follow.log.stats.lines_dropped += dropped
+        if self.parked and not follow.out:
+            try:
+                self._push()
+            except OSError:
+                pass  # its greenlet meets the error again, and closes
+            else:
+                self.deadline = float("inf")  # parked while following: no idle clock
+                if not follow.out:
+                    return
         if not follow.scheduled:
             follow.scheduled = True
             self.server.loop.run_callback(self._lines_arrived, follow)
