@@ -154,7 +154,9 @@ def _add_limit_flags(p: Parser, d: Config) -> None:
     p.setting(lim, "allow", action=ReplaceDefault, default=(), metavar="CIDR",
               help="accept clients only from this network; repeatable (default: everyone)")
     seconds = (("idle-timeout", "close a client silent (or not reading) this long"),
-               ("command-timeout", "give up a lastlog not answered in this long (a FIFO, a hung file)"),
+               ("command-timeout", ("give up a lastlog, or the start of a follow, not answered in "
+                                    "this long (a hung network file; a FIFO or the journal whose "
+                                    "reader has printed nothing yet)")),
                ("shutdown-timeout", "on SIGTERM, wait this long for running commands"))
     for name, what in seconds:
         field = name.replace("-", "_")
