@@ -239,7 +239,7 @@ def responsiveness(workdir: Path, hash_files: list[Path], seconds: float, pings:
             results[f"lastlog_{name}_p99_ms"] = ping_p99_under(server.port, load, pings)
             out.get(timeout=seconds + 60)
             load.join()
-            results[f"lastlog_{name}_stats"] = stats(server.port)
+            results[f"lastlog_{name}_stats"] = stats(server.port, name)
         finally:
             if writer is not None:
                 writer.terminate()
@@ -248,9 +248,11 @@ def responsiveness(workdir: Path, hash_files: list[Path], seconds: float, pings:
     return results
 
 
-def stats(port: int) -> str:
+def stats(port: int, log: str) -> str:
+    """What ``stats`` says of the lastlog load: requests and error lines, and the
+    log's reader process (none: lastlog of a file reads it in a thread)."""
     reply = Line(port).ask(b"stats\n", b"End stats\n").decode()
-    keep = ("tail_runs", "tail_reused", "tail_shared")
+    keep = ("commands", "errors", f"log.{log}.lines_read", f"log.{log}.reader_restarts")
     return ", ".join(line for line in reply.splitlines() if line.split(" ")[0] in keep)
 
 

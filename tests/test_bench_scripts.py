@@ -168,6 +168,10 @@ def test_bench_hash_quick_is_a_smoke_test_that_prints_every_figure():
     for text in ("time / openssl", "peak RSS growth", "4 clients hashing", "lastlog, static",
                  "lastlog, growing", "lastlog/s at 10 clients"):
         assert text in result.stdout, text
+    # what stats says after each lastlog load: requests answered, none failed, no reader process
+    for log in ("static", "growing"):
+        assert re.search(rf"^  {log} log: +commands [1-9]\d*, errors 0, log\.{log}\.lines_read 0, "
+                         rf"log\.{log}\.reader_restarts 0$", result.stdout, re.MULTILINE), log
     assert "PASS" not in result.stdout and "FAIL" not in result.stdout
     assert result.stdout.strip().splitlines()[-1] == (
         "quick run: a smoke test, every figure measured; no target checked")
