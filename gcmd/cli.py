@@ -98,7 +98,8 @@ def _add_network_flags(p: Parser, d: Config) -> None:
               help="where to listen: an IPv4 or IPv6 address (0.0.0.0 or :: for every interface), "
                    "or a host name that resolves (default: %(default)s)")
     p.setting(net, "port", type=int, default=d.port,
-              help=f"TCP port, {RANGES['port']}; 0 picks a free one (default: %(default)s)")
+              help=f"TCP port, {RANGES['port']}; 0 picks a free one, which the start-up line names "
+                   "at any --log-level, --quiet included (default: %(default)s)")
     p.setting(net, "backlog", type=int, default=d.backlog,
               help=f"connections waiting to be accepted, {RANGES['backlog']} (default: %(default)s)")
     p.setting(net, "proxy-protocol", action="store_true",

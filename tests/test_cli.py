@@ -89,12 +89,17 @@ def test_port_in_use_exits_1_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_port_0_logs_the_chosen_port(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--root", str(tmp_path)],
+@pytest.mark.parametrize("quiet", [[], ["--quiet"], ["--log-level", "error"], ["--quiet", "--workers", "2"]])
+def test_port_0_logs_the_chosen_port_at_any_log_level(tmp_path, quiet):
+    (tmp_path / "app.log").write_text("started\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--root", str(tmp_path),
+                             "--logfile", str(tmp_path / "app.log"), *quiet],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = proc.stdout.readline()
-        port = int(re.search(r"listening on 127\.0\.0\.1 port (\d+)", first).group(1))
+        # an info line as ever, not a warning
+        assert "WARNING" not in first
+        port = int(re.search(r"\] gcmd \S+ listening on 127\.0\.0\.1 port (\d+)", first).group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"ping\n")
             assert s.recv(100) == b"pong\n"
@@ -165,6 +170,8 @@ def test_quiet_logs_no_commands(gcmd):
     assert server.client().ask("ping") == b"pong\n"
     server.stop()
     assert "Cmd received" not in server.log()
+    # the port was given: the listening line is info, which --quiet hides
+    assert "listening on" not in server.log()
 
 
 def test_sigterm_exits_0_after_goodbye(gcmd):
