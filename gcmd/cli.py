@@ -213,7 +213,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     """Config and RunOptions from parsed flags, checked against this machine too.
 
     Raises SettingError: a value out of range, a root that is no directory, a
-    host that does not resolve, a file that cannot be read or used.
+    host that does not resolve, a file that cannot be read or used, an
+    --output that cannot be appended to.
     """
     root = os.path.abspath(args.root if args.root is not None else os.getcwd())
     if not os.path.isdir(root):
@@ -231,9 +232,23 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
                        "logfiles": tuple(args.logfile)})
     if config.tls:
         lifecycle.tls_context(config)
+    if args.output is not None:
+        check_output(args.output)
     options = RunOptions(log_level=args.log_level, log_format=args.log_format, output=args.output,
                          token_file=args.token_file, config_file=args.config)
     return config, options
+
+
+def check_output(path: str) -> None:
+    """Raise SettingError unless the server log can be appended to ``path``.
+
+    The file is made if missing, as the server would make it a moment later.
+    """
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise SettingError("output", f"cannot open --output {path}: {exc.strerror}") from None
 
 
 def check_resolves(host: str) -> None:

@@ -55,11 +55,15 @@ def test_help_documents_every_flag_with_its_default():
     (["--allow", "not-a-network"], "--allow 'not-a-network' is not a network"),
     (["--log-level", "loud"], "invalid choice"),
     (["--port", "abc"], "invalid int value"),
+    (["--output", "/no/such/dir/gcmd.log"], "cannot open --output /no/such/dir/gcmd.log: No such file or directory"),
+    (["--output", "/"], "cannot open --output /: Is a directory"),
 ])
 def test_bad_settings_exit_2_with_one_message_before_binding(args, message):
     result = run_gcmd(*args)
     assert result.returncode == 2
     assert message in result.stderr
+    assert result.stderr.startswith("gcmd: error: ") and result.stderr.endswith("\nTry 'gcmd --help'.\n")
+    assert result.stderr.count("\n") == 2
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
 
