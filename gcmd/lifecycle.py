@@ -171,17 +171,15 @@ def announce(config: Config, port: int, workers: str = "") -> None:
 
 
 def announce_logs(config: Config, logs: list[tuple[str, str]]) -> None:
-    """Which logs are served (``logs``: name, source; the default first), and how to choose."""
+    """Which logs are served (``logs``: name, source; the default first), and how to choose.
+
+    A log that cannot be read was warned about already, when the server started its logs.
+    """
     (name, source), *others = logs
     log.info("default log: %s (%s)%s; %s", name, source,
              f", also: {', '.join(other for other, _ in others)}" if others else "",
              "--logfile [NAME=]SOURCE chooses the logs" if not config.logfiles
              else "the first --logfile is the default")
-    for name, source in logs:
-        if source != "memory" and source != "journal" and not source.startswith("journal:") \
-                and not os.path.exists(source):
-            log.warning("log file %s does not exist: lastlog %s answers an error until it does; "
-                        "start gcmd with --logfile PATH to serve another log", source, name)
 
 
 def describe(config: Config, options: RunOptions) -> str:

@@ -113,10 +113,13 @@ def test_port_0_logs_the_chosen_port_at_any_log_level(tmp_path, quiet):
     assert proc.returncode == 0
 
 
-def test_missing_syslog_still_starts_and_says_how_to_point_logfile(tmp_path):
+def test_missing_syslog_still_starts_and_says_once_how_to_point_logfile(tmp_path):
     server = GcmdProcess(tmp_path, logfile=tmp_path / "absent.log")
     try:
-        assert "does not exist" in server.log() and "--logfile PATH" in server.log()
+        warnings = [line for line in server.log().splitlines() if "WARNING" in line]
+        assert len(warnings) == 1, warnings
+        assert f"'{tmp_path}/absent.log': No such file or directory" in warnings[0]
+        assert "--logfile PATH" in warnings[0]
         reply = server.client().ask("lastlog")
         assert reply.startswith(b"An error occured : ") and b"--logfile" in reply
     finally:
