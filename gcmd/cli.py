@@ -98,7 +98,8 @@ def _add_network_flags(p: Parser, d: Config) -> None:
               help="where to listen: an IPv4 or IPv6 address (0.0.0.0 or :: for every interface), "
                    "or a host name that resolves (default: %(default)s)")
     p.setting(net, "port", type=int, default=d.port,
-              help=f"TCP port, {RANGES['port']}; 0 picks a free one (default: %(default)s)")
+              help=f"TCP port, {RANGES['port']}; 0 picks a free one, which the start-up line names "
+                   "at any --log-level, --quiet included (default: %(default)s)")
     p.setting(net, "backlog", type=int, default=d.backlog,
               help=f"connections waiting to be accepted, {RANGES['backlog']} (default: %(default)s)")
     p.setting(net, "proxy-protocol", action="store_true",
@@ -154,7 +155,9 @@ def _add_limit_flags(p: Parser, d: Config) -> None:
     p.setting(lim, "allow", action=ReplaceDefault, default=(), metavar="CIDR",
               help="accept clients only from this network; repeatable (default: everyone)")
     seconds = (("idle-timeout", "close a client silent (or not reading) this long"),
-               ("command-timeout", "give up a lastlog not answered in this long (a FIFO, a hung file)"),
+               ("command-timeout", ("give up a lastlog, or the start of a follow, not answered in "
+                                    "this long (a hung network file; a FIFO or the journal whose "
+                                    "reader has printed nothing yet)")),
                ("shutdown-timeout", "on SIGTERM, wait this long for running commands"))
     for name, what in seconds:
         field = name.replace("-", "_")
@@ -210,7 +213,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     """Config and RunOptions from parsed flags, checked against this machine too.
 
     Raises SettingError: a value out of range, a root that is no directory, a
-    host that does not resolve, a file that cannot be read or used.
+    host that does not resolve, a file that cannot be read or used, an
+    --output that cannot be appended to.
     """
     root = os.path.abspath(args.root if args.root is not None else os.getcwd())
     if not os.path.isdir(root):
@@ -228,9 +232,23 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
                        "logfiles": tuple(args.logfile)})
     if config.tls:
         lifecycle.tls_context(config)
+    if args.output is not None:
+        check_output(args.output)
     options = RunOptions(log_level=args.log_level, log_format=args.log_format, output=args.output,
                          token_file=args.token_file, config_file=args.config)
     return config, options
+
+
+def check_output(path: str) -> None:
+    """Raise SettingError unless the server log can be appended to ``path``.
+
+    The file is made if missing, as the server would make it a moment later.
+    """
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise SettingError("output", f"cannot open --output {path}: {exc.strerror}") from None
 
 
 def check_resolves(host: str) -> None:

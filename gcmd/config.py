@@ -123,7 +123,7 @@ class Config:
     max_line: int = _ranged(1, 1 << 20, default=8192)
     #: seconds without a complete line (or without reply progress) before a client is cut
     idle_timeout: float = _ranged(0, MAX_SECONDS, "seconds", above=True, default=300.0)
-    #: seconds a tail may run before it is killed
+    #: seconds a lastlog (or the start of a follow) may wait for the log before it answers an error
     command_timeout: float = _ranged(0, MAX_SECONDS, "seconds", above=True, default=10.0)
     #: seconds a graceful shutdown waits for running commands
     shutdown_timeout: float = _ranged(0, MAX_SECONDS, "seconds", default=10.0)

@@ -154,25 +154,32 @@ def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
 
 
 def announce(config: Config, port: int, workers: str = "") -> None:
-    """The start-up lines: where gcmd listens and what it serves."""
-    log.info("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
-             tls_mode(config), workers)
+    """The start-up lines: where gcmd listens and what it serves.
+
+    With ``--port 0`` the listening line is written whatever the log level:
+    it is the only place that names the port chosen.
+    """
+    listening = ("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
+                 tls_mode(config), workers)
+    if config.port == 0 and not log.isEnabledFor(logging.INFO):
+        # still an info line, not a warning: handed to the handlers past the level check
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, listening[0], listening[1:], None))
+    else:
+        log.info(*listening)
     log.info("root %s, max %d clients%s%s", config.root, config.max_clients,
              " per worker" if workers else "", ", token required" if config.token else "")
 
 
 def announce_logs(config: Config, logs: list[tuple[str, str]]) -> None:
-    """Which logs are served (``logs``: name, source; the default first), and how to choose."""
+    """Which logs are served (``logs``: name, source; the default first), and how to choose.
+
+    A log that cannot be read was warned about already, when the server started its logs.
+    """
     (name, source), *others = logs
     log.info("default log: %s (%s)%s; %s", name, source,
              f", also: {', '.join(other for other, _ in others)}" if others else "",
              "--logfile [NAME=]SOURCE chooses the logs" if not config.logfiles
              else "the first --logfile is the default")
-    for name, source in logs:
-        if source != "memory" and source != "journal" and not source.startswith("journal:") \
-                and not os.path.exists(source):
-            log.warning("log file %s does not exist: lastlog %s answers an error until it does; "
-                        "start gcmd with --logfile PATH to serve another log", source, name)
 
 
 def describe(config: Config, options: RunOptions) -> str:

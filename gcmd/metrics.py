@@ -53,22 +53,26 @@ class GcmdCollector:
                                 value=server.config.max_clients)
         yield CounterMetricFamily("gcmd_connections", "Connections accepted, refused or not",
                                   value=stats.connections)
+        # every labelled series is there from the start, at 0: one that appeared at
+        # its first increment would hide that increment from rate() and increase()
         refused = CounterMetricFamily("gcmd_connections_refused", "Connections refused, by reason",
                                       labels=["reason"])
         for reason, count in sorted(stats.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+        timed = {handler.verb for handler in server.commands.figures if handler.slow}
         commands = CounterMetricFamily("gcmd_commands", "Commands received, by name and outcome "
                                        "(ok, error, internal_error, denied, cancelled)",
                                        labels=["command", "outcome"])
         latency = HistogramMetricFamily("gcmd_command_duration_seconds",
                                         "Time from a request to its reply, by command: the slow "
-                                        "ones (lastlog, comphash, hash)", labels=["command"])
+                                        "ones (lastlog, follow until it begins, comphash, hash)",
+                                        labels=["command"])
         for command, figures in sorted(stats.by_command.items()):
             for outcome, count in sorted(figures.outcomes.items()):
                 commands.add_metric([command, outcome], count)
-            if not sum(figures.buckets):
-                continue  # not timed
+            if command not in timed:
+                continue
             cumulative, buckets = 0, []
             for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), figures.buckets):
                 cumulative += count

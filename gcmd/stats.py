@@ -7,6 +7,9 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+#: why a connection is refused: over a cap, not allowed, no PROXY header, shutting
+#: down, a failed TLS handshake (with --tls-client-ca)
+REFUSALS = ("max_clients", "max_per_ip", "not_allowed", "proxy_header", "shutting_down", "tls_handshake")
 #: upper bounds, in seconds, of the command latency histogram's buckets
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0)
@@ -30,10 +33,9 @@ class CommandStats:
     @property
     def outcomes(self) -> dict[str, int]:
         """ok, error (an error line), internal_error, denied (no auth), cancelled (no
-        reply: the client left or the server stopped): the non-zero ones."""
-        counts = {"ok": self.ok, "error": self.error, "internal_error": self.internal_error,
-                  "denied": self.denied, "cancelled": self.cancelled}
-        return {outcome: count for outcome, count in counts.items() if count}
+        reply: the client left or the server stopped): every one, zeros included."""
+        return {"ok": self.ok, "error": self.error, "internal_error": self.internal_error,
+                "denied": self.denied, "cancelled": self.cancelled}
 
 
 @dataclass
@@ -49,8 +51,9 @@ class ServerStats:
     greenlets: int = 0
     #: connections accepted since start, refused or not
     connections: int = 0
-    #: connections refused, by reason: over a cap, not allowed, no PROXY header, shutting down
-    refused: Counter[str] = field(default_factory=Counter)
+    #: connections refused, by reason (REFUSALS); every reason there from the start, at 0,
+    #: so that a Prometheus counter exists before the first refusal
+    refused: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(REFUSALS, 0)))
     #: requests answered (blank lines are not requests)
     commands: int = 0
     auth_failures: int = 0

@@ -80,16 +80,20 @@ def _ratio_text(ratio: float | None) -> str:
 
 
 def report(results: dict, rounds: dict | None = None) -> None:
-    """Print the table and the ratios; with several ``rounds`` of each server,
-    each ratio's lowest and highest of the rounds (round i of one server
-    beside round i of the other) are in brackets. The follow cell has its
-    own section (bench_logs.report_follow)."""
+    """Print the table and the ratios (one line instead when one server ran);
+    with several ``rounds`` of each server, each ratio's lowest and highest of
+    the rounds (round i of one server beside round i of the other) are in
+    brackets. The follow cell has its own section (bench_logs.report_follow)."""
     names = list(results)
     base = "gcmd" if "gcmd" in results else names[0]
     cells = [cell for cell in results[base] if cell != FOLLOW]
     print(f"\n{'cell':<20}" + "".join(f"{n:>22}" for n in names))
     for cell in cells:
         print(f"{cell:<20}" + "".join(f"{_figures(results[name].get(cell, {})):>22}" for name in names))
+    if names == [base]:
+        print(f"\nno ratios: {base} is the only server measured, nothing to compare it with "
+              f"(add one: --only {base},naive_gevent, or --baseline DIR)")
+        return
     rounds = rounds or {}
     paired = {name for name in names if 1 < len(rounds.get(name, ())) == len(rounds.get(base, ()))}
     width = 24 if paired else 16

@@ -108,6 +108,17 @@ def test_bench_rounds_give_each_ratio_its_range():
     assert float(low) <= float(median) <= float(high)
 
 
+def test_bench_report_of_one_server_says_there_is_nothing_to_compare(capsys):
+    report = scripts_module("bench_report")
+    report.report({"gcmd": {"ping 1c": {"rps": 12000.0}, "churn": {"rps": 2900.0}}},
+                  {"gcmd": [{"ping 1c": {"rps": 12000.0}, "churn": {"rps": 2900.0}}]})
+    out = capsys.readouterr().out
+    assert re.search(r"^ping 1c\s+12000/s$", out, re.MULTILINE)
+    assert "ratios of" not in out
+    assert out.strip().splitlines()[-1] == ("no ratios: gcmd is the only server measured, nothing to "
+                                            "compare it with (add one: --only gcmd,naive_gevent, or --baseline DIR)")
+
+
 def test_bench_targets_are_the_readmes_table():
     result = run_bench("--targets", timeout=20)
     assert result.returncode == 0, result.stderr
@@ -168,6 +179,10 @@ def test_bench_hash_quick_is_a_smoke_test_that_prints_every_figure():
     for text in ("time / openssl", "peak RSS growth", "4 clients hashing", "lastlog, static",
                  "lastlog, growing", "lastlog/s at 10 clients"):
         assert text in result.stdout, text
+    # what stats says after each lastlog load: requests answered, none failed, no reader process
+    for log in ("static", "growing"):
+        assert re.search(rf"^  {log} log: +commands [1-9]\d*, errors 0, log\.{log}\.lines_read 0, "
+                         rf"log\.{log}\.reader_restarts 0$", result.stdout, re.MULTILINE), log
     assert "PASS" not in result.stdout and "FAIL" not in result.stdout
     assert result.stdout.strip().splitlines()[-1] == (
         "quick run: a smoke test, every figure measured; no target checked")

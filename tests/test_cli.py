@@ -55,11 +55,15 @@ def test_help_documents_every_flag_with_its_default():
     (["--allow", "not-a-network"], "--allow 'not-a-network' is not a network"),
     (["--log-level", "loud"], "invalid choice"),
     (["--port", "abc"], "invalid int value"),
+    (["--output", "/no/such/dir/gcmd.log"], "cannot open --output /no/such/dir/gcmd.log: No such file or directory"),
+    (["--output", "/"], "cannot open --output /: Is a directory"),
 ])
 def test_bad_settings_exit_2_with_one_message_before_binding(args, message):
     result = run_gcmd(*args)
     assert result.returncode == 2
     assert message in result.stderr
+    assert result.stderr.startswith("gcmd: error: ") and result.stderr.endswith("\nTry 'gcmd --help'.\n")
+    assert result.stderr.count("\n") == 2
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
 
@@ -89,12 +93,17 @@ def test_port_in_use_exits_1_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_port_0_logs_the_chosen_port(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--root", str(tmp_path)],
+@pytest.mark.parametrize("quiet", [[], ["--quiet"], ["--log-level", "error"], ["--quiet", "--workers", "2"]])
+def test_port_0_logs_the_chosen_port_at_any_log_level(tmp_path, quiet):
+    (tmp_path / "app.log").write_text("started\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--root", str(tmp_path),
+                             "--logfile", str(tmp_path / "app.log"), *quiet],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = proc.stdout.readline()
-        port = int(re.search(r"listening on 127\.0\.0\.1 port (\d+)", first).group(1))
+        # an info line as ever, not a warning
+        assert "WARNING" not in first
+        port = int(re.search(r"\] gcmd \S+ listening on 127\.0\.0\.1 port (\d+)", first).group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"ping\n")
             assert s.recv(100) == b"pong\n"
@@ -104,10 +113,13 @@ def test_port_0_logs_the_chosen_port(tmp_path):
     assert proc.returncode == 0
 
 
-def test_missing_syslog_still_starts_and_says_how_to_point_logfile(tmp_path):
+def test_missing_syslog_still_starts_and_says_once_how_to_point_logfile(tmp_path):
     server = GcmdProcess(tmp_path, logfile=tmp_path / "absent.log")
     try:
-        assert "does not exist" in server.log() and "--logfile PATH" in server.log()
+        warnings = [line for line in server.log().splitlines() if "WARNING" in line]
+        assert len(warnings) == 1, warnings
+        assert f"'{tmp_path}/absent.log': No such file or directory" in warnings[0]
+        assert "--logfile PATH" in warnings[0]
         reply = server.client().ask("lastlog")
         assert reply.startswith(b"An error occured : ") and b"--logfile" in reply
     finally:
@@ -165,6 +177,8 @@ def test_quiet_logs_no_commands(gcmd):
     assert server.client().ask("ping") == b"pong\n"
     server.stop()
     assert "Cmd received" not in server.log()
+    # the port was given: the listening line is info, which --quiet hides
+    assert "listening on" not in server.log()
 
 
 def test_sigterm_exits_0_after_goodbye(gcmd):

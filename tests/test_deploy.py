@@ -245,6 +245,21 @@ def test_systemd_unit_documentation_is_what_its_install_leaves():
         assert (DEPLOY.parent / path.removeprefix(checkout + "/")).is_file(), url
 
 
+def test_systemd_unit_install_makes_its_root_and_the_docs_run_its_gcmd():
+    unit = (DEPLOY / "gcmd.service").read_text()
+    steps = re.findall(r"^#   (\S.*)$", unit, re.MULTILINE)
+    command = dict(unit_settings(unit))["ExecStart"].split()
+    root = command[command.index("--root") + 1]
+    # gcmd exits 2 when its root is missing: the steps make it
+    assert any(re.search(rf"\b(install -d|mkdir)\b.* {re.escape(root)}$", step) for step in steps), steps
+    venv = re.search(r"python3 -m venv (\S+)", "\n".join(steps)).group(1)
+    assert command[0] == venv + "/bin/gcmd"
+    # SECURITY.md's unit with a fixed user runs the same installation
+    security = (DEPLOY.parent / "SECURITY.md").read_text()
+    starts = re.findall(r"^\s*ExecStart=(\S+)", security, re.MULTILINE)
+    assert starts and set(starts) == {command[0]}
+
+
 @pytest.mark.timeout(60)
 def test_license_is_mit_and_packaged(tmp_path):
     text = (DEPLOY.parent / "LICENSE").read_text()

@@ -91,6 +91,30 @@ def test_metrics_agree_with_stats(make_server, connect, tmp_path):
     assert value("process_open_fds") > 0
 
 
+def test_every_counter_is_there_from_the_start_at_0(make_server):
+    server = make_server()
+    metrics = MetricsServer(server, "127.0.0.1", 0)
+    metrics.start()
+    try:
+        samples = scrape(metrics.port)
+    finally:
+        metrics.stop()
+    for reason in ("max_clients", "max_per_ip", "not_allowed", "proxy_header", "shutting_down",
+                   "tls_handshake"):
+        assert samples["gcmd_connections_refused_total", (("reason", reason),)] == 0, reason
+    for command in ("lastlog", "follow", "logs", "comphash", "hash", "ping", "help", "stats", "auth",
+                    "exit", "unknown"):
+        for outcome in ("ok", "error", "internal_error", "denied", "cancelled"):
+            assert samples["gcmd_commands_total", (("command", command), ("outcome", outcome))] == 0
+    for command in ("lastlog", "follow", "comphash", "hash"):
+        assert samples["gcmd_command_duration_seconds_count", (("command", command),)] == 0
+        assert samples["gcmd_command_duration_seconds_bucket", (("command", command), ("le", "+Inf"))] == 0
+    assert ("gcmd_command_duration_seconds_count", (("command", "ping"),)) not in samples
+    for name in ("gcmd_connections_total", "gcmd_auth_failures_total", "gcmd_hash_runs_total"):
+        assert samples[name, ()] == 0, name
+    assert samples["gcmd_log_reader_restarts_total", (("log", "gcmd"),)] == 0
+
+
 def test_command_outcomes_with_a_token(make_server, connect):
     server = make_server(token=b"s3cret")
     metrics = MetricsServer(server, "127.0.0.1", 0)
