@@ -19,7 +19,9 @@ Who owns what:
   running: ClientGone (the connection was reset) and Shutdown (the shutdown
   deadline passed). Inside its own greenlet a connection ends with ``Ended``.
 
-What is served on it (requests, a follow) is gcmd.session.Session.
+How a TLS or PROXY connection is opened (the header, admission, the
+handshake) is gcmd.opening.Opening; what is served on it (requests, a
+follow) is gcmd.session.Session.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ import ssl
 from time import monotonic
 from typing import TYPE_CHECKING
 
-import gevent
 from gevent import GreenletExit, getcurrent
 
-from gcmd import protocol, proxy, tls
+from gcmd import protocol
 
 if TYPE_CHECKING:
     from gcmd.server import GcmdServer
@@ -51,13 +52,6 @@ LINGER_QUIET = 0.2
 FAREWELL_TIMEOUT = 2.0
 #: seconds a client may be silent before it is parked
 PARK_AFTER = 1.0
-#: seconds a load balancer has to send the PROXY header (at most the idle timeout)
-PROXY_TIMEOUT = 5.0
-#: seconds between two looks at a PROXY header that arrived in part
-PROXY_PARTIAL_WAIT = 0.01
-#: seconds a client has to show its certificate (finish its TLS handshake) when
-#: one is required: it holds no slot meanwhile (at most the idle timeout)
-CERTIFICATE_TIMEOUT = 10.0
 
 # why a wait ended, or why a connection was given a greenlet
 READABLE = "readable"
@@ -202,6 +196,10 @@ class Connection:
     def _serve(self, data: bytes, ready: bool) -> str:
         """Serve the client, starting with ``data`` it sent (``ready``: more is
         waiting to be read), until it is done (raise Ended) or can be parked (PARK)."""
+        raise NotImplementedError
+
+    def _open(self) -> None:
+        """Open a TLS or PROXY connection (see gcmd.opening): raise Ended to refuse it."""
         raise NotImplementedError
 
     def _goodbye(self) -> Ended:
@@ -382,105 +380,6 @@ class Connection:
             data = self.recv()
             if data == b"" or data is None and self.wait(READ) is DEADLINE:
                 return
-
-    # --- opening a TLS or PROXY connection, in its greenlet ------------------------------
-
-    def _open(self) -> None:
-        """Read the PROXY header, admit the client, do the TLS handshake. A refused
-        client is told so (Ended). When client certificates are required, the
-        handshake comes before admission, so that the connection line names the
-        certificate."""
-        server = self.server
-        if server.config.proxy_protocol:
-            self._read_proxy_header()
-        context = server.ssl_context  # SIGHUP may replace it; this connection keeps this one
-        if server.config.tls_client_ca is not None:
-            self._open_verified(context)
-            return
-        refusal = server.admit(self)
-        if refusal is not None and refusal.line is None:
-            raise refusal
-        if context is not None:
-            self._wrap(context)
-            if refusal is not None:
-                self._progress(min(server.config.idle_timeout, FAREWELL_TIMEOUT))
-            self._handshake()
-        if refusal is not None:
-            raise refusal
-
-    def _open_verified(self, context: ssl.SSLContext) -> None:
-        """Check --allow, take the client's certificate in the TLS handshake (a
-        failure is a refusal, logged with why), then admit the client."""
-        server = self.server
-        refusal = server.screen(self)
-        if refusal is not None:
-            raise refusal
-        self._wrap(context)
-        self._progress(min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
-        try:
-            self._handshake()
-        except (ssl.SSLError, Ended) as exc:
-            why = exc.reason if isinstance(exc, Ended) else tls.handshake_failure(exc)
-            server.stats.refuse("tls_handshake")
-            log.warning("Refused TLS connection from %s: %s", self.ip, why, extra=self.context)
-            raise Ended(why, None) from None
-        self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
-        self._progress()
-        refusal = server.admit(self)
-        if refusal is not None:
-            raise refusal
-
-    def _wrap(self, context: ssl.SSLContext) -> None:
-        self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        self.tls = True
-
-    def _handshake(self) -> None:
-        while True:
-            try:
-                self.sock.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                reason = self.wait(READ)
-            except ssl.SSLWantWriteError:
-                reason = self.wait(WRITE)
-            if reason is DEADLINE:
-                raise Ended("TLS handshake not finished in time", None)
-
-    def _read_proxy_header(self) -> None:
-        """Take the PROXY header off the socket and serve the client it names.
-
-        Only the header is read (peeking first), so that what follows, requests
-        or a TLS handshake, stays for the session."""
-        self._progress(min(self.server.config.idle_timeout, PROXY_TIMEOUT))
-        try:
-            while True:
-                peeked = self.recv(proxy.V2_MAX, socket.MSG_PEEK)
-                if peeked == b"":
-                    raise proxy.ProxyError("closed before its PROXY header")
-                found = proxy.parse(peeked) if peeked else None
-                if found is not None:
-                    break
-                if monotonic() >= self.deadline:
-                    raise proxy.ProxyError("no complete PROXY header in time")
-                if peeked:  # part of a header: the socket stays readable, look again shortly
-                    gevent.sleep(PROXY_PARTIAL_WAIT)
-                elif self.wait(READ) is DEADLINE:
-                    raise proxy.ProxyError("no complete PROXY header in time")
-            size, address = found
-            while size:
-                chunk = self.recv(size)
-                if chunk == b"":
-                    raise proxy.ProxyError("closed within its PROXY header")
-                size -= len(chunk or b"")
-            self._progress()  # the header's own deadline is over: the idle timeout runs
-        except (proxy.ProxyError, OSError) as exc:
-            self.server.stats.refuse("proxy_header")
-            log.warning("Closed connection from %s: no valid PROXY header (%s)", self.ip, exc,
-                        extra=self.context)
-            raise Ended("no valid PROXY header", None) from None
-        if address:
-            self.ip = address
-            self.context = self.server.session_context(self.number, address)
 
 
 def tcp_state(sock) -> int | None:

@@ -1,8 +1,9 @@
 """What is served on a connection: requests, one after another (Session).
 
 The socket side (waits, writes, parking, the deadline, close) is
-gcmd.connection.Connection; this is the protocol side: framing, running
-commands in order, batching replies, and the follow state.
+gcmd.connection.Connection, opened by gcmd.opening.Opening; this is the
+protocol side: framing, running commands in order, batching replies, and
+the follow state.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from gcmd.connection import (
     SHUTDOWN,
     STOPPABLE,
     WRITE,
-    Connection,
     Ended,
 )
 from gcmd.loglines import FollowBuffer
+from gcmd.opening import Opening
 from gcmd.protocol import Close, Follow, escape, split_lines
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ FLUSH_AT = 65536
 FOLLOW_KEEPALIVE = (60, 10, 6)
 
 
-class Session(Connection):
+class Session(Opening):
     """One client: reads request lines, runs them in order, writes the replies."""
 
     __slots__ = ("authenticated", "follow", "pending")
