@@ -157,7 +157,7 @@ def test_a_follower_gets_tcp_keepalive(make_server, connect):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
 
 
-def test_a_quiet_follower_waits_parked_and_wakes_for_new_lines(make_server, connect):
+def test_a_quiet_follower_waits_parked_and_gets_new_lines_parked(make_server, connect):
     server = make_server()
     c = connect(server)
     assert c.ask("follow") == BEGIN_FOLLOW
@@ -166,6 +166,8 @@ def test_a_quiet_follower_waits_parked_and_wakes_for_new_lines(make_server, conn
     with open(server.config.logfiles[0], "a") as f:
         f.write("wake up\n")
     assert c.line() == b"wake up\n"
+    # lines its socket takes at once reach it without a greenlet: it stays parked
+    assert server.stats.parked == 1 and server.stats.greenlets <= 1
 
 
 def test_shutdown_with_followers_says_goodbye_to_each_and_leaves_no_reader(gcmd, tmp_path):
