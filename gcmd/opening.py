@@ -60,13 +60,21 @@ class Opening(Connection):
 
     def _open_verified(self, context: ssl.SSLContext) -> None:
         """Check --allow, take the client's certificate in the TLS handshake (a
-        failure is a refusal, logged with why), then admit the client."""
+        failure is a refusal, logged with why), then admit the client. At most
+        --max-clients handshakes run at once: beyond, a client is closed at once
+        (it holds no slot yet, and could not read a refusal line)."""
         server = self.server
         refusal = server.screen(self)
         if refusal is not None:
             raise refusal
+        if server.handshakes >= server.config.max_clients:
+            server.stats.refuse("max_clients")
+            log.warning("Refused TLS connection from %s: too many handshakes under way", self.ip,
+                        extra=self.context)
+            raise Ended("too many handshakes under way", None)
         self._wrap(context)
         self._progress(min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
+        server.handshakes += 1
         try:
             self._handshake()
         except (ssl.SSLError, Ended) as exc:
@@ -74,6 +82,8 @@ class Opening(Connection):
             server.stats.refuse("tls_handshake")
             log.warning("Refused TLS connection from %s: %s", self.ip, why, extra=self.context)
             raise Ended(why, None) from None
+        finally:
+            server.handshakes -= 1
         self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
         self._progress()
         refusal = server.admit(self)

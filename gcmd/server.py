@@ -117,6 +117,8 @@ class GcmdServer(StreamServer):
         self.quiet_from = tuple(_unmapped(network) for network in config.quiet_from)
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
+        #: TLS handshakes under way before admission (client certificates asked)
+        self.handshakes = 0
         #: every connection not yet closed, admitted or not
         self.sessions: set[Session] = set()
         self.closing = False

@@ -160,6 +160,20 @@ def test_a_client_that_shows_nothing_is_cut_and_logged(gcmd, pki):
              "in time" in server.log())
 
 
+def test_handshakes_under_way_are_capped_by_max_clients(gcmd, pki):
+    server = gcmd(*tls_args(pki, "--max-clients", 2, client_ca=pki.ca[0]))
+    stalled = [Client(server.port) for _ in range(2)]  # connect, never handshake
+    third = Client(server.port)
+    # closed at once: not after the 10 s a handshake may take
+    assert wait_for(third.closed, timeout=5)
+    wait_for(lambda: "WARNING: Refused TLS connection from 127.0.0.1: too many handshakes under way"
+             in server.log())
+    for client in stalled:
+        client.close()
+    # once the server has seen them go, a client is served
+    wait_for(lambda: not refused(server.port, pki.alice), message="still refused")
+
+
 def test_a_good_certificate_is_served_and_its_cn_is_on_the_connection_line(gcmd, pki):
     server = gcmd(*tls_args(pki, client_ca=pki.ca[0]))
     client = connect(server.port, pki.alice)
