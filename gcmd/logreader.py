@@ -60,8 +60,11 @@ log = logging.getLogger(__name__)
 DELIVERY_INTERVAL = 0.02
 #: bytes of waiting lines that start a pass before the interval is over
 DELIVERY_BATCH = 1 << 20
-#: subscribers served in a row before a pass lets the others run
+#: subscribers served in a row before a pass lets the others run, and for how
+#: long (seconds): more than 0, so that the event loop polls for input (a
+#: sleep(0) only goes to the back of the callbacks, which run for up to 5 ms)
 PASS_SLICE = 64
+PASS_PAUSE = 0.0002
 #: seconds between two checks of which file a followed path names
 ROTATION_CHECK = 0.5
 #: seconds the reader of a rotated file goes on after the switch, for its last lines
@@ -161,7 +164,7 @@ class Broadcast:
         self._last_pass = monotonic()
         for n, (callback, since) in enumerate(tuple(self._subscribers.items())):
             if n and n % PASS_SLICE == 0:
-                gevent.sleep(0)  # the others run between slices of a long pass
+                gevent.sleep(PASS_PAUSE)  # the others run between slices of a long pass
             if callback not in self._subscribers:
                 continue  # gone meanwhile
             part = lines if since <= first else Batch(lines[since - first:])
