@@ -45,7 +45,8 @@ from gevent.threadpool import ThreadPool
 
 from gcmd.flight import outcome, unwrap
 from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
-from gcmd.loglines import RECENT_LINES, Batch, LineSplitter, Recent, wire_line
+from gcmd.loglines import MAX_LINE, RECENT_LINES, Batch, LineSplitter, Recent
+from gcmd.logsetup import LineHandler
 from gcmd.protocol import CommandError
 
 log = logging.getLogger(__name__)
@@ -310,22 +311,28 @@ class JournalLog(_ProcessLog):
                 self._reader = reader
 
 
-class MemoryLog(Broadcast, logging.Handler):
+class MemoryLog(Broadcast, LineHandler):
     """The ``gcmd`` log: the server's own log lines, the last 1000 kept in memory.
 
-    A logging handler: whoever installs it sets its formatter and level.
-    Records may come from any thread; subscribers are called in the hub's.
+    A logging handler: whoever installs it sets its formatter and level. It
+    is made in the hub's thread, which does all its work: a record logged
+    in another thread is passed to it, and subscribers are called in it.
+    Lines are counted as they come, and made wire lines and remembered
+    together: at the end of the event-loop iteration while the log is
+    followed, else at the next lastlog or once a thousand wait.
     """
 
     def __init__(self, level: int = logging.NOTSET) -> None:
-        logging.Handler.__init__(self, level)
+        LineHandler.__init__(self, level)
         Broadcast.__init__(self)
         self.source = "memory"
-        #: wire lines logged and not yet sent to the subscribers (under self.lock)
+        #: text lines logged and not yet remembered
+        self._arrived: list[str] = []
+        #: wire lines remembered and not yet sent to the subscribers
         self._pending: list[bytes | None] = []
         self._scheduled = False
-        self._loop = None
-        self._hub_thread: int | None = None
+        self._loop = gevent.get_hub().loop
+        self._hub_thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -333,35 +340,53 @@ class MemoryLog(Broadcast, logging.Handler):
         except Exception:  # noqa: BLE001 - logging's convention: report and go on
             self.handleError(record)
             return
-        wire = [wire_line(line.encode("utf-8", "backslashreplace")) for line in text.split("\n")]
-        self.recent.extend(wire)
-        self.stats.lines_read += len(wire)
-        if not self._subscribers or self._loop is None:
-            return
-        self._pending += wire
-        if not self._scheduled:
-            self._scheduled = True
-            # never call the subscribers from here: this may be a pool thread,
-            # or a subscriber itself that logs
-            if threading.get_ident() == self._hub_thread:
-                self._loop.run_callback(self._spawn_delivery)
-            else:
-                self._loop.run_callback_threadsafe(self._spawn_delivery)
+        self.emit_text(text)
 
-    def lastlog(self, count: int) -> list[bytes]:
-        with self.lock:
-            return self.recent.last(count)
+    def emit_text(self, text: str) -> None:
+        """A line its formatter made (see gcmd.logsetup.fast_info)."""
+        if threading.get_ident() != self._hub_thread:
+            self._loop.run_callback_threadsafe(self.emit_text, text)
+            return
+        self._arrived.append(text)
+        self.stats.lines_read += text.count("\n") + 1
+        if self._subscribers:
+            if not self._scheduled:
+                # never call the subscribers from here: this may be a subscriber that logs
+                self._scheduled = True
+                self._loop.run_callback(self._remember_arrived)
+        elif len(self._arrived) >= RECENT_LINES:  # unfollowed, they wait for lastlog, a thousand at most
+            self._remember()
+
+    def _remember_arrived(self) -> None:
+        self._scheduled = False
+        self._remember()
+        if self._pending:
+            gevent.spawn(self._deliver_pending)
+
+    def _remember(self) -> None:
+        """Make the lines that arrived wire lines, keep them, and queue them for the subscribers."""
+        if not self._arrived:
+            return
+        # one pass over all of them: LineSplitter sends plain lines as they are
+        # without looking at each, and makes the same wire lines as wire_line
+        lines = ("\n".join(self._arrived) + "\n").encode("utf-8", "backslashreplace")
+        self._arrived.clear()
+        splitter, wire = LineSplitter(), []
+        for start in range(0, len(lines), MAX_LINE):  # its one-pass path takes up to MAX_LINE bytes
+            wire += splitter.feed(lines[start:start + MAX_LINE])
+        self.recent.extend(wire)
+        if self._subscribers:
+            self._pending += wire
 
     def subscribe(self, callback: Subscriber) -> None:
-        if self._loop is None:
-            self._loop = gevent.get_hub().loop
-            self._hub_thread = threading.get_ident()
+        self._remember()  # the lines logged before are not sent
         super().subscribe(callback)
 
-    def _spawn_delivery(self) -> None:
-        gevent.spawn(self._deliver_pending)
+    def lastlog(self, count: int) -> list[bytes]:
+        """The lastlog block of the last ``count`` lines (in the hub's thread)."""
+        self._remember()
+        return self.recent.last(count)
 
     def _deliver_pending(self) -> None:
-        with self.lock:
-            wire, self._pending, self._scheduled = self._pending, [], False
+        wire, self._pending = self._pending, []
         self._deliver(wire)

@@ -32,6 +32,7 @@ from gcmd.connection import (
     Ended,
 )
 from gcmd.loglines import FollowBuffer
+from gcmd.logsetup import fast_info
 from gcmd.protocol import Close, Follow, escape, split_lines
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ class Session(Connection):
                 continue
             handler, arg = parsed
             if log_requests:
-                log.info("Cmd received from %s : %s", self.ip, _loggable(line, handler),
-                         extra=self.context)
+                fast_info(log, "Cmd received from %s : %s", self.ip, _loggable(line, handler),
+                          extra=self.context)
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0
