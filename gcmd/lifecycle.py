@@ -79,6 +79,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
 
     log.debug("settings: %s", describe(config, options))
     server = GcmdServer(config, tls_context(config) if config.tls else None, listener)
+    server.stats.log_output = handler
     metrics = None
     if config.metrics_port is not None:
         from gcmd.metrics import MetricsServer

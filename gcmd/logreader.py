@@ -35,7 +35,6 @@ the new lines twice. A restart after the reader died checks the size itself.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,7 +45,7 @@ from gevent.threadpool import ThreadPool
 from gcmd.flight import outcome, unwrap
 from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
 from gcmd.loglines import MAX_LINE, RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.logsetup import LineHandler
+from gcmd.logsetup import LineHandler, flush_lines
 from gcmd.protocol import CommandError
 
 log = logging.getLogger(__name__)
@@ -314,47 +313,37 @@ class JournalLog(_ProcessLog):
 class MemoryLog(Broadcast, LineHandler):
     """The ``gcmd`` log: the server's own log lines, the last 1000 kept in memory.
 
-    A logging handler: whoever installs it sets its formatter and level. It
-    is made in the hub's thread, which does all its work: a record logged
-    in another thread is passed to it, and subscribers are called in it.
-    Lines are counted as they come, and made wire lines and remembered
-    together: at the end of the event-loop iteration while the log is
-    followed, else at the next lastlog or once a thousand wait.
+    A logging handler that works in the hub's thread (see LineHandler):
+    whoever installs it sets its formatter and level; subscribers are
+    called in the hub's thread. Lines are counted as they come, and made
+    wire lines and remembered together: at the end of the event-loop
+    iteration while the log is followed, else at the next lastlog or once
+    a thousand wait.
     """
 
     def __init__(self, level: int = logging.NOTSET) -> None:
         LineHandler.__init__(self, level)
         Broadcast.__init__(self)
         self.source = "memory"
-        #: text lines logged and not yet remembered
+        #: texts logged and not yet remembered, and the lines they hold
         self._arrived: list[str] = []
+        self._arrived_lines = 0
         #: wire lines remembered and not yet sent to the subscribers
         self._pending: list[bytes | None] = []
         self._scheduled = False
-        self._loop = gevent.get_hub().loop
-        self._hub_thread = threading.get_ident()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = self.format(record)
-        except Exception:  # noqa: BLE001 - logging's convention: report and go on
-            self.handleError(record)
-            return
-        self.emit_text(text)
-
-    def emit_text(self, text: str) -> None:
-        """A line its formatter made (see gcmd.logsetup.fast_info)."""
-        if threading.get_ident() != self._hub_thread:
-            self._loop.run_callback_threadsafe(self.emit_text, text)
-            return
+    def emit_texts(self, texts: list[str]) -> None:
+        text = "\n".join(texts)
+        lines = text.count("\n") + 1
         self._arrived.append(text)
-        self.stats.lines_read += text.count("\n") + 1
+        self._arrived_lines += lines
+        self.stats.lines_read += lines
         if self._subscribers:
             if not self._scheduled:
                 # never call the subscribers from here: this may be a subscriber that logs
                 self._scheduled = True
-                self._loop.run_callback(self._remember_arrived)
-        elif len(self._arrived) >= RECENT_LINES:  # unfollowed, they wait for lastlog, a thousand at most
+                self.loop.run_callback(self._remember_arrived)
+        elif self._arrived_lines >= RECENT_LINES:  # unfollowed, they wait for lastlog, a thousand at most
             self._remember()
 
     def _remember_arrived(self) -> None:
@@ -371,6 +360,7 @@ class MemoryLog(Broadcast, LineHandler):
         # without looking at each, and makes the same wire lines as wire_line
         lines = ("\n".join(self._arrived) + "\n").encode("utf-8", "backslashreplace")
         self._arrived.clear()
+        self._arrived_lines = 0
         splitter, wire = LineSplitter(), []
         for start in range(0, len(lines), MAX_LINE):  # its one-pass path takes up to MAX_LINE bytes
             wire += splitter.feed(lines[start:start + MAX_LINE])
@@ -379,11 +369,13 @@ class MemoryLog(Broadcast, LineHandler):
             self._pending += wire
 
     def subscribe(self, callback: Subscriber) -> None:
+        flush_lines()
         self._remember()  # the lines logged before are not sent
         super().subscribe(callback)
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines (in the hub's thread)."""
+        flush_lines()
         self._remember()
         return self.recent.last(count)
 

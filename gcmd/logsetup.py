@@ -20,24 +20,16 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
 from typing import TextIO
 
 import gevent
 
 log = logging.getLogger(__name__)
 
-#: characters of log lines that wait for an output that does not take them
-#: (a stopped reader, a slow disk); lines past it are dropped and counted
-OUTPUT_BUFFER = 4 << 20
-#: seconds the output's writer lets lines gather after a write, while more arrive
-WRITE_EVERY = 0.02
-#: seconds a flush (shutdown, a worker's exit) waits for the output to take the queued lines
-FLUSH_TIMEOUT = 5.0
 
 _INFO = logging.INFO
-#: why LogOutput drops a line that finds its queue full
-FULL = "the output took no line for a while"
+#: seconds fast_info's lines wait to be handed to the handlers together, at most
+GATHER = 0.01
 
 #: how json.dumps (ensure_ascii) writes a string, quotes included
 _quote = json.encoder.encode_basestring_ascii
@@ -84,7 +76,10 @@ class TextFormatter(LineFormatter):
              message: str, traceback: str | None = None) -> str:
         if levelno >= logging.WARNING:
             message = f"{levelname}: {message}"
-        line = f"{self.stamp(created, '%Y-%m-%d %H:%M:%S%z')} [{context}] {message}"
+        second, stamp = self._stamp  # self.stamp, without a call for most lines
+        if int(created) != second:
+            stamp = self.stamp(created, "%Y-%m-%d %H:%M:%S%z")
+        line = f"{stamp} [{context}] {message}"
         return line if traceback is None else f"{line}\n{traceback}"
 
 
@@ -100,28 +95,99 @@ class JsonFormatter(LineFormatter):
         return line + ("}" if traceback is None else f', "traceback": {_quote(traceback)}}}')
 
 
+#: fast_info's batches, by logger name. Like the logging tree they follow, they are the
+#: process's; none holds a line longer than GATHER seconds.
+_batches: dict[str, LineBatch] = {}
+
+
 def fast_info(logger: logging.Logger, msg: str, *args: str, extra: dict[str, str]) -> None:
     """``logger.info(msg, *args, extra=extra)``, without a LogRecord when it can.
 
-    Every handler the record would reach gets the line its formatter would
-    make of it (made once for handlers whose formatters are of one class).
-    When one of them cannot take a line (a handler of another kind, a
-    filter, a formatter that is not a LineFormatter), the record goes the
-    usual way. ``args``: strings; ``extra``: the ``context``.
+    In the hub's thread, while every handler the record would reach takes
+    lines (a LineHandler with no filter and a LineFormatter), the line's
+    parts are batched (LineBatch) and each handler gets the line its
+    formatter makes of them; otherwise the record goes the usual way.
+    ``args``: strings; ``extra``: the ``context``.
     """
-    handlers = _line_handlers(logger)
-    if handlers is None:
-        logger.info(msg, *args, extra=extra)
+    if not logger.isEnabledFor(_INFO):
         return
-    created, name, context = time.time(), logger.name, extra["context"]
-    message = msg % args if args else msg
-    kind = text = None
-    for handler in handlers:
-        formatter = handler.formatter
-        if formatter.__class__ is not kind:
-            kind = formatter.__class__
-            text = formatter.line(created, _INFO, "INFO", name, context, message)
-        handler.emit_text(text)
+    batch = _batches.get(logger.name)
+    if batch is None:
+        batch = _batches[logger.name] = LineBatch(logger)
+    if not batch.add(msg, args, extra["context"]):
+        logger.info(msg, *args, extra=extra)
+
+
+def flush_lines() -> None:
+    """Hand the lines fast_info batched to their handlers (in the hub's thread; else nothing):
+    before any other line reaches a handler, so that each sees the lines in the order logged."""
+    for batch in _batches.values():
+        if batch.lines and batch.thread == threading.get_ident():
+            batch.flush()
+
+
+class LineBatch:
+    """fast_info's lines from one logger in the hub's thread, handed to the handlers
+    together once they have waited GATHER seconds (or before any other line).
+
+    Which handlers a line reaches is looked up when the batch is handed over,
+    and whether they all take lines at most every GATHER seconds.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.loop = gevent.get_hub().loop
+        self.thread = threading.get_ident()
+        #: (time, msg, args, context) of the lines waiting
+        self.lines: list[tuple[float, str, tuple, str]] = []
+        self._timer = self.loop.timer(GATHER)
+        self._looked = -GATHER  # the loop's time of the last look at the handlers
+        self._direct = True  # they do not all take lines: records go the usual way
+
+    def add(self, msg: str, args: tuple, context: str) -> bool:
+        """Batch a line; False when it goes the usual way (another thread, other handlers)."""
+        if threading.get_ident() != self.thread:
+            return False
+        now = self.loop.now()
+        if now - self._looked > GATHER:
+            self._looked = now
+            self._direct = _line_handlers(self.logger) is None
+        if self._direct:
+            return False
+        self.lines.append((time.time(), msg, args, context))
+        if not self._timer.active:
+            self._timer.start(self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Give the handlers the lines their formatters make (in the hub's thread)."""
+        lines, self.lines = self.lines, []
+        self._timer.stop()
+        if not lines:
+            return
+        handlers = _line_handlers(self.logger)
+        if handlers is None:  # they changed since the lines were batched
+            self._replay(lines)
+            return
+        name = self.logger.name
+        made: dict[type, list[str]] = {}
+        for handler in handlers:
+            formatter = handler.formatter
+            texts = made.get(formatter.__class__)
+            if texts is None:
+                line = formatter.line
+                texts = made[formatter.__class__] = [
+                    line(created, _INFO, "INFO", name, context, msg % args if args else msg)
+                    for created, msg, args, context in lines]
+            handler.emit_texts(texts)
+
+    def _replay(self, lines: list[tuple[float, str, tuple, str]]) -> None:
+        logger = self.logger
+        for created, msg, args, context in lines:
+            record = logger.makeRecord(logger.name, _INFO, "(unknown file)", 0, msg, args, None,
+                                       extra={"context": context})
+            record.created = created
+            logger.handle(record)
 
 
 def _line_handlers(logger: logging.Logger) -> list[LineHandler] | None:
@@ -141,14 +207,37 @@ def _line_handlers(logger: logging.Logger) -> list[LineHandler] | None:
 
 
 class LineHandler(logging.Handler):
-    """A handler that takes the lines fast_info makes (``emit_text``), as long as
-    it has a LineFormatter and no filter (``takes_text``)."""
+    """A handler that does its work in the hub's thread (the one that makes it):
+    a record logged in another thread is formatted there and its line passed to
+    the hub. It takes the lines of fast_info's batches (``emit_texts``) while it
+    has a LineFormatter and no filter (``takes_text``).
+    """
 
-    #: whether fast_info may give it lines, kept up to date by the methods below
+    #: whether fast_info's batches may give it lines, kept up to date by the methods below
     takes_text = False
 
-    def emit_text(self, text: str) -> None:
-        """A line its formatter made of a record."""
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.hub_thread = threading.get_ident()
+        self.loop = gevent.get_hub().loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
+            self.handleError(record)
+            return
+        if threading.get_ident() == self.hub_thread:
+            self._emit_in_hub(text)
+        else:
+            self.loop.run_callback_threadsafe(self._emit_in_hub, text)
+
+    def _emit_in_hub(self, text: str) -> None:
+        flush_lines()  # fast_info's lines logged before come first
+        self.emit_texts([text])
+
+    def emit_texts(self, texts: list[str]) -> None:
+        """Lines its formatter made, oldest first, in the hub's thread (a text may hold several lines)."""
         raise NotImplementedError
 
     def setFormatter(self, fmt: logging.Formatter | None) -> None:
@@ -165,184 +254,6 @@ class LineHandler(logging.Handler):
 
     def _check(self) -> None:
         self.takes_text = isinstance(self.formatter, LineFormatter) and not self.filters
-
-
-class LogOutput(LineHandler):
-    """Writes the log to ``stream`` in a thread of its own: the hub never waits for it.
-
-    The hub appends each line to a queue and goes on; the writer takes all
-    that waits, writes it with one call, and lets lines gather for
-    WRITE_EVERY before the next write. The queue holds at most ``limit``
-    characters: a line that finds it full is dropped and counted
-    (``dropped``), and once the output takes lines again, how many were
-    dropped is logged. Other threads queue their lines under the lock.
-    """
-
-    def __init__(self, stream: TextIO, limit: int = OUTPUT_BUFFER) -> None:
-        super().__init__()
-        self.stream = stream
-        self.limit = limit
-        #: the lines to write, oldest first; the hub appends without the lock
-        #: (a deque's append and popleft are atomic)
-        self._queue: deque[str] = deque()
-        # Each count below has one writer, so that no update is lost: the hub's
-        # (no lock), the other threads' (under self.lock), the writer's.
-        self._hub_lines = self._hub_chars = self._hub_dropped = 0
-        self._other_lines = self._other_chars = self._other_dropped = 0
-        self._done_lines = self._done_chars = self._lost = self._reported = 0
-        #: why lines were last dropped
-        self._cause = ""
-        self._hub_thread = threading.get_ident()
-        self._scheduled = False  # the hub wakes the writer at the end of its iteration
-        # under self.lock:
-        #: streams to write to from then on (reopen): (lines queued before, stream)
-        self._switches: list[tuple[int, TextIO]] = []
-        self._writing = False  # the writer is awake; else the hub wakes it for a new line
-        self._hurry = False  # a flush waits: the writer lets no lines gather
-        self._closing = False
-        self._wake = threading.Condition(self.lock)
-        self._idle = threading.Condition(self.lock)
-        self._writer = threading.Thread(target=self._write_loop, name="gcmd log output", daemon=True)
-        self._writer.start()
-
-    @property
-    def dropped(self) -> int:
-        """Lines dropped since the start: the queue was full, or the output failed."""
-        return self._hub_dropped + self._other_dropped + self._lost
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
-            self.handleError(record)
-            return
-        self.emit_text(line)
-
-    def emit_text(self, line: str) -> None:
-        """A line its formatter made (see fast_info)."""
-        size = len(line) + 1
-        if threading.get_ident() != self._hub_thread:
-            with self.lock:
-                # the writer's own line, how many were dropped, is never dropped
-                if self._waiting() + size > self.limit and threading.get_ident() != self._writer.ident:
-                    self._other_dropped += 1
-                    self._cause = FULL
-                    return
-                self._queue.append(line)
-                self._other_lines += 1
-                self._other_chars += size
-                self._wake_writer()
-            return
-        if self._hub_chars + self._other_chars - self._done_chars + size > self.limit:
-            self._hub_dropped += 1
-            self._cause = FULL
-            return
-        self._queue.append(line)
-        self._hub_lines += 1
-        self._hub_chars += size
-        # the writer marks itself idle, then looks at the queue once more: one of us sees the other
-        if not self._writing and not self._scheduled:
-            self._scheduled = True
-            gevent.get_hub().loop.run_callback(self._hand_over)
-
-    def _waiting(self) -> int:
-        """Characters of the lines queued and not yet taken by the writer."""
-        return self._hub_chars + self._other_chars - self._done_chars
-
-    def _hand_over(self) -> None:
-        # in the hub, once the iteration has logged its lines
-        self._scheduled = False
-        with self.lock:
-            self._wake_writer()
-
-    def _wake_writer(self, hurry: bool = False) -> None:
-        # self.lock held
-        if hurry:
-            self._hurry = True
-            self._wake.notify()
-        if not self._writing:
-            self._writing = True
-            self._wake.notify()
-
-    def flush(self) -> None:
-        """Wait until the lines logged so far are written or dropped, at most FLUSH_TIMEOUT s."""
-        with self.lock:
-            target = self._hub_lines + self._other_lines
-            self._wake_writer(hurry=True)
-            self._idle.wait_for(lambda: self._done_lines >= target, FLUSH_TIMEOUT)
-
-    def close(self) -> None:
-        """Flush, then let the writer end (the stream stays open, as StreamHandler's)."""
-        with self.lock:
-            self.flush()
-            self._closing = True
-            self._wake_writer(hurry=True)
-        super().close()
-
-    def switch_to(self, stream: TextIO) -> None:
-        """Write the lines logged from now on to ``stream``, once the earlier ones are
-        written to the current stream; then close it."""
-        with self.lock:
-            self._switches.append((self._hub_lines + self._other_lines, stream))
-            self._wake_writer(hurry=True)
-
-    def _write_loop(self) -> None:
-        while (taken := self._take()) is not None:
-            lines, switches = taken
-            lost, cause = self._write(lines, switches)
-            self._done_lines += len(lines)
-            self._done_chars += sum(map(len, lines)) + len(lines)
-            report = 0
-            if lost:  # reported once a write succeeds
-                self._lost += lost
-                self._cause = cause
-            else:
-                report = self.dropped - self._reported
-                self._reported += report
-            with self.lock:
-                if self._hurry:
-                    self._idle.notify_all()
-                else:  # let lines gather: one wake-up and one write per WRITE_EVERY at most
-                    self._wake.wait(WRITE_EVERY)
-            if report:  # queued right after the lines written before the gap
-                log.warning("%d log lines were dropped: %s", report, self._cause)
-
-    def _take(self) -> tuple[list[str], list[tuple[int, TextIO]]] | None:
-        """Wait for lines or a switch; the lines that wait, and the switches among them
-        (index in the lines, stream); None once closing with nothing left."""
-        with self.lock:
-            while not (self._queue or self._switches):
-                self._writing = self._hurry = False
-                self._idle.notify_all()
-                if self._closing:
-                    return None
-                if not self._queue:  # see emit_text
-                    self._wake.wait()
-            self._writing = True
-            queue, start = self._queue, self._done_lines
-            lines = [queue.popleft() for _ in range(len(queue))]
-            due = [(at - start, stream) for at, stream in self._switches if at <= start + len(lines)]
-            del self._switches[:len(due)]
-        return lines, due
-
-    def _write(self, lines: list[str], switches: list[tuple[int, TextIO]]) -> tuple[int, str]:
-        """Write ``lines``, switching streams on the way; the lines lost, and why."""
-        lost, cause, start = 0, "", 0
-        for end, stream in (*switches, (len(lines), None)):
-            if end > start:
-                try:
-                    self.stream.write("\n".join(lines[start:end]) + "\n")
-                    self.stream.flush()
-                except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
-                    lost, cause = lost + end - start, f"cannot write the log output: {exc}"
-                start = end
-            if stream is not None:
-                old, self.stream = self.stream, stream
-                try:
-                    old.close()
-                except OSError:
-                    pass  # its last lines are counted above, if they were lost
-        return lost, cause
 
 
 def open_output(path: str | None) -> TextIO:
@@ -363,6 +274,8 @@ def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched
     # (the logging HOWTO's "Optimization" section)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
+    from gcmd.logoutput import LogOutput  # it builds on this module
+
     handler = (LogOutput if batched else logging.StreamHandler)(output or sys.stdout)
     handler.setFormatter(JsonFormatter(context) if fmt == "json" else TextFormatter(context))
     root = logging.getLogger("gcmd")
@@ -386,6 +299,8 @@ def reopen_output(handler: logging.Handler, path: str | None) -> None:
         log.error("SIGHUP: cannot reopen --output %s: %s; still writing to the old file",
                   path, exc.strerror)
         return
+    from gcmd.logoutput import LogOutput
+
     if isinstance(handler, LogOutput):
         handler.switch_to(output)
     else:
