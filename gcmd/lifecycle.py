@@ -111,6 +111,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     server.shutdown()
     if metrics is not None:
         metrics.stop()
+    handler.flush()  # the log's last lines are written before the process ends
     return 0
 
 

@@ -30,9 +30,10 @@ FULL = "the output took no line for a while"
 class LogOutput(LineHandler):
     """Writes the log to ``stream`` in a thread of its own: the hub never waits for it.
 
-    The hub appends lines to a queue and goes on; the writer takes all that
-    waits, writes it with one call, and lets lines gather for WRITE_EVERY
-    before the next write. The queue and the lines being written hold at
+    The hub appends lines to a queue and goes on; at the end of the
+    event-loop iteration, it wakes the writer, which takes all that waits,
+    writes it with one call, and lets lines gather for WRITE_EVERY before the
+    next write. The queue and the lines being written hold at
     most ``limit`` characters: a line past it is dropped and counted
     (``dropped``); once a write succeeds again, how many were dropped is
     logged.
@@ -51,6 +52,7 @@ class LogOutput(LineHandler):
         self._done_lines = self._done_chars = self._lost = self._reported = 0
         self._cause = FULL
         self._reporting = False  # the hub logs how many were dropped: that line is never dropped
+        self._scheduled = False  # the hub wakes the writer at the end of its iteration
         # under self.lock:
         #: streams to write to from then on (reopen): (lines queued before, stream)
         self._switches: list[tuple[int, TextIO]] = []
@@ -78,9 +80,15 @@ class LogOutput(LineHandler):
         self._queued_lines += count
         self._queued_chars += size
         # the writer marks itself idle, then looks at the queue once more: one of us sees the other
-        if count and not self._writing:
-            with self.lock:
-                self._wake_writer()
+        if count and not self._writing and not self._scheduled:
+            self._scheduled = True
+            self.loop.run_callback(self._hand_over)
+
+    def _hand_over(self) -> None:
+        # once the event-loop iteration has logged its lines: they go out with one write
+        self._scheduled = False
+        with self.lock:
+            self._wake_writer()
 
     def _fitting(self, texts: list[str]) -> list[str]:
         """The first of ``texts`` that fit in the queue; the others are dropped, and counted."""

@@ -39,9 +39,12 @@ class LineFormatter(logging.Formatter):
     """A formatter that makes a line from a record or from its parts (``line``).
 
     A line depends on nothing but the parts and the formatter's class when
-    the parts name a context: fast_info makes it once for handlers whose
+    the parts name a context: a LineBatch makes it once for handlers whose
     formatters are of one class.
     """
+
+    #: the time stamp: a time.strftime pattern, in local time
+    time_format = ""
 
     def __init__(self, context: str = "-") -> None:
         super().__init__()
@@ -59,26 +62,30 @@ class LineFormatter(logging.Formatter):
                          getattr(record, "context", self.context), record.getMessage(),
                          self.formatException(record.exc_info) if record.exc_info else None)
 
-    def stamp(self, created: float, pattern: str) -> str:
-        """``created`` as local time in ``pattern``, formatted once a second."""
+    def stamp(self, created: float) -> str:
+        """The time stamp of a line logged at ``created``, made once a second."""
         second = int(created)
-        cached, text = self._stamp
-        if second != cached:
-            text = time.strftime(pattern, time.localtime(second))
-            self._stamp = (second, text)
+        text = self.written_stamp(time.strftime(self.time_format, time.localtime(second)))
+        self._stamp = (second, text)
         return text
+
+    def written_stamp(self, stamp: str) -> str:
+        """The time stamp as the line holds it."""
+        return stamp
 
 
 class TextFormatter(LineFormatter):
     """``2011-08-29 13:32:35+0200 [context] message``, as the tutorial's Twisted log."""
 
+    time_format = "%Y-%m-%d %H:%M:%S%z"
+
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
              message: str, traceback: str | None = None) -> str:
         if levelno >= logging.WARNING:
             message = f"{levelname}: {message}"
-        second, stamp = self._stamp  # self.stamp, without a call for most lines
+        second, stamp = self._stamp  # most lines need no call
         if int(created) != second:
-            stamp = self.stamp(created, "%Y-%m-%d %H:%M:%S%z")
+            stamp = self.stamp(created)
         line = f"{stamp} [{context}] {message}"
         return line if traceback is None else f"{line}\n{traceback}"
 
@@ -87,12 +94,19 @@ class JsonFormatter(LineFormatter):
     """One JSON object per line, as json.dumps writes it; whatever a client sent
     stays inside one string."""
 
+    time_format = "%Y-%m-%dT%H:%M:%S%z"
+
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
              message: str, traceback: str | None = None) -> str:
-        line = (f'{{"time": {_quote(self.stamp(created, "%Y-%m-%dT%H:%M:%S%z"))}, '
-                f'"level": {_quote(levelname.lower())}, "context": {_quote(context)}, '
+        second, stamp = self._stamp
+        if int(created) != second:
+            stamp = self.stamp(created)
+        line = (f'{{"time": {stamp}, "level": {_quote(levelname.lower())}, "context": {_quote(context)}, '
                 f'"logger": {_quote(name)}, "message": {_quote(message)}')
         return line + ("}" if traceback is None else f', "traceback": {_quote(traceback)}}}')
+
+    def written_stamp(self, stamp: str) -> str:
+        return _quote(stamp)
 
 
 #: fast_info's batches, by logger name. Like the logging tree they follow, they are the
@@ -127,36 +141,42 @@ def flush_lines() -> None:
 
 
 class LineBatch:
-    """fast_info's lines from one logger in the hub's thread, handed to the handlers
+    """fast_info's lines from one logger, in the hub's thread, handed to the handlers
     together once they have waited GATHER seconds (or before any other line).
 
-    Which handlers a line reaches is looked up when the batch is handed over,
-    and whether they all take lines at most every GATHER seconds.
+    Whether the handlers all take lines (in this thread) is looked at when a
+    batch starts, which handlers get them when it is handed over.
     """
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        self.loop = gevent.get_hub().loop
-        self.thread = threading.get_ident()
+        #: the hub's thread, once a line was batched
+        self.thread: int | None = None
         #: (time, msg, args, context) of the lines waiting
         self.lines: list[tuple[float, str, tuple, str]] = []
-        self._timer = self.loop.timer(GATHER)
-        self._looked = -GATHER  # the loop's time of the last look at the handlers
-        self._direct = True  # they do not all take lines: records go the usual way
+        self._timer = None
 
     def add(self, msg: str, args: tuple, context: str) -> bool:
         """Batch a line; False when it goes the usual way (another thread, other handlers)."""
-        if threading.get_ident() != self.thread:
-            return False
-        now = self.loop.now()
-        if now - self._looked > GATHER:
-            self._looked = now
-            self._direct = _line_handlers(self.logger) is None
-        if self._direct:
+        if not self.lines:
+            if not self._start():
+                return False
+        elif threading.get_ident() != self.thread:
             return False
         self.lines.append((time.time(), msg, args, context))
-        if not self._timer.active:
-            self._timer.start(self.flush)
+        return True
+
+    def _start(self) -> bool:
+        """Whether a batch can start now; it is handed over in GATHER seconds."""
+        thread = threading.get_ident()
+        if self.thread is not None and thread != self.thread:
+            return False
+        handlers = _line_handlers(self.logger)
+        if handlers is None or any(handler.hub_thread != thread for handler in handlers):
+            return False
+        if self._timer is None:
+            self.thread, self._timer = thread, handlers[0].loop.timer(GATHER)
+        self._timer.start(self.flush)
         return True
 
     def flush(self) -> None:

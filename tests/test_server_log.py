@@ -179,6 +179,25 @@ def test_fast_info_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree
     assert "secret" not in path.read_text() and memory.lastlog(1)[0].endswith(b": secret")
 
 
+def test_fast_info_in_another_thread_takes_the_usual_way_to_the_same_handlers(log_tree):
+    _, output, memory, path = log_tree
+    session = logging.getLogger("gcmdtest.session")
+    context = {"context": "Session,3,127.0.0.1"}
+    pool = ThreadPool(1)
+    try:
+        fast_info(session, "Cmd received from %s : %s", "127.0.0.1", "first", extra=context)
+        pool.spawn(fast_info, session, "Cmd received from %s : %s", "127.0.0.1", "second",
+                   extra=context).get()
+        fast_info(session, "Cmd received from %s : %s", "127.0.0.1", "third", extra=context)
+    finally:
+        pool.kill()
+    gevent.sleep(0)  # the other thread's line reaches the handlers through the hub
+    output.flush()
+    expected = [f"[Session,3,127.0.0.1] Cmd received from 127.0.0.1 : {word}" for word in ("first", "second", "third")]
+    assert [line[25:] for line in path.read_text().splitlines()] == expected
+    assert [line[25:].decode() for line in memory.lastlog(3)] == expected
+
+
 def test_lines_of_the_hub_and_of_other_threads_are_written_in_the_order_logged(log_tree):
     tree, output, memory, path = log_tree
     pool = ThreadPool(2)
