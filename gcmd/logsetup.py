@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 
 _INFO = logging.INFO
-#: seconds fast_info's lines wait to be handed to the handlers together, at most
-GATHER = 0.01
 
 #: how json.dumps (ensure_ascii) writes a string, quotes included
 _quote = json.encoder.encode_basestring_ascii
@@ -110,17 +108,18 @@ class JsonFormatter(LineFormatter):
 
 
 #: fast_info's batches, by logger name. Like the logging tree they follow, they are the
-#: process's; none holds a line longer than GATHER seconds.
+#: process's; none holds a line past the event-loop iteration that logged it.
 _batches: dict[str, LineBatch] = {}
 
 
 def fast_info(logger: logging.Logger, msg: str, *args: str, extra: dict[str, str]) -> None:
     """``logger.info(msg, *args, extra=extra)``, without a LogRecord when it can.
 
-    In the hub's thread, while every handler the record would reach takes
-    lines (a LineHandler with no filter and a LineFormatter), the line's
-    parts are batched (LineBatch) and each handler gets the line its
-    formatter makes of them; otherwise the record goes the usual way.
+    In the hub's thread, the line's parts wait in a LineBatch until the end
+    of the event-loop iteration; then, while every handler the record would
+    reach takes lines (a LineHandler with no filter and a LineFormatter),
+    each gets the line its formatter makes of them, else the records go the
+    usual way. In another thread, the record goes the usual way at once.
     ``args``: strings; ``extra``: the ``context``.
     """
     if not logger.isEnabledFor(_INFO):
@@ -142,51 +141,45 @@ def flush_lines() -> None:
 
 class LineBatch:
     """fast_info's lines from one logger, in the hub's thread, handed to the handlers
-    together once they have waited GATHER seconds (or before any other line).
-
-    Whether the handlers all take lines (in this thread) is looked at when a
-    batch starts, which handlers get them when it is handed over.
+    together at the end of the event-loop iteration (or before any other line
+    reaches them): the handlers the logger reaches then get the lines their
+    formatters make, or, if one of them cannot take lines, the records.
     """
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        #: the hub's thread, once a line was batched
+        #: the hub's thread and loop, those of the handlers the first line reached
         self.thread: int | None = None
+        self.loop = None
         #: (time, msg, args, context) of the lines waiting
         self.lines: list[tuple[float, str, tuple, str]] = []
-        self._timer = None
 
     def add(self, msg: str, args: tuple, context: str) -> bool:
         """Batch a line; False when it goes the usual way (another thread, other handlers)."""
-        if not self.lines:
-            if not self._start():
-                return False
-        elif threading.get_ident() != self.thread:
+        if threading.get_ident() != self.thread and not self._bind():
             return False
+        if not self.lines:
+            self.loop.run_callback(self.flush)
         self.lines.append((time.time(), msg, args, context))
         return True
 
-    def _start(self) -> bool:
-        """Whether a batch can start now; it is handed over in GATHER seconds."""
-        thread = threading.get_ident()
-        if self.thread is not None and thread != self.thread:
+    def _bind(self) -> bool:
+        """Take the hub of the handlers the logger reaches, if this is its thread."""
+        if self.thread is not None:
             return False
         handlers = _line_handlers(self.logger)
-        if handlers is None or any(handler.hub_thread != thread for handler in handlers):
+        if handlers is None or handlers[0].hub_thread != threading.get_ident():
             return False
-        if self._timer is None:
-            self.thread, self._timer = thread, handlers[0].loop.timer(GATHER)
-        self._timer.start(self.flush)
+        self.thread, self.loop = handlers[0].hub_thread, handlers[0].loop
         return True
 
     def flush(self) -> None:
         """Give the handlers the lines their formatters make (in the hub's thread)."""
         lines, self.lines = self.lines, []
-        self._timer.stop()
         if not lines:
             return
         handlers = _line_handlers(self.logger)
-        if handlers is None:  # they changed since the lines were batched
+        if handlers is None or any(handler.hub_thread != self.thread for handler in handlers):
             self._replay(lines)
             return
         name = self.logger.name
