@@ -1,16 +1,17 @@
-"""The server log: its text and JSON lines, the output that never stalls the hub, and --output.
+"""The server log: its text and JSON lines, how they reach the handlers, and --output.
 
 Only gcmd.lifecycle calls ``setup_logging``; the rest of gcmd logs through
 ``logging.getLogger(__name__)`` and names what a line is about in the
 ``context`` extra (``Session,42,127.0.0.1``).
 
-At the default level every request is a log line, so its way to the output
-is kept short. ``fast_info`` gives the handlers that would see the record
-the line's parts instead of a LogRecord, when each of them can take them
-(``emit_text``: the output and the ``gcmd`` log); their formatters make one
-line from a record or from its parts, with the same code. The output
-(LogOutput) is written by a thread of its own: the hub only queues lines,
-so a stopped reader of a pipe or a slow disk never stalls a client.
+At the default level every request is a log line, so its way is kept short.
+``fast_info`` (the line per request) makes no LogRecord: the parts of the
+lines logged in one event-loop iteration are handed together to the
+handlers (LineBatch), and each gets the line its formatter makes of them,
+with the code that formats a record. Every log line is handled in the hub's
+thread (LineHandler): another thread's line is passed to it, so each handler
+sees the lines in the order the hub logged them. The output is a LogOutput
+(gcmd.logoutput), written by a thread of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import TextIO
 import gevent
 
 log = logging.getLogger(__name__)
-
 
 _INFO = logging.INFO
 
@@ -255,17 +255,17 @@ class LineHandler(logging.Handler):
 
     def setFormatter(self, fmt: logging.Formatter | None) -> None:
         super().setFormatter(fmt)
-        self._check()
+        self._update_takes_text()
 
     def addFilter(self, filter) -> None:
         super().addFilter(filter)
-        self._check()
+        self._update_takes_text()
 
     def removeFilter(self, filter) -> None:
         super().removeFilter(filter)
-        self._check()
+        self._update_takes_text()
 
-    def _check(self) -> None:
+    def _update_takes_text(self) -> None:
         self.takes_text = isinstance(self.formatter, LineFormatter) and not self.filters
 
 
@@ -278,8 +278,8 @@ def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched
                   context: str = "-") -> logging.Handler:
     """Log gcmd's events at ``level`` and above to ``output`` (standard output by default).
 
-    ``fmt`` is ``text`` or ``json``; ``batched``: written by a LogOutput, a
-    write per event-loop iteration (a gevent process only), else at once;
+    ``fmt`` is ``text`` or ``json``; ``batched``: written by a LogOutput in a
+    thread of its own (a gevent process only), else at once;
     ``context`` is that of the lines logged without one. Returns the
     handler, for reopen_output.
     """
