@@ -54,7 +54,7 @@ class ServerStats:
     auth_failures: int = 0
     #: answers and their latency, by command name
     by_command: dict[str, CommandStats] = field(default_factory=dict)
-    #: the server log's output, whose ``dropped`` counts the lines it dropped (gcmd.logsetup.LogOutput)
+    #: the server log's output, whose ``dropped`` counts the lines it dropped (gcmd.logoutput.LogOutput)
     log_output: object = None
 
     @property

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import gevent
@@ -324,11 +325,11 @@ def flood(port: int, requests: int, size: int) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_gcmd_whose_stdout_nobody_reads_serves_on_in_bounded_memory_and_reports_the_drops(tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     (tmp_path / "root").mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gcmd", "--port", str(port), "--root", str(tmp_path / "root"),
-         "--logfile", "memory"],
+         "--logfile", "memory", "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=tmp_path)
     try:
         wait_for(lambda: _answers(port), timeout=15, message="gcmd did not answer")
@@ -354,6 +355,8 @@ def test_gcmd_whose_stdout_nobody_reads_serves_on_in_bounded_memory_and_reports_
         wait_for(lambda: any("log lines were dropped" in line for line in received), timeout=20)
         reported = sum(int(m[1]) for line in received if (m := re.search(r"(\d+) log lines were dropped", line)))
         assert reported == int(stats_of(probe)["log_output_dropped"]) >= dropped
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+            assert f"gcmd_log_output_dropped_total {reported}.0" in page.read().decode()
         probe.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
