@@ -55,6 +55,13 @@ class LineFormatter(logging.Formatter):
         """The line of a record logged at ``created`` (seconds since the epoch)."""
         raise NotImplementedError
 
+    def info_lines(self, name: str, parts: list[tuple[float, str, tuple, str]]) -> list[str]:
+        """The lines of records at INFO from the logger ``name``, given by their
+        (time, msg, args, context)."""
+        line = self.line
+        return [line(created, _INFO, "INFO", name, context, msg % args if args else msg)
+                for created, msg, args, context in parts]
+
     def format(self, record: logging.LogRecord) -> str:
         return self.line(record.created, record.levelno, record.levelname, record.name,
                          getattr(record, "context", self.context), record.getMessage(),
@@ -86,6 +93,16 @@ class TextFormatter(LineFormatter):
             stamp = self.stamp(created)
         line = f"{stamp} [{context}] {message}"
         return line if traceback is None else f"{line}\n{traceback}"
+
+    def info_lines(self, name: str, parts: list[tuple[float, str, tuple, str]]) -> list[str]:
+        # line(), for many lines at INFO at once: the line per request
+        lines = []
+        second, stamp = self._stamp
+        for created, msg, args, context in parts:
+            if int(created) != second:
+                second, stamp = int(created), self.stamp(created)
+            lines.append(f"{stamp} [{context}] {msg % args if args else msg}")
+        return lines
 
 
 class JsonFormatter(LineFormatter):
@@ -127,7 +144,9 @@ def fast_info(logger: logging.Logger, msg: str, *args: str, extra: dict[str, str
     batch = _batches.get(logger.name)
     if batch is None:
         batch = _batches[logger.name] = LineBatch(logger)
-    if not batch.add(msg, args, extra["context"]):
+    if batch.lines and threading.get_ident() == batch.thread:  # LineBatch.add, without a call
+        batch.lines.append((time.time(), msg, args, extra["context"]))
+    elif not batch.add(msg, args, extra["context"]):
         logger.info(msg, *args, extra=extra)
 
 
@@ -182,16 +201,12 @@ class LineBatch:
         if handlers is None or any(handler.hub_thread != self.thread for handler in handlers):
             self._replay(lines)
             return
-        name = self.logger.name
         made: dict[type, list[str]] = {}
         for handler in handlers:
             formatter = handler.formatter
             texts = made.get(formatter.__class__)
             if texts is None:
-                line = formatter.line
-                texts = made[formatter.__class__] = [
-                    line(created, _INFO, "INFO", name, context, msg % args if args else msg)
-                    for created, msg, args, context in lines]
+                texts = made[formatter.__class__] = formatter.info_lines(self.logger.name, lines)
             handler.emit_texts(texts)
 
     def _replay(self, lines: list[tuple[float, str, tuple, str]]) -> None:

@@ -112,6 +112,9 @@ def test_formatters_write_the_lines_of_before_from_a_record_or_its_parts(new, ol
         if record.exc_info is None and hasattr(record, "context"):
             assert mine.line(record.created, record.levelno, record.levelname, record.name,
                              record.context, record.getMessage()) == expected
+            if record.levelno == logging.INFO:
+                parts = [(record.created, record.msg, record.args, record.context)] * 2
+                assert mine.info_lines(record.name, parts) == [expected] * 2
 
 
 # --- both ways in reach every handler with the same line --------------------------------
