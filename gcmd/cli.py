@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -27,6 +26,7 @@ from gcmd.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     RANGES,
+    TLS_VERSIONS,
     Config,
     RunOptions,
     SettingError,
@@ -107,6 +107,11 @@ def _add_network_flags(p: Parser, d: Config) -> None:
                    "nobody but the load balancer can reach (default: off)")
     p.setting(net, "tls-cert", metavar="PEM", help="serve TLS with this certificate (default: off)")
     p.setting(net, "tls-key", metavar="PEM", help="private key of --tls-cert (default: none)")
+    p.setting(net, "tls-client-ca", metavar="PEM",
+              help="require a client certificate signed by a CA in this file; the log names "
+                   "its subject (CN); SIGHUP reads it, --tls-cert and --tls-key again (default: off)")
+    p.setting(net, "tls-min-version", choices=TLS_VERSIONS, default=d.tls_min_version,
+              help="the oldest TLS version served (default: %(default)s)")
     ops = p.add_argument_group("processes and metrics")
     p.setting(ops, "workers", type=int, default=d.workers, metavar="N",
               help=f"server processes sharing the port, {RANGES['workers']}, supervised by this one; "
@@ -149,7 +154,7 @@ def _add_limit_flags(p: Parser, d: Config) -> None:
     p.setting(lim, "allow", action=ReplaceDefault, default=(), metavar="CIDR",
               help="accept clients only from this network; repeatable (default: everyone)")
     seconds = (("idle-timeout", "close a client silent (or not reading) this long"),
-               ("command-timeout", "kill a tail running this long"),
+               ("command-timeout", "give up a lastlog not answered in this long (a FIFO, a hung file)"),
                ("shutdown-timeout", "on SIGTERM, wait this long for running commands"))
     for name, what in seconds:
         field = name.replace("-", "_")
@@ -167,6 +172,10 @@ def _add_log_flags(p: Parser) -> None:
                    "and not allowed with it")
     p.setting(out, "log-format", choices=LOG_FORMATS, default="text",
               help="one line per event, as text or JSON (default: %(default)s)")
+    p.setting(out, "quiet-from", action=ReplaceDefault, default=(), metavar="CIDR",
+              help="log the connections from this network (a load balancer's health checks) "
+                   "at level debug instead of info: their connection, requests and close; "
+                   "warnings still show; repeatable (default: none)")
     p.setting(out, "output", metavar="FILE",
               help="append the server log to FILE instead of standard output; "
                    "SIGHUP reopens it, for logrotate (default: standard output)")
@@ -207,7 +216,7 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     if not os.path.isdir(root):
         raise SettingError("root", f"--root {root} is not a directory")
     check_resolves(args.host)
-    for name in ("tls_cert", "tls_key"):
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(args, name)
         if path is not None and not os.access(path, os.R_OK):
             why = "no such file" if not os.path.exists(path) else "permission denied"
@@ -215,13 +224,10 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     token = None if args.token_file is None else read_token(args.token_file)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
+                       "quiet_from": parse_networks(args.quiet_from, "quiet_from"),
                        "logfiles": tuple(args.logfile)})
     if config.tls:
-        try:
-            lifecycle.tls_context(config)
-        except (ssl.SSLError, OSError) as exc:
-            raise SettingError("tls_cert", f"cannot use --tls-cert {config.tls_cert} "
-                                           f"with --tls-key {config.tls_key}: {exc}") from None
+        lifecycle.tls_context(config)
     options = RunOptions(log_level=args.log_level, log_format=args.log_format, output=args.output,
                          token_file=args.token_file, config_file=args.config)
     return config, options

@@ -6,7 +6,6 @@ Commands return their reply as bytes and never touch the socket; a
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import logging
 import os
@@ -197,6 +196,7 @@ class Commands:
             "pid": os.getpid(),
             "clients": stats.clients,
             "clients_parked": stats.parked,
+            "authenticated": stats.authenticated,
             "greenlets": stats.greenlets,
             "max_clients": self.config.max_clients,
             "connections": stats.connections,
@@ -214,7 +214,7 @@ class Commands:
             "log_output_dropped": getattr(stats.log_output, "dropped", 0),
         }
         for name, figures_of_log in self.logs.stats().items():
-            for key, value in dataclasses.asdict(figures_of_log).items():
+            for key, value in vars(figures_of_log).items():
                 figures[f"log.{name}.{key}"] = value
         return block(b"stats", [f"{key} {value}".encode() for key, value in figures.items()])
 
@@ -230,6 +230,7 @@ class Commands:
         if token is None:
             return protocol.AUTH_DISABLED
         if hmac.compare_digest(arg, token):
+            self.stats.authenticated += not session.authenticated
             session.authenticated = True
             return protocol.AUTH_OK
         self.stats.auth_failures += 1

@@ -21,6 +21,8 @@ from gcmd.logs import log_sources
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+#: the oldest TLS versions --tls-min-version accepts
+TLS_VERSIONS = ("1.2", "1.3")
 
 #: the longest a seconds setting may be: a day
 MAX_SECONDS = 86400
@@ -115,6 +117,8 @@ class Config:
     max_per_ip: int = _ranged(0, 1_000_000, default=0)
     #: networks allowed to connect; empty means everyone
     allow: tuple[Network, ...] = ()
+    #: networks whose connections (health checks) are logged at debug, not info
+    quiet_from: tuple[Network, ...] = ()
     #: longest request line in bytes, without the newline
     max_line: int = _ranged(1, 1 << 20, default=8192)
     #: seconds without a complete line (or without reply progress) before a client is cut
@@ -128,6 +132,10 @@ class Config:
     #: PEM certificate and key; both set means TLS
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: PEM CA certificate(s): clients must show a certificate signed by one; None: not asked
+    tls_client_ca: str | None = None
+    #: the oldest TLS version served: one of TLS_VERSIONS
+    tls_min_version: str = "1.2"
     #: threads that read and hash files (by default one per CPU, within the range)
     hash_workers: int = _ranged(1, 1024, default_factory=lambda: min(os.cpu_count() or 1, 1024))
     #: hash requests allowed to wait for a worker before clients get "server busy"
@@ -158,6 +166,12 @@ class Config:
             raise SettingError("logfiles", str(exc)) from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingError("tls_cert", "--tls-cert and --tls-key go together")
+        if self.tls_min_version not in TLS_VERSIONS:
+            raise SettingError("tls_min_version", f"--tls-min-version must be one of "
+                                                  f"{', '.join(TLS_VERSIONS)}, not {self.tls_min_version!r}")
+        for name in ("tls_client_ca", "tls_min_version"):
+            if getattr(self, name) != getattr(Config, name) and not self.tls:
+                raise SettingError(name, f"{flag(name)} needs --tls-cert and --tls-key")
         if self.metrics_port is not None:
             Range(0, 65535 - (self.workers - 1), "port").check("metrics_port", self.metrics_port)
             if self.metrics_port == 0 and self.workers > 1:
@@ -214,14 +228,15 @@ def check_host(host: str) -> None:
         raise SettingError("host", f"--host {host!r} is not an IPv4 or IPv6 address, nor a host name")
 
 
-def parse_networks(texts: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
-    """The networks of ``--allow`` (``10.0.0.0/8``, ``::1``); SettingError names a bad one."""
+def parse_networks(texts: list[str] | tuple[str, ...], name: str = "allow") -> tuple[Network, ...]:
+    """The networks of ``--allow`` or another CIDR flag (``name``): ``10.0.0.0/8``,
+    ``::1``; SettingError names a bad one."""
     networks = []
     for text in texts:
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
-            raise SettingError("allow", f"--allow {text!r} is not a network address such as "
+            raise SettingError(name, f"{flag(name)} {text!r} is not a network address such as "
                                         f"10.0.0.0/8 or ::1/128") from None
     return tuple(networks)
 

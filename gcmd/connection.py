@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent import GreenletExit, getcurrent
 
-from gcmd import protocol, proxy
+from gcmd import protocol, proxy, tls
 
 if TYPE_CHECKING:
     from gcmd.server import GcmdServer
@@ -55,6 +55,9 @@ PARK_AFTER = 1.0
 PROXY_TIMEOUT = 5.0
 #: seconds between two looks at a PROXY header that arrived in part
 PROXY_PARTIAL_WAIT = 0.01
+#: seconds a client has to show its certificate (finish its TLS handshake) when
+#: one is required: it holds no slot meanwhile (at most the idle timeout)
+CERTIFICATE_TIMEOUT = 10.0
 
 # why a wait ended, or why a connection was given a greenlet
 READABLE = "readable"
@@ -99,8 +102,8 @@ class Connection:
     Subclasses say what is served on it by defining ``_run(start, data)``.
     """
 
-    __slots__ = ("admitted", "context", "deadline", "eof", "greenlet", "ip", "number", "parked",
-                 "reader", "server", "since", "sock", "tls", "waiting", "writer")
+    __slots__ = ("admitted", "client_cn", "context", "deadline", "eof", "greenlet", "ip", "log_level",
+                 "number", "parked", "reader", "server", "since", "sock", "tls", "waiting", "writer")
 
     def __init__(self, server: GcmdServer, sock, ip: str, number: int) -> None:
         self.server = server
@@ -126,6 +129,10 @@ class Connection:
         self.writer = None
         #: the socket is a TLS socket (after the handshake begins)
         self.tls = False
+        #: the CN of the client's verified certificate (--tls-client-ca); None: none asked
+        self.client_cn = None
+        #: the level of this client's connection, request and close lines (--quiet-from: debug)
+        self.log_level = logging.INFO
 
     # --- lifecycle: the server calls run() in a greenlet, and close() ends it -----------
 
@@ -166,6 +173,8 @@ class Connection:
             return "internal error"
 
     def _begin(self, start: str, data: bytes) -> str:
+        if self.server.closing and start is not REFUSED and start is not DEADLINE:
+            raise self._goodbye()
         if start is OPEN:
             self._open()
             data = self.recv()  # what came with the header or the handshake
@@ -199,22 +208,26 @@ class Connection:
         self.server.release(self, reason)
 
     def park(self) -> None:
-        """Wait for the client without a greenlet (see _on_readable, tick and wake)."""
+        """Wait for the client without a greenlet (see _on_readable, tick and wake);
+        once shutdown has begun, say goodbye instead."""
+        if self.server.closing:
+            self.server.dispatch(self, SHUTDOWN)
+            return
         self.parked = True
         self.server.stats.parked += 1
         if not self.eof:
             self.reader.start(self._on_readable)
 
-    def tick(self, now: float, park_before: float) -> None:
+    def tick(self, now: float, park_before: float, parked_too: bool) -> None:
         """In the hub, from the server's sweeper: end a wait past the deadline,
         park a connection whose wait allows it and that made no progress since
-        ``park_before``, and wake a parked one past its deadline."""
+        ``park_before``, and (``parked_too``) wake a parked one past its deadline."""
         if self.waiting:
             if now >= self.deadline:
                 self.resume(DEADLINE)
             elif self.waiting & PARKABLE and self.since <= park_before:
                 self.resume(PARK, PARKABLE)
-        elif self.parked and now >= self.deadline:
+        elif parked_too and self.parked and now >= self.deadline:
             self.wake(DEADLINE)
 
     def wake(self, reason: str) -> None:
@@ -345,22 +358,52 @@ class Connection:
 
     def _open(self) -> None:
         """Read the PROXY header, admit the client, do the TLS handshake. A refused
-        client is told so (Ended)."""
+        client is told so (Ended). When client certificates are required, the
+        handshake comes before admission, so that the connection line names the
+        certificate."""
         server = self.server
         if server.config.proxy_protocol:
             self._read_proxy_header()
+        context = server.ssl_context  # SIGHUP may replace it; this connection keeps this one
+        if server.config.tls_client_ca is not None:
+            self._open_verified(context)
+            return
         refusal = server.admit(self)
         if refusal is not None and refusal.line is None:
             raise refusal
-        if server.ssl_context is not None:
-            self.sock = server.ssl_context.wrap_socket(self.sock, server_side=True,
-                                                       do_handshake_on_connect=False)
-            self.tls = True
+        if context is not None:
+            self._wrap(context)
             if refusal is not None:
                 self._progress(min(server.config.idle_timeout, FAREWELL_TIMEOUT))
             self._handshake()
         if refusal is not None:
             raise refusal
+
+    def _open_verified(self, context: ssl.SSLContext) -> None:
+        """Check --allow, take the client's certificate in the TLS handshake (a
+        failure is a refusal, logged with why), then admit the client."""
+        server = self.server
+        refusal = server.screen(self)
+        if refusal is not None:
+            raise refusal
+        self._wrap(context)
+        self._progress(min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
+        try:
+            self._handshake()
+        except (ssl.SSLError, Ended) as exc:
+            why = exc.reason if isinstance(exc, Ended) else tls.handshake_failure(exc)
+            server.stats.refuse("tls_handshake")
+            log.warning("Refused TLS connection from %s: %s", self.ip, why, extra=self.context)
+            raise Ended(why, None) from None
+        self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
+        self._progress()
+        refusal = server.admit(self)
+        if refusal is not None:
+            raise refusal
+
+    def _wrap(self, context: ssl.SSLContext) -> None:
+        self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.tls = True
 
     def _handshake(self) -> None:
         while True:
@@ -400,6 +443,7 @@ class Connection:
                 if chunk == b"":
                     raise proxy.ProxyError("closed within its PROXY header")
                 size -= len(chunk or b"")
+            self._progress()  # the header's own deadline is over: the idle timeout runs
         except (proxy.ProxyError, OSError) as exc:
             self.server.stats.refuse("proxy_header")
             log.warning("Closed connection from %s: no valid PROXY header (%s)", self.ip, exc,
@@ -408,5 +452,3 @@ class Connection:
         if address:
             self.ip = address
             self.context = self.server.session_context(self.number, address)
-
-

@@ -2,8 +2,9 @@
 
 Signal handlers only record the signal in a queue; the main greenlet takes
 them from it one at a time and acts: SIGHUP reopens --output and re-reads
---token-file, SIGTERM or SIGINT stops. With ``--workers`` the parent's loop
-does the same in gcmd.workers and passes the signals on to the workers.
+--token-file and the TLS files, SIGTERM or SIGINT stops. With ``--workers``
+the parent's loop does the same in gcmd.workers and passes the signals on to
+the workers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import resource
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -23,11 +23,11 @@ from typing import TextIO
 import gevent
 import gevent.queue
 import gevent.socket
-import gevent.ssl
 
 from gcmd import __version__
 from gcmd.config import Config, RunOptions, SettingError, read_token
 from gcmd.logsetup import open_output, reopen_output, setup_logging
+from gcmd.tls import tls_context, tls_mode
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +116,26 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
 
 
 def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:
-    """SIGHUP: reopen the log output (after logrotate moved it) and re-read the token."""
+    """SIGHUP: reopen the log output (after logrotate moved it), then read the token
+    file and the TLS files again. New connections get the new token and TLS
+    settings, those open keep theirs; if one file cannot be used, nothing changes."""
     reopen_output(handler, options.output)
-    if options.token_file is not None:
-        try:
-            server.set_token(read_token(options.token_file))
-        except SettingError as exc:
-            log.error("SIGHUP: %s; the previous token stays in force", exc)
-            return
-    log.info("SIGHUP: reopened the log output%s",
-             " and re-read the token file" if options.token_file else "")
-
-
-def tls_context(config: Config) -> ssl.SSLContext:
-    """The server side of TLS 1.2 or later with the configured certificate; ssl.SSLError or OSError."""
-    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    return context
+    config = server.config
+    reread = " and ".join(what for what, used in (("the token file", options.token_file),
+                                                   ("the TLS files", config.tls)) if used)
+    try:
+        token = None if options.token_file is None else read_token(options.token_file)
+        context = tls_context(config) if config.tls else None
+    except SettingError as exc:
+        kept = ("token and TLS files stay" if options.token_file and config.tls
+                else "token stays" if options.token_file else "TLS files stay")
+        log.warning("SIGHUP: %s; the previous %s in force", exc, kept)
+        return
+    if token is not None:
+        server.set_token(token)
+    if context is not None:
+        server.ssl_context = context
+    log.info("SIGHUP: reopened the log output%s", f" and re-read {reread}" if reread else "")
 
 
 def raise_fd_limit() -> None:
@@ -156,7 +158,7 @@ def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
 def announce(config: Config, port: int, workers: str = "") -> None:
     """The start-up lines: where gcmd listens and what it serves."""
     log.info("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
-             " (TLS)" if config.tls else "", workers)
+             tls_mode(config), workers)
     log.info("root %s, max %d clients%s%s", config.root, config.max_clients,
              " per worker" if workers else "", ", token required" if config.token else "")
 

@@ -5,7 +5,7 @@ Only gcmd.lifecycle calls ``setup_logging``; the rest of gcmd logs through
 ``context`` extra (``Session,42,127.0.0.1``).
 
 At the default level every request is a log line, so its way is kept short.
-``fast_info`` (the line per request) makes no LogRecord: the parts of the
+``fast_log`` (the line per request) makes no LogRecord: the parts of the
 lines logged in one event-loop iteration are handed together to the
 handlers (LineBatch), and each gets the line its formatter makes of them,
 with the code that formats a record. Every log line is handled in the hub's
@@ -51,21 +51,24 @@ class LineFormatter(logging.Formatter):
         self._stamp = (None, "")  # (second, its time stamp): one attribute, set at once
 
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
-             message: str, traceback: str | None = None) -> str:
-        """The line of a record logged at ``created`` (seconds since the epoch)."""
+             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+        """The line of a record logged at ``created`` (seconds since the epoch);
+        ``client_cn``: the CN of the client's certificate, if it showed one."""
         raise NotImplementedError
 
-    def info_lines(self, name: str, parts: list[tuple[float, str, tuple, str]]) -> list[str]:
-        """The lines of records at INFO from the logger ``name``, given by their
-        (time, msg, args, context)."""
+    def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
+        """The lines of records from the logger ``name`` at DEBUG or INFO, given by
+        their (time, level, msg, args, extra): see fast_log."""
         line = self.line
-        return [line(created, _INFO, "INFO", name, context, msg % args if args else msg)
-                for created, msg, args, context in parts]
+        return [line(created, levelno, _BATCHED[levelno], name, extra["context"],
+                     msg % args if args else msg, None, extra.get("client_cn"))
+                for created, levelno, msg, args, extra in parts]
 
     def format(self, record: logging.LogRecord) -> str:
         return self.line(record.created, record.levelno, record.levelname, record.name,
                          getattr(record, "context", self.context), record.getMessage(),
-                         self.formatException(record.exc_info) if record.exc_info else None)
+                         self.formatException(record.exc_info) if record.exc_info else None,
+                         getattr(record, "client_cn", None))
 
     def stamp(self, created: float) -> str:
         """The time stamp of a line logged at ``created``, made once a second."""
@@ -85,7 +88,7 @@ class TextFormatter(LineFormatter):
     time_format = "%Y-%m-%d %H:%M:%S%z"
 
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
-             message: str, traceback: str | None = None) -> str:
+             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
         if levelno >= logging.WARNING:
             message = f"{levelname}: {message}"
         second, stamp = self._stamp  # most lines need no call
@@ -94,64 +97,78 @@ class TextFormatter(LineFormatter):
         line = f"{stamp} [{context}] {message}"
         return line if traceback is None else f"{line}\n{traceback}"
 
-    def info_lines(self, name: str, parts: list[tuple[float, str, tuple, str]]) -> list[str]:
-        # line(), for many lines at INFO at once: the line per request
+    def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
+        # line(), for many lines below WARNING at once: the line per request
         lines = []
         second, stamp = self._stamp
-        for created, msg, args, context in parts:
+        for created, _, msg, args, extra in parts:
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
-            lines.append(f"{stamp} [{context}] {msg % args if args else msg}")
+            lines.append(f"{stamp} [{extra['context']}] {msg % args if args else msg}")
         return lines
 
 
 class JsonFormatter(LineFormatter):
     """One JSON object per line, as json.dumps writes it; whatever a client sent
-    stays inside one string."""
+    stays inside one string.
+
+    The lines of a client that showed a certificate carry its CN as ``client_cn``.
+    """
 
     time_format = "%Y-%m-%dT%H:%M:%S%z"
 
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
-             message: str, traceback: str | None = None) -> str:
+             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
         second, stamp = self._stamp
         if int(created) != second:
             stamp = self.stamp(created)
         line = (f'{{"time": {stamp}, "level": {_quote(levelname.lower())}, "context": {_quote(context)}, '
                 f'"logger": {_quote(name)}, "message": {_quote(message)}')
+        if client_cn is not None:
+            line += f', "client_cn": {_quote(client_cn)}'
         return line + ("}" if traceback is None else f', "traceback": {_quote(traceback)}}}')
 
     def written_stamp(self, stamp: str) -> str:
         return _quote(stamp)
 
 
-#: fast_info's batches, by logger name. Like the logging tree they follow, they are the
+#: the levels whose lines fast_log batches, and their names
+_BATCHED = {logging.DEBUG: "DEBUG", _INFO: "INFO"}
+
+#: a line fast_log batched: (time, level, msg, args, extra)
+Part = tuple[float, int, str, tuple, dict]
+
+#: fast_log's batches, by logger name. Like the logging tree they follow, they are the
 #: process's; none holds a line past the event-loop iteration that logged it.
 _batches: dict[str, LineBatch] = {}
 
 
-def fast_info(logger: logging.Logger, msg: str, *args: str, extra: dict[str, str]) -> None:
-    """``logger.info(msg, *args, extra=extra)``, without a LogRecord when it can.
+def fast_log(logger: logging.Logger, level: int, msg: str, *args: str, extra: dict[str, str]) -> None:
+    """``logger.log(level, msg, *args, extra=extra)``, without a LogRecord when it can.
 
-    In the hub's thread, the line's parts wait in a LineBatch until the end
-    of the event-loop iteration; then, while every handler the record would
-    reach takes lines (a LineHandler with no filter and a LineFormatter),
-    each gets the line its formatter makes of them, else the records go the
-    usual way. In another thread, the record goes the usual way at once.
-    ``args``: strings; ``extra``: the ``context``.
+    In the hub's thread, the parts of a line at INFO or DEBUG wait in a
+    LineBatch until the end of the event-loop iteration; then, while every
+    handler the record would reach takes lines (a LineHandler with no
+    filter and a LineFormatter), each gets the line its formatter makes of
+    them, else the records go the usual way. In another thread, or at
+    another level, the record goes the usual way at once. ``args``:
+    strings; ``extra``: the ``context``, and the ``client_cn`` of a client
+    that showed a certificate; it is read when the line is made, by the end
+    of the iteration.
     """
-    if not logger.isEnabledFor(_INFO):
+    if not logger.isEnabledFor(level):
         return
     batch = _batches.get(logger.name)
     if batch is None:
         batch = _batches[logger.name] = LineBatch(logger)
-    if batch.lines and threading.get_ident() == batch.thread:  # LineBatch.add, without a call
-        batch.lines.append((time.time(), msg, args, extra["context"]))
-    elif not batch.add(msg, args, extra["context"]):
-        logger.info(msg, *args, extra=extra)
+    if level == _INFO and batch.lines and threading.get_ident() == batch.thread:
+        batch.lines.append((time.time(), _INFO, msg, args, extra))  # LineBatch.add, without a call
+    elif not batch.add(level, msg, args, extra):
+        logger.log(level, msg, *args, extra=extra)
 
 
 def flush_lines() -> None:
-    """Hand the lines fast_info batched to their handlers (in the hub's thread; else nothing):
+    """Hand the lines fast_log batched to their handlers (in the hub's thread; else nothing):
     before any other line reaches a handler, so that each sees the lines in the order logged."""
     for batch in _batches.values():
         if batch.lines and batch.thread == threading.get_ident():
@@ -159,7 +176,7 @@ def flush_lines() -> None:
 
 
 class LineBatch:
-    """fast_info's lines from one logger, in the hub's thread, handed to the handlers
+    """fast_log's lines from one logger, in the hub's thread, handed to the handlers
     together at the end of the event-loop iteration (or before any other line
     reaches them): the handlers the logger reaches then get the lines their
     formatters make, or, if one of them cannot take lines, the records.
@@ -170,23 +187,27 @@ class LineBatch:
         #: the hub's thread and loop, those of the handlers the first line reached
         self.thread: int | None = None
         self.loop = None
-        #: (time, msg, args, context) of the lines waiting
-        self.lines: list[tuple[float, str, tuple, str]] = []
+        #: the lines waiting
+        self.lines: list[Part] = []
+        #: the lowest level among them (INFO when none is below)
+        self.lowest = _INFO
 
-    def add(self, msg: str, args: tuple, context: str) -> bool:
-        """Batch a line; False when it goes the usual way (another thread, other handlers)."""
-        if threading.get_ident() != self.thread and not self._bind():
+    def add(self, level: int, msg: str, args: tuple, extra: dict[str, str]) -> bool:
+        """Batch a line; False when it goes the usual way (another thread, other handlers,
+        a level not batched)."""
+        if level not in _BATCHED or (threading.get_ident() != self.thread and not self._bind(level)):
             return False
         if not self.lines:
             self.loop.run_callback(self.flush)
-        self.lines.append((time.time(), msg, args, context))
+        self.lowest = min(self.lowest, level)
+        self.lines.append((time.time(), level, msg, args, extra))
         return True
 
-    def _bind(self) -> bool:
+    def _bind(self, level: int) -> bool:
         """Take the hub of the handlers the logger reaches, if this is its thread."""
         if self.thread is not None:
             return False
-        handlers = _line_handlers(self.logger)
+        handlers = _line_handlers(self.logger, level)
         if handlers is None or handlers[0].hub_thread != threading.get_ident():
             return False
         self.thread, self.loop = handlers[0].hub_thread, handlers[0].loop
@@ -195,9 +216,10 @@ class LineBatch:
     def flush(self) -> None:
         """Give the handlers the lines their formatters make (in the hub's thread)."""
         lines, self.lines = self.lines, []
+        lowest, self.lowest = self.lowest, _INFO
         if not lines:
             return
-        handlers = _line_handlers(self.logger)
+        handlers = _line_handlers(self.logger, lowest)
         if handlers is None or any(handler.hub_thread != self.thread for handler in handlers):
             self._replay(lines)
             return
@@ -206,22 +228,27 @@ class LineBatch:
             formatter = handler.formatter
             texts = made.get(formatter.__class__)
             if texts is None:
-                texts = made[formatter.__class__] = formatter.info_lines(self.logger.name, lines)
+                texts = made[formatter.__class__] = formatter.batch_lines(self.logger.name, lines)
+            if handler.level > lowest:  # it takes some of them only
+                texts = [text for text, part in zip(texts, lines) if part[1] >= handler.level]
+                if not texts:
+                    continue
             handler.emit_texts(texts)
 
-    def _replay(self, lines: list[tuple[float, str, tuple, str]]) -> None:
+    def _replay(self, lines: list[Part]) -> None:
         logger = self.logger
-        for created, msg, args, context in lines:
-            record = logger.makeRecord(logger.name, _INFO, "(unknown file)", 0, msg, args, None,
-                                       extra={"context": context})
+        for created, level, msg, args, extra in lines:
+            record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, args, None,
+                                       extra=extra)
             record.created = created
             logger.handle(record)
 
 
-def _line_handlers(logger: logging.Logger) -> list[LineHandler] | None:
-    """The handlers a record at INFO from ``logger`` reaches, as Logger.callHandlers
-    finds them, when each takes lines; else None."""
-    if logger.filters or not logger.isEnabledFor(_INFO):
+def _line_handlers(logger: logging.Logger, level: int) -> list[LineHandler] | None:
+    """The handlers a record at INFO, or at ``level`` (not above INFO), from
+    ``logger`` reaches, as Logger.callHandlers finds them, when each takes
+    lines; else None."""
+    if logger.filters or not logger.isEnabledFor(level):
         return None
     reached = []
     while logger is not None:
@@ -237,11 +264,11 @@ def _line_handlers(logger: logging.Logger) -> list[LineHandler] | None:
 class LineHandler(logging.Handler):
     """A handler that does its work in the hub's thread (the one that makes it):
     a record logged in another thread is formatted there and its line passed to
-    the hub. It takes the lines of fast_info's batches (``emit_texts``) while it
+    the hub. It takes the lines of fast_log's batches (``emit_texts``) while it
     has a LineFormatter and no filter (``takes_text``).
     """
 
-    #: whether fast_info's batches may give it lines, kept up to date by the methods below
+    #: whether fast_log's batches may give it lines, kept up to date by the methods below
     takes_text = False
 
     def __init__(self, level: int = logging.NOTSET) -> None:
@@ -261,7 +288,7 @@ class LineHandler(logging.Handler):
             self.loop.run_callback_threadsafe(self._emit_in_hub, text)
 
     def _emit_in_hub(self, text: str) -> None:
-        flush_lines()  # fast_info's lines logged before come first
+        flush_lines()  # fast_log's lines logged before come first
         self.emit_texts([text])
 
     def emit_texts(self, texts: list[str]) -> None:

@@ -46,6 +46,9 @@ class GcmdCollector:
         yield build
         yield GaugeMetricFamily("gcmd_clients", "Clients connected now (holding a slot)",
                                 value=stats.clients)
+        yield GaugeMetricFamily("gcmd_authenticated", "Clients connected now that passed what the "
+                                "server asks: a client certificate, a token, or both",
+                                value=stats.authenticated)
         yield GaugeMetricFamily("gcmd_max_clients", "Clients served at once before refusing",
                                 value=server.config.max_clients)
         yield CounterMetricFamily("gcmd_connections", "Connections accepted, refused or not",

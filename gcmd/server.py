@@ -7,7 +7,9 @@ Who owns what (see gcmd/connection.py for one client's side):
   rule that the server closes a handler's socket when the handler returns
   does not apply: handlers are not used (``do_handle`` is overridden).
 - Admission (``admit``: --allow, --max-per-ip, --max-clients, shutdown) and
-  its undoing (``release``, called by Session.close) are here, once.
+  its undoing (``release``, called by Session.close) are here, once. A client
+  that must show a certificate is checked against --allow alone (``screen``)
+  before its TLS handshake, and admitted after it.
 - Greenlets: a plain connection is admitted in the hub; it gets a greenlet
   only when it has something to say (``dispatch``). A TLS or PROXY connection
   gets one at once, to read its header and do its handshake. A greenlet that
@@ -66,6 +68,9 @@ log = logging.getLogger(__name__)
 
 #: seconds between the sweeper's looks at the sessions' deadlines
 SWEEP_EVERY = 0.1
+#: parked sessions (no greenlet, waiting for a 300 s idle timeout) are looked at
+#: once in this many sweeps: their deadlines need no tenth of a second
+PARKED_SWEEP_EVERY = 10
 #: seconds accepting pauses when the process is out of file descriptors
 ACCEPT_PAUSE = 0.1
 #: greenlets kept to serve the next client instead of creating new ones
@@ -94,6 +99,7 @@ class GcmdServer(StreamServer):
         else:
             super().__init__(listener, spawn=self.handlers)
         self.config = config
+        #: the TLS settings of new connections (SIGHUP replaces it; open ones keep theirs)
         self.ssl_context = ssl_context
         self.stats = ServerStats()
         self.metadata_pool = ThreadPool(METADATA_WORKERS)
@@ -108,6 +114,7 @@ class GcmdServer(StreamServer):
         self.hub = gevent.get_hub()
         #: --allow, with IPv4-mapped IPv6 networks as the IPv4 networks they mean
         self.allow = tuple(_unmapped(network) for network in config.allow)
+        self.quiet_from = tuple(_unmapped(network) for network in config.quiet_from)
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
         #: every connection not yet closed, admitted or not
@@ -118,6 +125,7 @@ class GcmdServer(StreamServer):
         #: greenlets waiting for the next session to serve
         self._idle_drivers: list[Waiter] = []
         self._sweeper = None
+        self._sweeps = 0
         self._accept_timer = None
         self._resource_warned = 0.0
 
@@ -176,14 +184,30 @@ class GcmdServer(StreamServer):
         else:
             session.close("Connection was closed cleanly.")
 
-    def admit(self, session: Session) -> Ended | None:
-        """Give ``session`` a slot (None), or say how it is refused. Never blocks."""
-        ip, context = session.ip, session.context
-        if self.allow and not _allowed(ip, self.allow):
+    def screen(self, session: Session) -> Ended | None:
+        """Refuse a client outside --allow (logged, no reply), before anything
+        else is spent on it; None if it may go on."""
+        if self.allow and not _allowed(session.ip, self.allow):
             self.stats.refuse("not_allowed")
-            log.warning("Refused connection from %s: not in --allow", ip, extra=context)
+            log.warning("Refused connection from %s: not in --allow", session.ip, extra=session.context)
             return Ended("not in --allow", None)
-        log.info("Client connection from %s", ip, extra=context)
+        return None
+
+    def admit(self, session: Session) -> Ended | None:
+        """Give ``session`` a slot (None), or say how it is refused. Never blocks.
+
+        The connection line names the CN of a verified client certificate."""
+        refusal = self.screen(session)
+        if refusal is not None:
+            return refusal
+        ip, context = session.ip, session.context
+        if self.quiet_from and _allowed(ip, self.quiet_from):
+            session.log_level = logging.DEBUG  # a health check: not an event worth a line
+        if session.client_cn is None:
+            log.log(session.log_level, "Client connection from %s", ip, extra=context)
+        else:
+            log.log(session.log_level, "Client connection from %s (CN=%s)", ip, session.client_cn,
+                    extra=context)
         if self.closing:
             self.stats.refuse("shutting_down")
             return Ended("refused: shutting down", protocol.SHUTTING_DOWN)
@@ -198,6 +222,9 @@ class GcmdServer(StreamServer):
         self.per_ip[ip] += 1
         self.stats.clients += 1
         session.admitted = True
+        if session.client_cn is not None and self.config.token is None:
+            session.authenticated = True  # the certificate is all this server asks for
+            self.stats.authenticated += 1
         return None
 
     def release(self, session: Session, reason: str) -> None:
@@ -208,11 +235,13 @@ class GcmdServer(StreamServer):
         session.admitted = False
         ip = session.ip
         self.stats.clients -= 1
+        if session.authenticated:
+            self.stats.authenticated -= 1
         self.per_ip[ip] -= 1
         if not self.per_ip[ip]:
             del self.per_ip[ip]
         self.slots.release()
-        log.info("Lost client connection. Reason: %s", reason, extra=session.context)
+        log.log(session.log_level, "Lost client connection. Reason: %s", reason, extra=session.context)
 
     # --- greenlets ---------------------------------------------------------------------
 
@@ -258,11 +287,14 @@ class GcmdServer(StreamServer):
     # --- the clock ---------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        """In the hub: every session's deadline, checked by one timer for all."""
+        """In the hub: every session's deadline, checked by one timer for all
+        (parked sessions, which may be thousands, every PARKED_SWEEP_EVERY sweeps)."""
         now = monotonic()
         park_before = now - PARK_AFTER
+        self._sweeps += 1
+        parked_too = self._sweeps % PARKED_SWEEP_EVERY == 0
         for session in list(self.sessions):
-            session.tick(now, park_before)
+            session.tick(now, park_before, parked_too)
 
     # --- accepting -----------------------------------------------------------------------
 
@@ -316,6 +348,8 @@ class GcmdServer(StreamServer):
             log.warning("Cutting %d commands still running after %g s",
                         len(self.handlers), self.config.shutdown_timeout)
             self.handlers.kill(Shutdown, block=True, timeout=FAREWELL_TIMEOUT + LINGER + 1)
+        for session in list(self.sessions):  # what no greenlet serves any more
+            session.close("server shutting down")
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from time import monotonic
 
 import gevent
 import gevent.socket
@@ -32,7 +33,7 @@ from gcmd.connection import (
     Ended,
 )
 from gcmd.loglines import FollowBuffer
-from gcmd.logsetup import fast_info
+from gcmd.logsetup import fast_log
 from gcmd.protocol import Close, Follow, escape, split_lines
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class Session(Connection):
 
     def _goodbye(self) -> Ended:
         line = protocol.SHUTTING_DOWN
-        if self.follow is not None:
-            line = protocol.END_FOLLOW + line
+        if self.follow is not None:  # the rest of a line begun, then End follow on a line of its own
+            line = bytes(self.follow.out) + protocol.END_FOLLOW + line
         return Ended("server shutting down", line)
 
     # --- serving requests --------------------------------------------------------------
@@ -97,6 +98,8 @@ class Session(Connection):
                     # never yield: let the others run between its batches
                     gevent.sleep(0)
             if too_long:
+                if self.follow is not None:  # the follow began in this batch
+                    self._end_following()
                 raise Ended("line too long", protocol.LINE_TOO_LONG)
 
     def _read_request(self, ready: bool) -> bytes | None:
@@ -122,7 +125,8 @@ class Session(Connection):
         and before any slow command so that the client is not kept waiting."""
         server = self.server
         commands = server.commands
-        log_requests = log.isEnabledFor(logging.INFO)
+        log_requests = log.isEnabledFor(self.log_level)
+        trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
         for index, line in enumerate(lines):
@@ -130,9 +134,10 @@ class Session(Connection):
             if parsed is None:
                 continue
             handler, arg = parsed
+            started = monotonic() if trace else 0.0
             if log_requests:
-                fast_info(log, "Cmd received from %s : %s", self.ip, _loggable(line, handler),
-                          extra=self.context)
+                fast_log(log, self.log_level, "Cmd received from %s : %s", self.ip,
+                         _loggable(line, handler), extra=self.context)
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0
@@ -144,6 +149,8 @@ class Session(Connection):
                     continue
             else:
                 reply = commands.run(handler, self, arg)
+            if trace:
+                self._trace(handler, line, reply, started)
             if isinstance(reply, Close):
                 self._send(b"".join(replies))
                 raise Ended(reply.reason, reply)
@@ -152,10 +159,18 @@ class Session(Connection):
             if size >= FLUSH_AT:  # a client that does not read its replies stops being read
                 self._send(b"".join(replies))
                 replies, size = [], 0
+                # and one whose kernel buffer takes megabytes does not hold the
+                # others back meanwhile: they run between its batches
+                gevent.sleep(0)
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))
                 raise self._goodbye()
         self._send(b"".join(replies))
+
+    def _trace(self, handler, line: bytes, reply: bytes, started: float) -> None:
+        """At level debug: the bytes of one request and of its reply, and the time it took."""
+        log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
+                  (monotonic() - started) * 1000, extra=self.context)
 
     # --- following a log -----------------------------------------------------------------
 
@@ -180,6 +195,8 @@ class Session(Connection):
         nor a half-close ends a follow; a client that accepts no byte of what
         waits for it for the idle timeout is cut."""
         while True:
+            if self.server.closing:
+                raise self._goodbye()
             self._push()
             reason = READABLE if ready else self.wait(self._follow_accepts())
             ready = False
@@ -193,11 +210,11 @@ class Session(Connection):
                         self._end_following()
                         return data
                     self.pending += data
-            elif reason is PARK:
+            elif reason is PARK and not self.server.closing:
                 return None
             elif reason is DEADLINE:
                 raise Ended("the client accepted no followed lines in time", None)
-            elif reason is SHUTDOWN:
+            elif reason is SHUTDOWN or reason is PARK:
                 raise self._goodbye()
 
     def _follow_accepts(self) -> int:

@@ -41,6 +41,8 @@ class ServerStats:
     started: float = field(default_factory=time.monotonic)
     #: clients holding a slot now
     clients: int = 0
+    #: clients that passed what the server asks (a client certificate, a token, or both) now
+    authenticated: int = 0
     #: clients waiting without a greenlet (parked) now
     parked: int = 0
     #: greenlets serving clients or waiting for the next one, now

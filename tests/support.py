@@ -115,6 +115,16 @@ def tls_client(port: int, cert: Path, **wrap) -> Client:
     return Client(port, sock=context.wrap_socket(raw, server_hostname="localhost", **wrap))
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine has the IPv6 loopback address ::1."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

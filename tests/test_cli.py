@@ -290,6 +290,16 @@ def test_quiet_with_a_log_level_exits_2():
     assert "gcmd: error: argument --log-level: not allowed with argument --quiet" in result.stderr
 
 
+def test_debug_logs_the_bytes_and_time_of_each_request(gcmd):
+    server = gcmd("--log-level", "debug")
+    client = server.client()
+    assert client.ask("ping") == b"pong\n"
+    client.send("help\n")
+    client.block(b"End help\n")
+    wait_for(lambda: re.search(r"\] ping: 5 bytes in, 5 bytes out, [0-9.]+ ms", server.log())
+             and re.search(r"\] help: 5 bytes in, \d{3,} bytes out", server.log()))
+
+
 def test_debug_logs_more_than_info(gcmd):
     info, debug = gcmd(), gcmd("--log-level", "debug")
     for server in (info, debug):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import Client, free_port, wait_for
+from support import Client, free_port, ipv6_loopback, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -83,6 +83,55 @@ def test_haproxy_example_fronts_two_gcmd_and_they_log_the_client(gcmd, tmp_path)
         haproxy.terminate()
         haproxy.wait(10)
         out.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (apt-get install haproxy)")
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs an IPv6 loopback (::1)")
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_haproxy_v4v6_bind_logs_an_ipv4_client_as_ipv4(gcmd, tmp_path, send_proxy):
+    # an IPv6 socket that takes IPv4 connections (v4v6) sees 127.0.0.1 as
+    # ::ffff:127.0.0.1 and names it so in its PROXY header; the v4-mapped
+    # loopback address keeps the test on loopback, where :: would listen everywhere
+    backend = gcmd("--proxy-protocol")
+    front = free_port()
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(f"""\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend gcmd
+    bind [::ffff:127.0.0.1]:{front} v4v6
+    default_backend gcmd
+backend gcmd
+    server gcmd1 127.0.0.1:{backend.port} {send_proxy}
+""")
+    out = (tmp_path / "haproxy.out").open("wb")
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=out,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: ask_or_none(front, "ping"), timeout=15) == b"pong\n"
+        wait_for(lambda: "Cmd received from 127.0.0.1 : ping" in backend.log())
+        assert "Client connection from 127.0.0.1\n" in backend.log()
+        assert "::ffff:" not in backend.log()
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+        out.close()
+
+
+def ask_or_none(port: int, request: str) -> bytes | None:
+    """The reply over IPv4 to 127.0.0.1, or None while nothing listens there yet."""
+    try:
+        client = Client(port)
+    except ConnectionRefusedError:
+        return None
+    try:
+        return client.ask(request)
+    finally:
+        client.close()
 
 
 def unit_settings(text: str) -> list[tuple[str, str]]:

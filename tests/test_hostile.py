@@ -42,6 +42,7 @@ from support import (
     TOO_MANY,
     TOO_MANY_FROM_ADDRESS,
     Client,
+    ipv6_loopback,
     sha1_of,
     tls_client,
     wait_for,
@@ -245,15 +246,6 @@ def log_bytes(server) -> bytes:
     return server.stdout.read_bytes()
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 # --- 1. slow readers --------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -389,6 +381,22 @@ def test_security_signals_are_warnings_that_quiet_keeps_each_in_its_session(gcmd
     wait_for(lambda: all(re.search(pattern, server.log()) for pattern in expected),
              message=f"missing warnings in: {server.log()}")
     assert "Cmd received" not in server.log()  # --quiet: warnings only
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_health_checks_from_quiet_from_networks_are_logged_at_debug_only(gcmd, level):
+    server = gcmd("--quiet-from", "127.0.0.2/32", "--log-level", level)
+    for _ in range(3):  # a load balancer's checks: connect, ping, close
+        check = Client(server.port, sock=connect_raw(server.port, source="127.0.0.2"))
+        assert check.ask("ping") == PONG
+        check.close()
+    assert server.client().ask("ping") == PONG
+    wait_for(lambda: "Cmd received from 127.0.0.1 : ping" in server.log())
+    if level == "info":
+        assert "127.0.0.2" not in server.log()
+    else:
+        wait_for(lambda: server.log().count("Cmd received from 127.0.0.2 : ping") == 3)
 
 
 @pytest.mark.timeout(20)
@@ -1042,7 +1050,7 @@ def test_resets_in_the_middle_of_commands_leak_no_descriptor_and_no_child(gcmd, 
             resets += 1
     assert resets == 200
 
-    assert len(server.children()) == 1, "a process per request"
+    assert len(server.children()) <= 1, "a process per request"
     wait_for(lambda: server.open_fds() <= baseline, timeout=15,
              message=f"descriptors leaked: {server.open_fds()} open, {baseline} before")
     assert stats_of(server)["clients"] == 1

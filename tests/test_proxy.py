@@ -207,3 +207,14 @@ def test_real_process_behind_a_header(gcmd):
         sock.sendall(V1_TCP4 + b"ping\nexit\n")
         assert sock.recv(64) == b"pong\n"
     wait_for(lambda: "Cmd received from 203.0.113.7 : ping" in process.log())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(20)
+def test_a_client_silent_after_its_header_has_the_whole_idle_timeout(make_server, connect):
+    # the header has its own 5 s; after it, the idle timeout runs
+    server = make_server(proxy_protocol=True, idle_timeout=30)
+    c = connect(server)
+    c.send(V1_TCP4)
+    gevent.sleep(6)  # the silence itself is what is tested
+    assert c.ask("ping") == b"pong\n"

@@ -22,9 +22,9 @@ from support import Client, free_port, wait_for
 
 from gcmd.logoutput import LogOutput
 from gcmd.logreader import MemoryLog
-from gcmd.logsetup import JsonFormatter, TextFormatter, fast_info, reopen_output
+from gcmd.logsetup import JsonFormatter, TextFormatter, fast_log, reopen_output
 
-# --- the formatters of gcmd 1.1, the reference the lines are compared with -------------
+# --- the formatters of gcmd 1.1 and client_cn, the reference the lines are compared with ---
 
 class OldText(logging.Formatter):
     def __init__(self, context: str = "-") -> None:
@@ -60,6 +60,9 @@ class OldJson(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        client_cn = getattr(record, "client_cn", None)
+        if client_cn is not None:
+            event["client_cn"] = client_cn
         if record.exc_info:
             event["traceback"] = self.formatException(record.exc_info)
         return json.dumps(event)
@@ -73,7 +76,7 @@ def _failure():
 
 
 NOW = time.time()
-#: (seconds from now, level, message, args, context or None, with a traceback)
+#: (seconds from now, level, message, args, context or None, with a traceback[, client_cn])
 RECORDS = [
     (0.0, logging.INFO, "Cmd received from %s : %s", ("127.0.0.1", "ping"), "Session,0,127.0.0.1", False),
     (0.1, logging.INFO, "Cmd received from %s : %s", ("::1", "auth ***"), "Session,w2:17,::1", False),
@@ -88,15 +91,25 @@ RECORDS = [
     (3.0, logging.DEBUG, "settings: %s", ("token=***",), None, False),
     (3.0, logging.INFO, "two\nlines \t\\ tab", (), "Session,6,127.0.0.1", False),
     (86400.5, logging.CRITICAL, "100%% %s", ("done",), "-", False),
+    (4.0, logging.INFO, "Cmd received from %s : %s", ("127.0.0.1", "ping"), "Session,7,127.0.0.1", False,
+     "alice"),
+    (4.0, logging.DEBUG, "Cmd received from %s : %s", ("127.0.0.1", "ping"), "Session,8,127.0.0.1", False,
+     'CN "\u00e9\x1b'),
+    (4.5, logging.DEBUG, "ping: %d bytes in, %d bytes out, %.3f ms", (5, 5, 0.01), "Session,8,127.0.0.1",
+     False),
+    (5.0, logging.WARNING, "Refused TLS connection from %s: %s", ("127.0.0.1", "no certificate"),
+     "Session,9,127.0.0.1", False, "mallory"),
 ]
 
 
 def records() -> list[logging.LogRecord]:
     made = []
-    for offset, level, msg, args, context, failed in RECORDS:
+    for offset, level, msg, args, context, failed, *client_cn in RECORDS:
+        extra = None if context is None else {"context": context}
+        if client_cn:
+            extra["client_cn"] = client_cn[0]
         record = logging.getLogger("gcmd.session").makeRecord(
-            "gcmd.session", level, __file__, 1, msg, args, _failure() if failed else None,
-            extra=None if context is None else {"context": context})
+            "gcmd.session", level, __file__, 1, msg, args, _failure() if failed else None, extra=extra)
         record.created = NOW + offset
         made.append(record)
     return made
@@ -110,11 +123,13 @@ def test_formatters_write_the_lines_of_before_from_a_record_or_its_parts(new, ol
         expected = reference.format(record)
         assert mine.format(record) == expected
         if record.exc_info is None and hasattr(record, "context"):
+            client_cn = getattr(record, "client_cn", None)
             assert mine.line(record.created, record.levelno, record.levelname, record.name,
-                             record.context, record.getMessage()) == expected
-            if record.levelno == logging.INFO:
-                parts = [(record.created, record.msg, record.args, record.context)] * 2
-                assert mine.info_lines(record.name, parts) == [expected] * 2
+                             record.context, record.getMessage(), None, client_cn) == expected
+            if record.levelno in (logging.DEBUG, logging.INFO):
+                extra = {"context": record.context} | ({} if client_cn is None else {"client_cn": client_cn})
+                parts = [(record.created, record.levelno, record.msg, record.args, extra)] * 2
+                assert mine.batch_lines(record.name, parts) == [expected] * 2
 
 
 # --- both ways in reach every handler with the same line --------------------------------
@@ -139,15 +154,15 @@ def log_tree(tmp_path):
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}"
 
 
-def test_fast_info_reaches_the_output_and_the_memory_log_with_the_line_of_a_record(log_tree):
+def test_fast_log_reaches_the_output_and_the_memory_log_with_the_line_of_a_record(log_tree):
     _, output, memory, path = log_tree
     session = logging.getLogger("gcmdtest.session")
     context = {"context": "Session,1,127.0.0.1"}
     for request in ["ping", "auth ***", "hello \\x1b[2J é"]:
-        fast_info(session, "Cmd received from %s : %s", "127.0.0.1", request, extra=context)
+        fast_log(session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", request, extra=context)
         session.info("Cmd received from %s : %s", "127.0.0.1", request, extra=context)
     session.warning("between")
-    fast_info(session, "Cmd received from %s : %s", "::1", "stats", extra=context)
+    fast_log(session, logging.INFO, "Cmd received from %s : %s", "::1", "stats", extra=context)
     output.flush()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 8
@@ -160,7 +175,7 @@ def test_fast_info_reaches_the_output_and_the_memory_log_with_the_line_of_a_reco
     assert memory.stats.lines_read == 8
 
 
-def test_fast_info_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree):
+def test_fast_log_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree):
     tree, output, memory, path = log_tree
     seen: list[logging.LogRecord] = []
 
@@ -169,7 +184,7 @@ def test_fast_info_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree
             seen.append(record)
 
     tree.addHandler(Keep())
-    fast_info(logging.getLogger("gcmdtest.session"), "Cmd received from %s : %s", "127.0.0.1", "ping",
+    fast_log(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "ping",
               extra={"context": "Session,2,127.0.0.1"})
     output.flush()
     assert [record.getMessage() for record in seen] == ["Cmd received from 127.0.0.1 : ping"]
@@ -177,22 +192,22 @@ def test_fast_info_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree
     assert memory.lastlog(1)[0].endswith(b"Cmd received from 127.0.0.1 : ping")
     tree.removeHandler(seen and tree.handlers[-1])
     output.addFilter(lambda record: "secret" not in record.getMessage())
-    fast_info(logging.getLogger("gcmdtest.session"), "Cmd received from %s : %s", "127.0.0.1", "secret",
+    fast_log(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "secret",
               extra={"context": "Session,2,127.0.0.1"})
     output.flush()
     assert "secret" not in path.read_text() and memory.lastlog(1)[0].endswith(b": secret")
 
 
-def test_fast_info_in_another_thread_takes_the_usual_way_to_the_same_handlers(log_tree):
+def test_fast_log_in_another_thread_takes_the_usual_way_to_the_same_handlers(log_tree):
     _, output, memory, path = log_tree
     session = logging.getLogger("gcmdtest.session")
     context = {"context": "Session,3,127.0.0.1"}
     pool = ThreadPool(1)
     try:
-        fast_info(session, "Cmd received from %s : %s", "127.0.0.1", "first", extra=context)
-        pool.spawn(fast_info, session, "Cmd received from %s : %s", "127.0.0.1", "second",
+        fast_log(session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "first", extra=context)
+        pool.spawn(fast_log, session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "second",
                    extra=context).get()
-        fast_info(session, "Cmd received from %s : %s", "127.0.0.1", "third", extra=context)
+        fast_log(session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "third", extra=context)
     finally:
         pool.kill()
     gevent.sleep(0)  # the other thread's line reaches the handlers through the hub

@@ -2,10 +2,12 @@
 
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 
 import pytest
-from support import IDLE_TIMEOUT, PONG, SHUTTING_DOWN, tls_client
+from support import IDLE_TIMEOUT, PONG, SHUTTING_DOWN, Client, tls_client, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,3 +49,17 @@ def test_openssl_s_client_sees_a_clean_end(gcmd, certificate):
     assert result.stdout == PONG
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"unexpected eof" not in result.stderr
+
+
+def test_a_client_that_finishes_its_handshake_after_shutdown_began_gets_the_goodbye(gcmd, certificate):
+    cert, key = certificate
+    server = gcmd("--tls-cert", cert, "--tls-key", key)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    wait_for(lambda: "Client connection from" in server.log())
+    server.proc.send_signal(signal.SIGTERM)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    client = Client(server.port, sock=context.wrap_socket(raw, server_hostname="localhost",
+                                                          suppress_ragged_eofs=False))
+    assert read_to_the_end(client) == SHUTTING_DOWN
+    assert server.proc.wait(15) == 0

@@ -1,0 +1,67 @@
+"""TLS: the server's SSLContext from the settings, and what the log says of TLS.
+
+The context keeps the standard library's defaults (ciphers, options) and only
+sets what gcmd's settings say: the oldest version, the certificate and key,
+and the CA that client certificates must be signed by (--tls-client-ca).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import gevent.ssl
+
+from gcmd import protocol
+from gcmd.config import Config, SettingError
+
+#: the values of --tls-min-version
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server side of TLS with the configured files: --tls-min-version or
+    later, and with --tls-client-ca a client certificate required. SettingError
+    names the file that cannot be used, and why."""
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = VERSIONS[config.tls_min_version]
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingError("tls_cert", f"cannot use --tls-cert {config.tls_cert} "
+                                       f"with --tls-key {config.tls_key}: {exc}") from None
+    if config.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingError("tls_client_ca", f"cannot use --tls-client-ca "
+                                                f"{config.tls_client_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def tls_mode(config: Config) -> str:
+    """What the start-up line says of TLS: `` (TLS 1.2+, server certificate only)``,
+    `` (TLS 1.3+, client certificates required)``, or "" without TLS."""
+    if not config.tls:
+        return ""
+    who = "client certificates required" if config.tls_client_ca else "server certificate only"
+    return f" (TLS {config.tls_min_version}+, {who})"
+
+
+def handshake_failure(exc: ssl.SSLError) -> str:
+    """Why the handshake of a client that had to show a certificate failed, for the log."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate not accepted: {exc.verify_message}"
+    if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no client certificate"
+    return f"TLS error: {exc.reason or exc}"
+
+
+def common_name(certificate: dict) -> str:
+    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for
+    the log; "" if it has none."""
+    for rdn in certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return protocol.escape(value.encode(errors="replace"))
+    return ""

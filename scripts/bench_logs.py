@@ -1,0 +1,379 @@
+"""The log cells of scripts/bench: lastlog of a growing log, and follow.
+
+- ``lastlog 10c +500/s``: 10 connections loop on ``lastlog`` while a writer
+  process appends 500 lines a second to the served log; ``ping beside
+  lastlog``: the latency of one more client that pings meanwhile, once a
+  millisecond. Every server answers these.
+- ``follow`` (gcmd only, the peers have no follow): FOLLOWERS connections
+  follow the log from FOLLOW_PROCESSES client processes (non-blocking
+  sockets, one selector each) while the writer appends 1,000 lines a second
+  for 10 s. Each line carries its number and the writer's CLOCK_MONOTONIC
+  (the same clock in every process of the machine) when it was written, so
+  each follower checks that it got every line once and in order, and the
+  delay from the write to the receipt is measured for every line. Beside
+  it: ping p99 from another client, the server's CPU seconds (utime + stime
+  of /proc/PID/stat, its ``tail`` apart) from the first write to the last
+  line received, and its RSS per follower, parked (before the first write)
+  and at the peak of the stream.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import selectors
+import socket
+import time
+from bisect import bisect_right
+from collections import Counter
+from pathlib import Path
+
+#: lines a second appended to the log during lastlog of a growing log
+GROW_RATE = 500
+#: lines a second, followers and seconds of the follow cell
+FOLLOW_RATE = 1000
+FOLLOWERS = 500
+FOLLOW_SECONDS = 10.0
+FOLLOW_PROCESSES = 2
+#: the follow cell's name among the cells of a server
+FOLLOW = "follow"
+#: seconds a follower may take to receive the last line once the writer stopped
+DRAIN_LIMIT = 30.0
+#: seconds between two pings of the client that measures latency beside a load
+PING_INTERVAL = 0.001
+#: seconds the followers wait before the first write: gcmd parks a session
+#: silent for a second, so that the RSS measured then is that of parked followers
+PARKING = 2.0
+#: the delivery delays are counted in bins this wide, in seconds
+DELAY_BIN = 0.0001
+RECV_SIZE = 65536
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def write_log(path: Path, lines: int = 2000) -> None:
+    """A fresh log of ``lines`` lines, as every server starts with."""
+    path.write_text("".join(f"Nov 25 10:00:{i % 60:02d} lab app[{i}]: line {i} of the log\n"
+                            for i in range(lines)))
+
+
+# --- the writer, the pinger and the followers: each in a process of its own --------------
+
+def append_lines(path: Path, rate: float, count: int, out: multiprocessing.Queue) -> None:
+    """Append ``count`` lines to ``path`` at ``rate`` lines a second, one write
+    each, as a logging program does: ``SEQ STAMP text``, STAMP the monotonic
+    clock at the write. Puts (lines, first stamp, last stamp)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    started = time.monotonic()
+    stamp = started
+    try:
+        for seq in range(count):
+            due = started + seq / rate
+            now = time.monotonic()
+            if now < due:
+                time.sleep(due - now)
+            stamp = time.monotonic()
+            os.write(fd, b"%d %.6f lab app[%d]: a line of the growing log\n" % (seq, stamp, os.getpid()))
+    finally:
+        os.close(fd)
+    out.put((count, started, stamp))
+
+
+def paced_pings(port: int, seconds: float, out: multiprocessing.Queue) -> None:
+    """One client: a ping every PING_INTERVAL for ``seconds``; puts the latencies in seconds."""
+    latencies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stop = time.perf_counter() + seconds
+        while (started := time.perf_counter()) < stop:
+            sock.sendall(b"ping\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    raise ConnectionError("the server closed the ping client")
+                reply += chunk
+            latencies.append(time.perf_counter() - started)
+            time.sleep(max(0.0, started + PING_INTERVAL - time.perf_counter()))
+    out.put(latencies)
+
+
+def _subscribe(port: int, count: int) -> tuple[selectors.BaseSelector, dict]:
+    """``count`` connections that sent ``follow`` and read its ``Begin follow``:
+    {socket: its Follower}."""
+    selector = selectors.DefaultSelector()
+    state = {}
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"follow\n")
+        sock.setblocking(False)
+        state[sock] = Follower()
+        selector.register(sock, selectors.EVENT_READ)
+    waiting = set(state)
+    deadline = time.monotonic() + 60
+    while waiting:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(waiting)} of {count} follow requests got no 'Begin follow' in 60 s")
+        for key, _ in selector.select(timeout=1):
+            follower = state[key.fileobj]
+            data = key.fileobj.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError(f"the server closed a follower after {follower.tail[:200]!r}")
+            follower.tail += data
+            if follower.tail.startswith(b"Begin follow\n"):
+                follower.tail = follower.tail[len(b"Begin follow\n"):]
+                waiting.discard(key.fileobj)
+            elif not b"Begin follow\n".startswith(follower.tail):
+                raise ConnectionError(f"follow answered {follower.tail[:200]!r}")
+    return selector, state
+
+
+class Stream:
+    """The lines every follower of a client process must get, as far as one
+    got them: line i is ``i STAMP ...``. Each line is parsed once per
+    process, then each follower's bytes are compared with these in C: the
+    check costs no Python work per line and follower."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        #: the offset after each line, and its stamp in DELAY_BIN units
+        self.ends: list[int] = []
+        self.stamps: list[int] = []
+
+    def extend(self, lines: bytes) -> bool:
+        """Add ``lines`` (complete lines); False when one is not the next line."""
+        for line in lines.split(b"\n")[:-1]:
+            seq, stamp, _ = (line.split(b" ", 2) + [b"", b""])[:3]
+            if not seq.isdigit() or int(seq) != len(self.ends):
+                return False  # a line out of order, or == N lines dropped ==
+            self.data += line + b"\n"
+            self.ends.append(len(self.data))
+            self.stamps.append(int(float(stamp) / DELAY_BIN))
+        return True
+
+
+class Follower:
+    """What one follower got: the bytes that match the stream, the lines they
+    end, the bytes past the stream's end (a line not yet complete)."""
+
+    __slots__ = ("bad", "drops", "lines", "matched", "tail")
+
+    def __init__(self) -> None:
+        self.matched = self.lines = self.drops = 0
+        self.tail = b""
+        self.bad = False
+
+    def take(self, data: bytes, stream: Stream, now: int, delays: Counter) -> None:
+        """Match ``data``, received at ``now`` (DELAY_BIN units), with
+        ``stream``; count the delay of each line it completes in ``delays``."""
+        data = self.tail + data
+        past = self.matched + len(data) - len(stream.data)
+        if past > 0:  # this follower is the first of the process to get these bytes
+            whole = data[len(data) - past:]
+            whole = whole[:whole.rfind(b"\n") + 1]
+            if whole and not stream.extend(whole):
+                self.bad = True
+        size = min(len(data), len(stream.data) - self.matched)
+        if self.bad or stream.data[self.matched:self.matched + size] != data[:size]:
+            self.bad = True
+            self.drops += data.count(b" lines dropped ==\n")
+            return
+        self.tail, self.matched = data[size:], self.matched + size
+        done = bisect_right(stream.ends, self.matched)
+        delays.update([now - stamp for stamp in stream.stamps[self.lines:done]])
+        self.lines = done
+
+
+def followers(port: int, count: int, lines: int, ready: multiprocessing.Queue,
+              stop_at, out: multiprocessing.Queue) -> None:
+    """``count`` followers: tells ``ready`` once all follow, then reads until
+    each got ``lines`` lines (or went wrong) or the clock passes ``stop_at``
+    (a shared double); puts what they got."""
+    selector, state = _subscribe(port, count)
+    ready.put(count)
+    stream = Stream()
+    delays: Counter = Counter()
+    unfinished = set(state)
+    while unfinished and time.monotonic() < stop_at.value:
+        for key, _ in selector.select(timeout=0.2):
+            sock, follower = key.fileobj, state[key.fileobj]
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("the server closed a follower")
+            if not follower.bad:
+                follower.take(data, stream, int(time.monotonic() / DELAY_BIN), delays)
+            if follower.bad or follower.lines >= lines:
+                unfinished.discard(sock)
+    for sock in state:
+        sock.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.put({"complete": sum(1 for f in state.values() if f.lines == lines and not f.bad),
+             "drops": sum(f.drops for f in state.values()), "delays": delays,
+             "cpu_s": usage.ru_utime + usage.ru_stime, "done_at": time.monotonic()})
+
+
+# --- the measures ------------------------------------------------------------------------
+
+def start(target, *args) -> tuple[multiprocessing.Process, multiprocessing.Queue]:
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=target, args=(*args, out))
+    proc.start()
+    return proc, out
+
+
+def finish(proc: multiprocessing.Process, out: multiprocessing.Queue, timeout: float):
+    result = out.get(timeout=timeout)
+    proc.join(10)
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def binned_percentile(bins: Counter, q: float) -> float:
+    """The ``q`` quantile of the delays counted in ``bins``, in seconds (a bin's upper edge)."""
+    total = sum(bins.values())
+    seen = 0
+    for index in sorted(bins):
+        seen += bins[index]
+        if seen >= q * total:
+            return (index + 1) * DELAY_BIN
+    return float("nan")
+
+
+def growing_lastlog(port: int, log: Path, seconds: float, load) -> dict:
+    """The cells ``lastlog 10c +500/s`` and ``ping beside lastlog``: ``load()``
+    runs the 10 lastlog connections for ``seconds`` and gives (replies a
+    second, latencies); a writer and a pinger run meanwhile."""
+    writer = start(append_lines, log, GROW_RATE, int(GROW_RATE * (seconds + 5)))
+    pinger = start(paced_pings, port, seconds)
+    try:
+        rps, latencies = load()
+        pings = finish(*pinger, seconds + 60)
+    finally:
+        for proc, _ in (writer, pinger):  # the writer writes on until stopped
+            proc.terminate()
+            proc.join()
+    return {"lastlog 10c +500/s": {"rps": rps, "p50_ms": percentile(latencies, 0.5) * 1000,
+                                   "p99_ms": percentile(latencies, 0.99) * 1000},
+            "ping beside lastlog": {"p50_ms": percentile(pings, 0.5) * 1000,
+                                    "p99_ms": percentile(pings, 0.99) * 1000}}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise KeyError("VmRSS")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def follow_cell(pid: int, port: int, log: Path, count: int, seconds: float) -> dict:
+    """The follow cell against the server ``pid`` listening on ``port`` and
+    serving ``log``: {FOLLOW: figures}. Every process it starts is gone when it returns."""
+    lines = int(FOLLOW_RATE * seconds)
+    rss = {"before": rss_kib(pid)}
+    ready: multiprocessing.Queue = multiprocessing.Queue()
+    stop_at = multiprocessing.RawValue("d", float("inf"))
+    shares = [count // FOLLOW_PROCESSES + (i < count % FOLLOW_PROCESSES) for i in range(FOLLOW_PROCESSES)]
+    clients = [start(followers, port, share, lines, ready, stop_at) for share in shares if share]
+    started = list(clients)
+    try:
+        for _ in clients:
+            ready.get(timeout=120)
+        time.sleep(PARKING)
+        rss["parked"] = rss["peak"] = rss_kib(pid)
+        readers = children(pid)  # the log's tail, started for the first follower
+        cpu = cpu_seconds(pid), sum(map(cpu_seconds, readers))
+        started.append(pinger := start(paced_pings, port, seconds))
+        started.append(writer := start(append_lines, log, FOLLOW_RATE, lines))
+        while writer[0].is_alive():
+            rss["peak"] = max(rss["peak"], rss_kib(pid))
+            time.sleep(0.25)
+        written = finish(*writer, 10)
+        stop_at.value = time.monotonic() + DRAIN_LIMIT
+        got = []
+        for proc, out in clients:
+            got.append(out.get(timeout=DRAIN_LIMIT + 60))
+            rss["peak"] = max(rss["peak"], rss_kib(pid))
+        cpu = cpu_seconds(pid) - cpu[0], sum(map(cpu_seconds, readers)) - cpu[1]
+        pings = finish(*pinger, 60)
+    finally:
+        stop_at.value = 0.0  # followers still reading stop at their next select
+        for proc, _ in started:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+    return {FOLLOW: _follow_figures(count, written, got, pings, cpu, rss)}
+
+
+def _follow_figures(count: int, written: tuple, got: list[dict], pings: list[float],
+                    cpu: tuple[float, float], rss: dict) -> dict:
+    """The figures of the follow cell from what its processes measured."""
+    lines, first, last = written
+    delays = sum((g["delays"] for g in got), Counter())
+    return {
+        "followers": count, "lines": lines, "write_rate": lines / max(last - first, 1e-9),
+        "incomplete": count - sum(g["complete"] for g in got), "drops": sum(g["drops"] for g in got),
+        "delivery_p50_ms": binned_percentile(delays, 0.5) * 1000,
+        "delivery_p99_ms": binned_percentile(delays, 0.99) * 1000,
+        "delivery_max_ms": binned_percentile(delays, 1.0) * 1000,
+        "drain_s": max(g["done_at"] for g in got) - last,
+        "ping_p99_ms": percentile(pings, 0.99) * 1000,
+        "cpu_s": cpu[0], "tail_cpu_s": cpu[1],
+        "cpu_us_per_line": cpu[0] / max(sum(delays.values()), 1) * 1e6,
+        "client_cpu_s": sum(g["cpu_s"] for g in got),
+        "rss_parked_kib": (rss["parked"] - rss["before"]) / count,
+        "rss_peak_kib": (rss["peak"] - rss["before"]) / count}
+
+
+# --- report ------------------------------------------------------------------------------
+
+#: (figure, label, format) of the follow section, in order
+FOLLOW_ROWS = [
+    ("incomplete", "followers that missed a line or got one out of order", "{:.0f}"),
+    ("drops", "'lines dropped' notices received", "{:.0f}"),
+    ("write_rate", "lines written a second", "{:.0f}"),
+    ("delivery_p50_ms", "delivery p50 (write to receipt)", "{:.1f} ms"),
+    ("delivery_p99_ms", "delivery p99", "{:.1f} ms"),
+    ("delivery_max_ms", "delivery max", "{:.1f} ms"),
+    ("drain_s", "last line received, after the last write", "{:.2f} s"),
+    ("ping_p99_ms", "ping p99 from another client", "{:.2f} ms"),
+    ("cpu_s", "server CPU, first write to last receipt", "{:.2f} s"),
+    ("cpu_us_per_line", "server CPU per line delivered", "{:.2f} us"),
+    ("tail_cpu_s", "CPU of the log's tail process", "{:.2f} s"),
+    ("rss_parked_kib", "server RSS per follower, parked", "{:.2f} KiB"),
+    ("rss_peak_kib", "server RSS per follower, peak of the stream", "{:.2f} KiB"),
+    ("client_cpu_s", "CPU of the follower processes", "{:.2f} s"),
+]
+
+
+def report_follow(results: dict, rounds: dict) -> None:
+    """Print the follow cell of each server that has one: medians, and the range of the rounds."""
+    for name, cells in results.items():
+        cell = cells.get(FOLLOW)
+        if cell is None:
+            continue
+        each = [r[FOLLOW] for r in rounds.get(name, ()) if FOLLOW in r]
+        print(f"\nfollow ({name} only: the peers have no follow): {cell['followers']:.0f} followers, "
+              f"{cell['lines']:.0f} lines at {FOLLOW_RATE:,}/s"
+              + (f"; medians of {len(each)} rounds [lowest-highest]" if len(each) > 1 else ""))
+        for key, label, fmt in FOLLOW_ROWS:
+            text = fmt.format(cell[key])
+            if len(each) > 1:
+                text += f" [{fmt.format(min(c[key] for c in each))}-{fmt.format(max(c[key] for c in each))}]"
+            print(f"  {label:<54}{text:>30}")
