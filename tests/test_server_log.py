@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,13 +18,24 @@ import urllib.request
 from pathlib import Path
 
 import gevent
+import gevent.socket
+import gevent.ssl
 import pytest
 from gevent.threadpool import ThreadPool
-from support import Client, free_port, wait_for
+from support import PONG, Client, free_port, make_certificate, wait_for
 
+from gcmd.config import Config
 from gcmd.logoutput import LogOutput
 from gcmd.logreader import MemoryLog
-from gcmd.logsetup import JsonFormatter, TextFormatter, fast_log, reopen_output
+from gcmd.logsetup import (
+    JsonFormatter,
+    TextFormatter,
+    fast_log,
+    reopen_output,
+    setup_logging,
+)
+from gcmd.server import GcmdServer
+from gcmd.tls import tls_context
 
 # --- the formatters of gcmd 1.1 and client_cn, the reference the lines are compared with ---
 
@@ -245,6 +258,154 @@ def test_reopen_writes_the_earlier_lines_to_the_old_file_and_closes_it(log_tree)
     assert [line[25:] for line in path.with_suffix(".1").read_text().splitlines()] == [
         "[-] before 0", "[-] before 1", "[-] before 2"]
     assert path.read_text().endswith("[-] after\n") and old.closed
+
+
+# --- a server's request lines by the fast way: --quiet-from and client certificates -------
+
+class LoggedServer:
+    """An in-process server logging as ``gcmd`` does (setup_logging: a LogOutput to a
+    file, and the gcmd log), whose request lines are counted if they become records."""
+
+    def __init__(self, tmp_path: Path, monkeypatch, level: str, fmt: str, ssl_context=None,
+                 **settings) -> None:
+        self.path = tmp_path / "gcmd.log"
+        (tmp_path / "root").mkdir(exist_ok=True)
+        self.output = setup_logging(level, fmt, open(self.path, "a", encoding="utf-8"))  # noqa: SIM115
+        self.records: list[logging.LogRecord] = []
+        make_record = logging.Logger.makeRecord
+
+        def counted(logger, *args, **kw):
+            record = make_record(logger, *args, **kw)
+            if record.msg.startswith("Cmd received"):
+                self.records.append(record)
+            return record
+
+        monkeypatch.setattr(logging.Logger, "makeRecord", counted)
+        self.server = GcmdServer(Config(host="127.0.0.1", port=0, root=str(tmp_path / "root"),
+                                        **settings), ssl_context)
+        self.server.start()
+
+    def client(self, source: str = "127.0.0.1", context=None) -> Client:
+        sock = gevent.socket.socket(gevent.socket.AF_INET, gevent.socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", self.server.port))
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+        return Client(self.server.port, sock=sock)
+
+    def lines(self) -> list[str]:
+        self.output.flush()
+        return self.path.read_text(encoding="utf-8").splitlines()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.output.close()
+        self.output.stream.close()
+
+
+@pytest.fixture
+def logged_server(tmp_path, monkeypatch):
+    logger = logging.getLogger("gcmd")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    # setup_logging turns these off for the process
+    switches = ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile")
+    saved_switches = {name: getattr(logging, name) for name in switches}
+    servers: list[LoggedServer] = []
+
+    def start(level: str, fmt: str = "text", ssl_context=None, **settings) -> LoggedServer:
+        server = LoggedServer(tmp_path, monkeypatch, level, fmt, ssl_context, **settings)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+    logger.handlers[:], level, logger.propagate = saved
+    logger.setLevel(level)
+    for name, value in saved_switches.items():
+        setattr(logging, name, value)
+
+
+def _ask_and_leave(client: Client, requests: list[str]) -> None:
+    for request in requests:
+        assert client.ask(request) == PONG
+    client.send(b"exit\n")
+    assert client.closed()
+
+
+def _parts(line: str, fmt: str) -> tuple[str | None, str, str]:
+    """(level, context, message) of a text or JSON line; a text line at INFO or DEBUG names no level."""
+    if fmt == "json":
+        event = json.loads(line)
+        return event["level"], event["context"], event["message"]
+    context, message = re.fullmatch(STAMP + r" \[([^]]*)\] (.*)", line).groups()
+    return None, context, message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_quiet_from_clients_request_lines_are_at_debug_by_the_fast_way(logged_server, level, fmt):
+    logged = logged_server(level, fmt, quiet_from=(ipaddress.ip_network("127.0.0.2/32"),))
+    for _ in range(3):  # a load balancer's checks: connect, ping, close
+        _ask_and_leave(logged.client("127.0.0.2"), ["ping"])
+    _ask_and_leave(logged.client(), ["ping", "ping"])
+    lines = [_parts(line, fmt) for line in logged.lines()]
+    requests = [line for line in lines if line[2].startswith("Cmd received")]
+    quiet = [line for line in requests if "from 127.0.0.2" in line[2]]
+    info = "info" if fmt == "json" else None
+    assert [line for line in requests if "from 127.0.0.1" in line[2]] == [
+        (info, "Session,3,127.0.0.1", f"Cmd received from 127.0.0.1 : {request}") for request in ("ping", "ping", "exit")]
+    if level == "info":
+        assert quiet == [] and not any("127.0.0.2" in part for line in lines for part in line[1:])
+    else:
+        debug = "debug" if fmt == "json" else None
+        assert quiet == [(debug, f"Session,{n},127.0.0.2", f"Cmd received from 127.0.0.2 : {request}")
+                         for n in range(3) for request in ("ping", "exit")]
+        # each request line comes before the debug line of its bytes and time, as logged
+        traces = [i for i, line in enumerate(lines) if line[2].startswith("ping: 5 bytes in, 5 bytes out")]
+        assert len(traces) == 5
+        assert all(lines[i - 1][2].startswith("Cmd received") for i in traces)
+    # the gcmd log (text) holds the request lines the output holds
+    memory = [_parts(line.decode(), "text")[1:] for line in logged.server.memory_log.lastlog(1000)]
+    assert [line for line in memory if line[1].startswith("Cmd received")] == [line[1:] for line in requests]
+    assert logged.records == []  # none of them was a LogRecord
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl (apt-get install openssl)")
+def test_a_client_certificates_cn_is_on_its_json_request_lines_by_the_fast_way(logged_server, tmp_path):
+    server_cert, server_key = make_certificate(tmp_path)
+    alice = make_certificate(tmp_path, "alice", cn="alice")  # self-signed: its own CA
+    settings = {"tls_cert": str(server_cert), "tls_key": str(server_key), "tls_client_ca": str(alice[0])}
+    logged = logged_server("info", "json", tls_context(Config(host="127.0.0.1", port=0, **settings)),
+                           **settings)
+    def client_context(identity=None):  # it does not check the server: a test's certificate
+        context = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = gevent.ssl.CERT_NONE
+        if identity is not None:
+            context.load_cert_chain(*identity)
+        return context
+
+    # a client that shows no certificate is refused in the handshake, logged without a CN
+    with contextlib.suppress(OSError):
+        logged.client(context=client_context()).ask("ping")
+    context = client_context(alice)
+    _ask_and_leave(logged.client(context=context), ["ping", "ping"])
+    events = [json.loads(line) for line in logged.lines()]
+    commands = [event for event in events if event["message"].startswith("Cmd received")]
+    assert [event["message"][-4:] for event in commands] == ["ping", "ping", "exit"]
+    for event in commands:
+        assert event == {"time": event["time"], "level": "info", "context": event["context"],
+                         "logger": "gcmd.session", "message": event["message"], "client_cn": "alice"}
+        assert re.fullmatch(r"Session,\d+,127\.0\.0\.1", event["context"])
+    connection = next(e for e in events if e["message"].startswith("Client connection from"))
+    assert connection["client_cn"] == "alice" and connection["context"] == commands[0]["context"]
+    assert all("client_cn" not in e for e in events if e["context"] == "-")
+    assert any(e["message"].startswith("Refused TLS connection") and "client_cn" not in e for e in events)
+    assert logged.records == []  # none of them was a LogRecord
 
 
 # --- an output that takes nothing ---------------------------------------------------------
