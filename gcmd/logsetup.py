@@ -128,12 +128,30 @@ class JsonFormatter(LineFormatter):
             line += f', "client_cn": {_quote(client_cn)}'
         return line + ("}" if traceback is None else f', "traceback": {_quote(traceback)}}}')
 
+    def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
+        # line(), for many lines below WARNING at once: the logger's name and the
+        # levels are quoted once, the context and the message of each line
+        lines = []
+        second, stamp = self._stamp
+        logger = _quote(name)
+        levels = _JSON_LEVELS
+        for created, levelno, msg, args, extra in parts:
+            if int(created) != second:
+                second, stamp = int(created), self.stamp(created)
+            line = (f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, '
+                    f'"logger": {logger}, "message": {_quote(msg % args if args else msg)}')
+            client_cn = extra.get("client_cn")
+            lines.append(f"{line}}}" if client_cn is None else f'{line}, "client_cn": {_quote(client_cn)}}}')
+        return lines
+
     def written_stamp(self, stamp: str) -> str:
         return _quote(stamp)
 
 
 #: the levels whose lines fast_log batches, and their names
 _BATCHED = {logging.DEBUG: "DEBUG", _INFO: "INFO"}
+#: as a JSON line holds them
+_JSON_LEVELS = {levelno: _quote(levelname.lower()) for levelno, levelname in _BATCHED.items()}
 
 #: a line fast_log batched: (time, level, msg, args, extra)
 Part = tuple[float, int, str, tuple, dict]
