@@ -211,6 +211,7 @@ class Commands:
             "hash_cache_hits": hashing.cache_hits,
             "hash_shared": hashing.shared,
             "hash_busy": hashing.busy,
+            "log_output_dropped": getattr(stats.log_output, "dropped", 0),
         }
         for name, figures_of_log in self.logs.stats().items():
             for key, value in vars(figures_of_log).items():

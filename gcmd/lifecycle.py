@@ -79,6 +79,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
 
     log.debug("settings: %s", describe(config, options))
     server = GcmdServer(config, tls_context(config) if config.tls else None, listener)
+    server.stats.log_output = handler
     metrics = None
     if config.metrics_port is not None:
         from gcmd.metrics import MetricsServer
@@ -110,6 +111,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     server.shutdown()
     if metrics is not None:
         metrics.stop()
+    handler.flush()  # the log's last lines are written before the process ends
     return 0
 
 

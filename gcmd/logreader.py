@@ -37,7 +37,6 @@ the new lines twice. A restart after the reader died checks the size itself.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
@@ -49,7 +48,8 @@ from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
 from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
-from gcmd.loglines import RECENT_LINES, Batch, LineSplitter, Recent, wire_line
+from gcmd.loglines import MAX_LINE, RECENT_LINES, Batch, LineSplitter, Recent
+from gcmd.logsetup import LineHandler, flush_lines
 from gcmd.protocol import CommandError
 
 log = logging.getLogger(__name__)
@@ -378,58 +378,66 @@ class JournalLog(_ProcessLog):
                 self._reader = reader
 
 
-class MemoryLog(Broadcast, logging.Handler):
+class MemoryLog(Broadcast, LineHandler):
     """The ``gcmd`` log: the server's own log lines, the last 1000 kept in memory.
 
-    A logging handler: whoever installs it sets its formatter and level.
-    Records may come from any thread; subscribers are called in the hub's.
+    A logging handler that works in the hub's thread (see LineHandler):
+    whoever installs it sets its formatter and level; subscribers are
+    called in the hub's thread. Lines are counted as they come, and made
+    wire lines and remembered together: at the end of the event-loop
+    iteration while the log is followed, else at the next lastlog or once
+    a thousand wait.
     """
 
     def __init__(self, level: int = logging.NOTSET) -> None:
-        logging.Handler.__init__(self, level)
+        LineHandler.__init__(self, level)
         Broadcast.__init__(self)
         self.source = "memory"
-        #: wire lines logged and not yet sent to the subscribers (under self.lock)
-        self._pending: list[bytes | None] = []
+        #: texts logged and not yet remembered, and the lines they hold
+        self._arrived: list[str] = []
+        self._arrived_lines = 0
         self._scheduled = False
-        self._loop = None
-        self._hub_thread: int | None = None
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = self.format(record)
-        except Exception:  # noqa: BLE001 - logging's convention: report and go on
-            self.handleError(record)
+    def emit_texts(self, texts: list[str]) -> None:
+        text = "\n".join(texts)
+        lines = text.count("\n") + 1
+        self._arrived.append(text)
+        self._arrived_lines += lines
+        self.stats.lines_read += lines
+        if self._subscribers:
+            if not self._scheduled:
+                # once per event-loop iteration (this may also be a subscriber that logs)
+                self._scheduled = True
+                self.loop.run_callback(self._remember_arrived)
+        elif self._arrived_lines >= RECENT_LINES:  # unfollowed, they wait for lastlog, a thousand at most
+            self._remember()
+
+    def _remember_arrived(self) -> None:
+        self._scheduled = False
+        self._remember()
+
+    def _remember(self) -> None:
+        """Make the lines that arrived wire lines, keep them, and queue them for the subscribers."""
+        if not self._arrived:
             return
-        wire = [wire_line(line.encode("utf-8", "backslashreplace")) for line in text.split("\n")]
+        # one pass over all of them: LineSplitter sends plain lines as they are
+        # without looking at each, and makes the same wire lines as wire_line
+        lines = ("\n".join(self._arrived) + "\n").encode("utf-8", "backslashreplace")
+        self._arrived.clear()
+        self._arrived_lines = 0
+        splitter, wire = LineSplitter(), []
+        for start in range(0, len(lines), MAX_LINE):  # its one-pass path takes up to MAX_LINE bytes
+            wire += splitter.feed(lines[start:start + MAX_LINE])
         self.recent.extend(wire)
-        self.stats.lines_read += len(wire)
-        if not self._subscribers or self._loop is None:
-            return
-        self._pending += wire
-        if not self._scheduled:
-            self._scheduled = True
-            # never call the subscribers from here: this may be a pool thread,
-            # or a subscriber itself that logs
-            if threading.get_ident() == self._hub_thread:
-                self._loop.run_callback(self._spawn_delivery)
-            else:
-                self._loop.run_callback_threadsafe(self._spawn_delivery)
-
-    def lastlog(self, count: int) -> list[bytes]:
-        with self.lock:
-            return self.recent.last(count)
+        self._deliver(wire)  # queued for the courier's next pass
 
     def subscribe(self, callback: Subscriber) -> None:
-        if self._loop is None:
-            self._loop = gevent.get_hub().loop
-            self._hub_thread = threading.get_ident()
+        flush_lines()
+        self._remember()  # the lines logged before are not sent
         super().subscribe(callback)
 
-    def _spawn_delivery(self) -> None:
-        gevent.spawn(self._deliver_pending)
-
-    def _deliver_pending(self) -> None:
-        with self.lock:
-            wire, self._pending, self._scheduled = self._pending, [], False
-        self._deliver(wire)
+    def lastlog(self, count: int) -> list[bytes]:
+        """The lastlog block of the last ``count`` lines (in the hub's thread)."""
+        flush_lines()
+        self._remember()
+        return self.recent.last(count)

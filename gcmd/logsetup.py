@@ -1,8 +1,17 @@
-"""The server log: its text and JSON lines, a handler that batches writes, and --output.
+"""The server log: its text and JSON lines, how they reach the handlers, and --output.
 
 Only gcmd.lifecycle calls ``setup_logging``; the rest of gcmd logs through
 ``logging.getLogger(__name__)`` and names what a line is about in the
 ``context`` extra (``Session,42,127.0.0.1``).
+
+At the default level every request is a log line, so its way is kept short.
+``fast_log`` (the line per request) makes no LogRecord: the parts of the
+lines logged in one event-loop iteration are handed together to the
+handlers (LineBatch), and each gets the line its formatter makes of them,
+with the code that formats a record. Every log line is handled in the hub's
+thread (LineHandler): another thread's line is passed to it, so each handler
+sees the lines in the order the hub logged them. The output is a LogOutput
+(gcmd.logoutput), written by a thread of its own.
 """
 
 from __future__ import annotations
@@ -18,92 +27,306 @@ import gevent
 
 log = logging.getLogger(__name__)
 
+_INFO = logging.INFO
 
-class TextFormatter(logging.Formatter):
-    """``2011-08-29 13:32:35+0200 [context] message``, as the tutorial's Twisted log.
+#: how json.dumps (ensure_ascii) writes a string, quotes included
+_quote = json.encoder.encode_basestring_ascii
 
-    ``context`` is that of a line logged without one: ``-``, or the worker's.
+
+class LineFormatter(logging.Formatter):
+    """A formatter that makes a line from a record or from its parts (``line``).
+
+    A line depends on nothing but the parts and the formatter's class when
+    the parts name a context: a LineBatch makes it once for handlers whose
+    formatters are of one class.
     """
+
+    #: the time stamp: a time.strftime pattern, in local time
+    time_format = ""
 
     def __init__(self, context: str = "-") -> None:
         super().__init__()
+        #: that of a line logged without one: ``-``, or the worker's
         self.context = context
-        self._second = None
-        self._stamp = ""
+        self._stamp = (None, "")  # (second, its time stamp): one attribute, set at once
+
+    def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
+             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+        """The line of a record logged at ``created`` (seconds since the epoch);
+        ``client_cn``: the CN of the client's certificate, if it showed one."""
+        raise NotImplementedError
+
+    def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
+        """The lines of records from the logger ``name`` at DEBUG or INFO, given by
+        their (time, level, msg, args, extra): see fast_log."""
+        line = self.line
+        return [line(created, levelno, _BATCHED[levelno], name, extra["context"],
+                     msg % args if args else msg, None, extra.get("client_cn"))
+                for created, levelno, msg, args, extra in parts]
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(second))
-        message = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            message = f"{record.levelname}: {message}"
-        line = f"{self._stamp} [{getattr(record, 'context', self.context)}] {message}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+        return self.line(record.created, record.levelno, record.levelname, record.name,
+                         getattr(record, "context", self.context), record.getMessage(),
+                         self.formatException(record.exc_info) if record.exc_info else None,
+                         getattr(record, "client_cn", None))
+
+    def stamp(self, created: float) -> str:
+        """The time stamp of a line logged at ``created``, made once a second."""
+        second = int(created)
+        text = self.written_stamp(time.strftime(self.time_format, time.localtime(second)))
+        self._stamp = (second, text)
+        return text
+
+    def written_stamp(self, stamp: str) -> str:
+        """The time stamp as the line holds it."""
+        return stamp
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; whatever a client sent stays inside one string.
+class TextFormatter(LineFormatter):
+    """``2011-08-29 13:32:35+0200 [context] message``, as the tutorial's Twisted log."""
+
+    time_format = "%Y-%m-%d %H:%M:%S%z"
+
+    def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
+             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+        if levelno >= logging.WARNING:
+            message = f"{levelname}: {message}"
+        second, stamp = self._stamp  # most lines need no call
+        if int(created) != second:
+            stamp = self.stamp(created)
+        line = f"{stamp} [{context}] {message}"
+        return line if traceback is None else f"{line}\n{traceback}"
+
+    def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
+        # line(), for many lines below WARNING at once: the line per request
+        lines = []
+        second, stamp = self._stamp
+        for created, _, msg, args, extra in parts:
+            if int(created) != second:
+                second, stamp = int(created), self.stamp(created)
+            lines.append(f"{stamp} [{extra['context']}] {msg % args if args else msg}")
+        return lines
+
+
+class JsonFormatter(LineFormatter):
+    """One JSON object per line, as json.dumps writes it; whatever a client sent
+    stays inside one string.
 
     The lines of a client that showed a certificate carry its CN as ``client_cn``.
     """
 
-    def __init__(self, context: str = "-") -> None:
-        super().__init__()
-        self.context = context
+    time_format = "%Y-%m-%dT%H:%M:%S%z"
 
-    def format(self, record: logging.LogRecord) -> str:
-        event = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created)),
-            "level": record.levelname.lower(),
-            "context": getattr(record, "context", self.context),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        client_cn = getattr(record, "client_cn", None)
+    def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
+             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+        second, stamp = self._stamp
+        if int(created) != second:
+            stamp = self.stamp(created)
+        line = (f'{{"time": {stamp}, "level": {_quote(levelname.lower())}, "context": {_quote(context)}, '
+                f'"logger": {_quote(name)}, "message": {_quote(message)}')
         if client_cn is not None:
-            event["client_cn"] = client_cn
-        if record.exc_info:
-            event["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(event)
+            line += f', "client_cn": {_quote(client_cn)}'
+        return line + ("}" if traceback is None else f', "traceback": {_quote(traceback)}}}')
+
+    def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
+        # line(), for many lines below WARNING at once: the logger's name and the
+        # levels are quoted once, the context and the message of each line
+        lines = []
+        second, stamp = self._stamp
+        logger = _quote(name)
+        levels = _JSON_LEVELS
+        for created, levelno, msg, args, extra in parts:
+            if int(created) != second:
+                second, stamp = int(created), self.stamp(created)
+            line = (f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, '
+                    f'"logger": {logger}, "message": {_quote(msg % args if args else msg)}')
+            client_cn = extra.get("client_cn")
+            lines.append(f"{line}}}" if client_cn is None else f'{line}, "client_cn": {_quote(client_cn)}}}')
+        return lines
+
+    def written_stamp(self, stamp: str) -> str:
+        return _quote(stamp)
 
 
-class BatchedStreamHandler(logging.StreamHandler):
-    """Writes the log lines of one event-loop iteration with one system call.
+#: the levels whose lines fast_log batches, and their names
+_BATCHED = {logging.DEBUG: "DEBUG", _INFO: "INFO"}
+#: as a JSON line holds them
+_JSON_LEVELS = {levelno: _quote(levelname.lower()) for levelno, levelname in _BATCHED.items()}
 
-    At the default level every request is a log line; writing and flushing
-    each one would cost a system call per request.
+#: a line fast_log batched: (time, level, msg, args, extra)
+Part = tuple[float, int, str, tuple, dict]
+
+#: fast_log's batches, by logger name. Like the logging tree they follow, they are the
+#: process's; none holds a line past the event-loop iteration that logged it.
+_batches: dict[str, LineBatch] = {}
+
+
+def fast_log(logger: logging.Logger, level: int, msg: str, *args: str, extra: dict[str, str]) -> None:
+    """``logger.log(level, msg, *args, extra=extra)``, without a LogRecord when it can.
+
+    In the hub's thread, the parts of a line at INFO or DEBUG wait in a
+    LineBatch until the end of the event-loop iteration; then, while every
+    handler the record would reach takes lines (a LineHandler with no
+    filter and a LineFormatter), each gets the line its formatter makes of
+    them, else the records go the usual way. In another thread, or at
+    another level, the record goes the usual way at once. ``args``:
+    strings; ``extra``: the ``context``, and the ``client_cn`` of a client
+    that showed a certificate; it is read when the line is made, by the end
+    of the iteration.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    batch = _batches.get(logger.name)
+    if batch is None:
+        batch = _batches[logger.name] = LineBatch(logger)
+    if level == _INFO and batch.lines and threading.get_ident() == batch.thread:
+        batch.lines.append((time.time(), _INFO, msg, args, extra))  # LineBatch.add, without a call
+    elif not batch.add(level, msg, args, extra):
+        logger.log(level, msg, *args, extra=extra)
+
+
+def flush_lines() -> None:
+    """Hand the lines fast_log batched to their handlers (in the hub's thread; else nothing):
+    before any other line reaches a handler, so that each sees the lines in the order logged."""
+    for batch in _batches.values():
+        if batch.lines and batch.thread == threading.get_ident():
+            batch.flush()
+
+
+class LineBatch:
+    """fast_log's lines from one logger, in the hub's thread, handed to the handlers
+    together at the end of the event-loop iteration (or before any other line
+    reaches them): the handlers the logger reaches then get the lines their
+    formatters make, or, if one of them cannot take lines, the records.
     """
 
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__(stream)
-        self._lines: list[str] = []
-        self._scheduled = False
-        self._hub_thread = threading.get_ident()
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        #: the hub's thread and loop, those of the handlers the first line reached
+        self.thread: int | None = None
+        self.loop = None
+        #: the lines waiting
+        self.lines: list[Part] = []
+        #: the lowest level among them (INFO when none is below)
+        self.lowest = _INFO
+
+    def add(self, level: int, msg: str, args: tuple, extra: dict[str, str]) -> bool:
+        """Batch a line; False when it goes the usual way (another thread, other handlers,
+        a level not batched)."""
+        if level not in _BATCHED or (threading.get_ident() != self.thread and not self._bind(level)):
+            return False
+        if not self.lines:
+            self.loop.run_callback(self.flush)
+        self.lowest = min(self.lowest, level)
+        self.lines.append((time.time(), level, msg, args, extra))
+        return True
+
+    def _bind(self, level: int) -> bool:
+        """Take the hub of the handlers the logger reaches, if this is its thread."""
+        if self.thread is not None:
+            return False
+        handlers = _line_handlers(self.logger, level)
+        if handlers is None or handlers[0].hub_thread != threading.get_ident():
+            return False
+        self.thread, self.loop = handlers[0].hub_thread, handlers[0].loop
+        return True
+
+    def flush(self) -> None:
+        """Give the handlers the lines their formatters make (in the hub's thread)."""
+        lines, self.lines = self.lines, []
+        lowest, self.lowest = self.lowest, _INFO
+        if not lines:
+            return
+        handlers = _line_handlers(self.logger, lowest)
+        if handlers is None or any(handler.hub_thread != self.thread for handler in handlers):
+            self._replay(lines)
+            return
+        made: dict[type, list[str]] = {}
+        for handler in handlers:
+            formatter = handler.formatter
+            texts = made.get(formatter.__class__)
+            if texts is None:
+                texts = made[formatter.__class__] = formatter.batch_lines(self.logger.name, lines)
+            if handler.level > lowest:  # it takes some of them only
+                texts = [text for text, part in zip(texts, lines) if part[1] >= handler.level]
+                if not texts:
+                    continue
+            handler.emit_texts(texts)
+
+    def _replay(self, lines: list[Part]) -> None:
+        logger = self.logger
+        for created, level, msg, args, extra in lines:
+            record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, args, None,
+                                       extra=extra)
+            record.created = created
+            logger.handle(record)
+
+
+def _line_handlers(logger: logging.Logger, level: int) -> list[LineHandler] | None:
+    """The handlers a record at INFO, or at ``level`` (not above INFO), from
+    ``logger`` reaches, as Logger.callHandlers finds them, when each takes
+    lines; else None."""
+    if logger.filters or not logger.isEnabledFor(level):
+        return None
+    reached = []
+    while logger is not None:
+        for handler in logger.handlers:
+            if handler.level <= _INFO:
+                if not getattr(handler, "takes_text", False):
+                    return None
+                reached.append(handler)
+        logger = logger.parent if logger.propagate else None
+    return reached or None
+
+
+class LineHandler(logging.Handler):
+    """A handler that does its work in the hub's thread (the one that makes it):
+    a record logged in another thread is formatted there and its line passed to
+    the hub. It takes the lines of fast_log's batches (``emit_texts``) while it
+    has a LineFormatter and no filter (``takes_text``).
+    """
+
+    #: whether fast_log's batches may give it lines, kept up to date by the methods below
+    takes_text = False
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.hub_thread = threading.get_ident()
+        self.loop = gevent.get_hub().loop
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
+            text = self.format(record)
         except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
             self.handleError(record)
             return
-        self._lines.append(line)
-        if threading.get_ident() != self._hub_thread:
-            self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            gevent.get_hub().loop.run_callback(self.flush)
+        if threading.get_ident() == self.hub_thread:
+            self._emit_in_hub(text)
+        else:
+            self.loop.run_callback_threadsafe(self._emit_in_hub, text)
 
-    def flush(self) -> None:
-        self._scheduled = False
-        if self._lines:
-            text = "\n".join(self._lines) + "\n"
-            self._lines.clear()
-            self.stream.write(text)
-        super().flush()
+    def _emit_in_hub(self, text: str) -> None:
+        flush_lines()  # fast_log's lines logged before come first
+        self.emit_texts([text])
+
+    def emit_texts(self, texts: list[str]) -> None:
+        """Lines its formatter made, oldest first, in the hub's thread (a text may hold several lines)."""
+        raise NotImplementedError
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        self._update_takes_text()
+
+    def addFilter(self, filter) -> None:
+        super().addFilter(filter)
+        self._update_takes_text()
+
+    def removeFilter(self, filter) -> None:
+        super().removeFilter(filter)
+        self._update_takes_text()
+
+    def _update_takes_text(self) -> None:
+        self.takes_text = isinstance(self.formatter, LineFormatter) and not self.filters
 
 
 def open_output(path: str | None) -> TextIO:
@@ -112,18 +335,21 @@ def open_output(path: str | None) -> TextIO:
 
 
 def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched: bool = True,
-                  context: str = "-") -> logging.StreamHandler:
+                  context: str = "-") -> logging.Handler:
     """Log gcmd's events at ``level`` and above to ``output`` (standard output by default).
 
-    ``fmt`` is ``text`` or ``json``; ``batched`` writes once per event-loop
-    iteration (a gevent process only); ``context`` is that of the lines
-    logged without one. Returns the handler, for reopen_output.
+    ``fmt`` is ``text`` or ``json``; ``batched``: written by a LogOutput in a
+    thread of its own (a gevent process only), else at once;
+    ``context`` is that of the lines logged without one. Returns the
+    handler, for reopen_output.
     """
     # what a log line says needs none of these, and each costs time per record
     # (the logging HOWTO's "Optimization" section)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = (BatchedStreamHandler if batched else logging.StreamHandler)(output or sys.stdout)
+    from gcmd.logoutput import LogOutput  # it builds on this module
+
+    handler = (LogOutput if batched else logging.StreamHandler)(output or sys.stdout)
     handler.setFormatter(JsonFormatter(context) if fmt == "json" else TextFormatter(context))
     root = logging.getLogger("gcmd")
     root.handlers[:] = [handler]
@@ -132,19 +358,24 @@ def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched
     return handler
 
 
-def reopen_output(handler: logging.StreamHandler, path: str | None) -> None:
+def reopen_output(handler: logging.Handler, path: str | None) -> None:
     """Write the log to a fresh open of --output ``path`` (after logrotate moved the file).
 
-    Standard output is left alone; a file that cannot be opened is logged and
-    the old one kept.
+    The lines logged before go to the old file. Standard output is left
+    alone; a file that cannot be opened is logged and the old one kept.
     """
     if path is None:
         return
-    handler.flush()
     try:
         output = open_output(path)
     except OSError as exc:
         log.error("SIGHUP: cannot reopen --output %s: %s; still writing to the old file",
                   path, exc.strerror)
+        return
+    from gcmd.logoutput import LogOutput
+
+    if isinstance(handler, LogOutput):
+        handler.switch_to(output)
     else:
+        handler.flush()
         handler.setStream(output).close()

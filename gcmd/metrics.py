@@ -94,6 +94,8 @@ class GcmdCollector:
                                   value=hashing.busy)
         yield GaugeMetricFamily("gcmd_hash_pending", "Hash requests waiting for a thread",
                                 value=server.hashing.pending)
+        yield CounterMetricFamily("gcmd_log_output_dropped", "Server log lines dropped: the log output "
+                                  "took none for a while, or failed", value=getattr(stats.log_output, "dropped", 0))
         yield from _log_families(server.logs.stats())
 
 

@@ -29,6 +29,7 @@ from gcmd.connection import (
     Ended,
 )
 from gcmd.loglines import FollowBuffer
+from gcmd.logsetup import fast_log
 from gcmd.opening import Opening
 from gcmd.protocol import Close, Follow, escape, split_lines
 
@@ -131,8 +132,8 @@ class Session(Opening):
             handler, arg = parsed
             started = monotonic() if trace else 0.0
             if log_requests:
-                log.log(self.log_level, "Cmd received from %s : %s", self.ip,
-                        _loggable(line, handler), extra=self.context)
+                fast_log(log, self.log_level, "Cmd received from %s : %s", self.ip,
+                         _loggable(line, handler), extra=self.context)
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0

@@ -59,6 +59,8 @@ class ServerStats:
     auth_failures: int = 0
     #: answers and their latency, by command name
     by_command: dict[str, CommandStats] = field(default_factory=dict)
+    #: the server log's output, whose ``dropped`` counts the lines it dropped (gcmd.logoutput.LogOutput)
+    log_output: object = None
 
     @property
     def uptime_s(self) -> int:
