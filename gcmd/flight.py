@@ -61,7 +61,9 @@ def unwrap(result: tuple[bool, Any]) -> Any:
     """The value of an :func:`outcome`, or its exception raised here."""
     ok, value = result
     if not ok:
-        raise value
+        # the same exception may reach several callers: each raises it afresh,
+        # so that its traceback does not gather (and keep alive) the others' frames
+        raise value.with_traceback(None)
     return value
 
 
@@ -129,9 +131,11 @@ class NextFlight:
         self._running: dict[Hashable, _Batch] = {}
         self._queued: dict[Hashable, _Batch] = {}
 
-    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
         """``fn(*args)`` called after this call began, shared with the other
-        callers of ``key`` waiting for the same call; what it raised is raised."""
+        callers of ``key`` waiting for the same call; what it raised is raised.
+        TimeoutError when it is not over within ``timeout`` seconds of this
+        call, waiting for the call under way included."""
         if key in self._running:
             batch = self._queued.get(key)
             if batch is None:
@@ -139,7 +143,10 @@ class NextFlight:
         else:
             batch = _Batch(fn, args)
             self._start(key, batch)
-        return unwrap(batch.result.get())
+        try:
+            return unwrap(batch.result.get(timeout=timeout))
+        except gevent.Timeout:
+            raise TimeoutError(f"not done in {timeout:g} s") from None
 
     def _start(self, key: Hashable, batch: _Batch) -> None:
         self._running[key] = batch

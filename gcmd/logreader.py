@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 DELIVERY_INTERVAL = 0.02
 #: bytes of waiting lines that start a pass before the interval is over
 DELIVERY_BATCH = 1 << 20
+#: seconds a reader waits at most for a pass to take the lines it queued
+DELIVERY_STALL = 1.0
 #: subscribers served in a row before a pass lets the others run, and for how
 #: long (seconds): more than 0, so that the event loop polls for input (a
 #: sleep(0) only goes to the back of the callbacks, which run for up to 5 ms)
@@ -116,13 +118,15 @@ class Broadcast:
         self._numbered = 0
         self._last_pass = 0.0
         self._lines_wait = gevent.event.Event()
+        #: set when a pass has taken the waiting lines
+        self._taken = gevent.event.Event()
         self._courier: gevent.Greenlet | None = None
 
     def subscribe(self, callback: Subscriber) -> None:
         """Send ``callback`` every line that ends from now on."""
         self._subscribers[callback] = self._numbered
         self.stats.followers = len(self._subscribers)
-        if self._courier is None:
+        if self._courier is None or self._courier.dead:
             self._courier = gevent.spawn(self._deliver_passes)
 
     def unsubscribe(self, callback: Subscriber) -> None:
@@ -145,6 +149,11 @@ class Broadcast:
                 self._numbered += 1
         if self._waiting:
             self._lines_wait.set()
+        if self._waiting_bytes >= DELIVERY_BATCH and gevent.getcurrent() is not gevent.get_hub():
+            # a reader's greenlet waits for the pass to take them: what follows
+            # waits in the reader's pipe, not here (at most ~DELIVERY_BATCH)
+            self._taken.clear()
+            self._taken.wait(DELIVERY_STALL)
 
     def _deliver_passes(self) -> None:
         # the courier
@@ -161,12 +170,15 @@ class Broadcast:
     def _pass(self) -> None:
         lines, first = Batch(self._waiting), self._numbered - len(self._waiting)
         self._waiting, self._waiting_bytes = [], 0
+        self._taken.set()
         self._last_pass = monotonic()
-        for n, (callback, since) in enumerate(tuple(self._subscribers.items())):
+        for n, callback in enumerate(tuple(self._subscribers)):
             if n and n % PASS_SLICE == 0:
                 gevent.sleep(PASS_PAUSE)  # the others run between slices of a long pass
-            if callback not in self._subscribers:
-                continue  # gone meanwhile
+            # looked up now: it may have left, or left and come back, meanwhile
+            since = self._subscribers.get(callback)
+            if since is None:
+                continue
             part = lines if since <= first else Batch(lines[since - first:])
             if not part:
                 continue  # it came after these lines ended
@@ -235,7 +247,11 @@ class FileLog(_ProcessLog):
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines; CommandError when it cannot be read."""
-        lines = self._reads.run(count, self._call, read_last_lines, "lastlog", count)
+        try:
+            lines = self._reads.run(count, self._call, read_last_lines, "lastlog", count,
+                                    timeout=self.command_timeout)
+        except TimeoutError:  # the read under way and this one took too long together
+            raise CommandError(f"lastlog timed out after {self.command_timeout:g} s") from None
         if lines is not None:
             return lines
         self._follow_path()  # not a regular file: what its reader read

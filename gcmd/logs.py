@@ -155,9 +155,11 @@ class Logs:
                 log.start()
 
     def close(self) -> None:
-        """Stop every reader process and reap it."""
+        """Stop every reader process and reap it, and every log's deliveries."""
         for log in self._logs.values():
-            if not isinstance(log, MemoryLog):
+            if isinstance(log, MemoryLog):
+                log.stop_delivery()  # the handler itself lives on, in the logging setup
+            else:
                 log.close()
 
     def stats(self) -> dict[str, LogStats]:

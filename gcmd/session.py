@@ -173,13 +173,13 @@ class Session(Opening):
     def start_following(self, log) -> None:
         """``follow``: from now on the session gets the new lines of ``log``, until
         the client sends a line; CommandError when the log cannot be followed."""
+        self.keepalive(*FOLLOW_KEEPALIVE)
         self.follow = Following(log)
         try:
             log.subscribe(self._deliver)
         except BaseException:
             self.follow = None
             raise
-        self.keepalive(*FOLLOW_KEEPALIVE)
 
     def _stop_following(self) -> Following:
         follow, self.follow = self.follow, None
@@ -253,10 +253,13 @@ class Session(Opening):
         self._send(b"".join(rest))
 
     def _deliver(self, lines: list[bytes]) -> None:
-        """The followed log's new lines (the wire lines of one batch), in the hub.
+        """The followed log's new lines (the wire lines of one batch), from the
+        log's courier greenlet (Broadcast).
 
         A parked follower whose socket takes them all stays parked: they are
-        sent here, without a greenlet. Otherwise (a partial send, an error, a
+        sent here, without a greenlet of its own. This is the one write to a
+        session's socket from outside its greenlet, and it is safe because a
+        parked session has none. Otherwise (a partial send, an error, a
         session that is running) its greenlet is told (LINES)."""
         follow = self.follow
         if follow is None:

@@ -77,3 +77,13 @@ def test_a_call_whose_callers_left_still_ends_and_the_next_one_runs():
     gone.kill()
     calls.release.set()
     assert waiting.get() == ("x", 2)
+
+
+def test_a_caller_waits_at_most_its_timeout_the_call_under_way_included():
+    flights, calls = NextFlight(), Calls()
+    first = gevent.spawn(flights.run, "k", calls, "x")
+    until(lambda: calls.started == 1)
+    with pytest.raises(TimeoutError):
+        flights.run("k", calls, "x", timeout=0.05)  # queued behind a call that does not end
+    calls.release.set()
+    assert first.get() == ("x", 1)
