@@ -10,7 +10,9 @@ Who owns what:
   (READABLE, WRITABLE, DEADLINE, PARK, SHUTDOWN, LINES).
 - The idle deadline is one field, ``deadline``; the server's sweeper calls
   ``tick`` for every connection, and is the one clock that ends a wait past
-  the deadline (DEADLINE) or parks a connection silent for PARK_AFTER (PARK).
+  the deadline (DEADLINE) or parks a connection silent for PARK_AFTER (PARK);
+  it also looks at the TCP state of a connection that runs a command
+  (a reset cancels it) or that is parked after its client's EOF (GONE).
 - A connection with nothing to do is *parked*: its greenlet goes back to the
   server and its read watcher waits; the server gives it a greenlet again
   (``run``) when the client speaks, the deadline passes, shutdown begins or,

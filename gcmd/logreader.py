@@ -20,9 +20,9 @@ followers and started for the first one. For a file it is ``tail -c +OFFSET
 began before the request and ends after it is sent whole; a named file (not
 a descriptor on stdin, which tail polls once a second) lets tail wait with
 inotify, so lines arrive within milliseconds. The output is read in 64 KiB
-chunks and cut on ``\\n``; each batch of complete lines goes, in one pass in a
-greenlet, to every subscriber. A reader that exits is started again with
-back-off, from the byte where it stopped.
+chunks and cut on ``\\n``; the complete lines go to every subscriber in
+passes made by the log's courier greenlet (see Broadcast). A reader that
+exits is started again with back-off, from the byte where it stopped.
 
 Rotation (logrotate ``create``): the path is looked up every half second
 while a reader runs; when it names another file, a reader starts on that one

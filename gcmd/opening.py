@@ -60,21 +60,14 @@ class Opening(Connection):
 
     def _open_verified(self, context: ssl.SSLContext) -> None:
         """Check --allow, take the client's certificate in the TLS handshake (a
-        failure is a refusal, logged with why), then admit the client. At most
-        --max-clients handshakes run at once: beyond, a client is closed at once
-        (it holds no slot yet, and could not read a refusal line)."""
+        failure is a refusal, logged with why), then admit the client."""
         server = self.server
         refusal = server.screen(self)
         if refusal is not None:
             raise refusal
-        if server.handshakes >= server.config.max_clients:
-            server.stats.refuse("max_clients")
-            log.warning("Refused TLS connection from %s: too many handshakes under way", self.ip,
-                        extra=self.context)
-            raise Ended("too many handshakes under way", None)
+        self._count_handshake()
         self._wrap(context)
         self._progress(min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
-        server.handshakes += 1
         try:
             self._handshake()
         except (ssl.SSLError, Ended) as exc:
@@ -83,12 +76,31 @@ class Opening(Connection):
             log.warning("Refused TLS connection from %s: %s", self.ip, why, extra=self.context)
             raise Ended(why, None) from None
         finally:
-            server.handshakes -= 1
+            server.handshakes[self.ip] -= 1
+            if not server.handshakes[self.ip]:
+                del server.handshakes[self.ip]
         self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
         self._progress()
         refusal = server.admit(self)
         if refusal is not None:
             raise refusal
+
+    def _count_handshake(self) -> None:
+        """Count a handshake before admission, within --max-clients handshakes in
+        all and --max-per-ip from one address; beyond, the client is closed at
+        once (it holds no slot yet, and could not read a refusal line)."""
+        server, ip = self.server, self.ip
+        if server.config.max_per_ip and server.handshakes[ip] >= server.config.max_per_ip:
+            server.stats.refuse("max_per_ip")
+            why = "too many handshakes under way from the address"
+        elif server.handshakes.total() >= server.config.max_clients:
+            server.stats.refuse("max_clients")
+            why = "too many handshakes under way"
+        else:
+            server.handshakes[ip] += 1
+            return
+        log.warning("Refused TLS connection from %s: %s", ip, why, extra=self.context)
+        raise Ended(why, None)
 
     def _wrap(self, context: ssl.SSLContext) -> None:
         self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)

@@ -15,7 +15,9 @@ Who owns what (see gcmd/connection.py for one client's side):
   gets one at once, to read its header and do its handshake. A greenlet that
   is done with a session waits (up to IDLE_DRIVERS of them) for the next one.
 - One clock for every session: the sweeper, a libev timer in the hub, ends the
-  waits of sessions past their deadline and parks those silent for PARK_AFTER.
+  waits of sessions past their deadline, parks those silent for PARK_AFTER,
+  cancels the command of a session whose client has reset (ClientGone), and
+  closes a half-closed follower whose client has since gone (GONE).
 - Shutdown: stop accepting, tell every session (``notify_shutdown``), wait
   for running commands up to --shutdown-timeout, then cancel them (Shutdown).
 
@@ -117,8 +119,8 @@ class GcmdServer(StreamServer):
         self.quiet_from = tuple(_unmapped(network) for network in config.quiet_from)
         self.slots = BoundedSemaphore(config.max_clients)
         self.per_ip: Counter[str] = Counter()
-        #: TLS handshakes under way before admission (client certificates asked)
-        self.handshakes = 0
+        #: TLS handshakes under way before admission (client certificates asked), by address
+        self.handshakes: Counter[str] = Counter()
         #: every connection not yet closed, admitted or not
         self.sessions: set[Session] = set()
         self.closing = False

@@ -174,6 +174,23 @@ def test_handshakes_under_way_are_capped_by_max_clients(gcmd, pki):
     wait_for(lambda: not refused(server.port, pki.alice), message="still refused")
 
 
+def test_handshakes_under_way_from_one_address_are_capped_by_max_per_ip(gcmd, pki):
+    server = gcmd(*tls_args(pki, "--max-per-ip", 1, client_ca=pki.ca[0]))
+    stalled = Client(server.port)  # from 127.0.0.1, never handshakes
+    second = Client(server.port)
+    assert wait_for(second.closed, timeout=5)
+    wait_for(lambda: "WARNING: Refused TLS connection from 127.0.0.1: too many handshakes under way "
+             "from the address" in server.log())
+    # another address is served meanwhile
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.load_cert_chain(*pki.alice)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.2", 0))
+    other = Client(server.port, sock=context.wrap_socket(raw, server_hostname="localhost"))
+    assert other.ask("ping") == PONG
+    stalled.close()
+
+
 def test_a_good_certificate_is_served_and_its_cn_is_on_the_connection_line(gcmd, pki):
     server = gcmd(*tls_args(pki, client_ca=pki.ca[0]))
     client = connect(server.port, pki.alice)
