@@ -73,7 +73,7 @@ GONE = "gone"
 
 # what a wait accepts: bits of Connection.waiting
 READ, WRITE, PARKABLE, STOPPABLE, FOLLOWING = 1, 2, 4, 8, 16
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
 #: Linux tcpi_state of a connection that is over (reset, or its keepalive went unanswered)
 TCP_CLOSE = 7
 
@@ -311,7 +311,7 @@ class Connection:
         """What the client has sent (b"" once it has closed), or None if nothing yet."""
         try:
             return self.sock.recv(size, flags)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             return None
 
     def keepalive(self, idle: int, interval: int, count: int) -> None:

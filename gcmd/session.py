@@ -23,8 +23,10 @@ from gcmd.connection import (
     PARKABLE,
     READ,
     READABLE,
+    RECV_SIZE,
     SHUTDOWN,
     STOPPABLE,
+    WOULD_BLOCK,
     WRITE,
     Ended,
 )
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: replies are gathered up to this size before one write
 FLUSH_AT = 65536
+#: what a wait for the next request accepts
+_REQUEST_WAIT = READ | PARKABLE | STOPPABLE
 #: TCP keepalive of a follower (idle seconds, seconds between probes, probes):
 #: a quiet log sends nothing, and a client that went away (its machine gone,
 #: or, after a half-close, its socket closed) is found within about two minutes
@@ -101,8 +105,8 @@ class Session(Opening):
     def _read_request(self, ready: bool) -> bytes | None:
         """The client's next bytes; None when it has been silent long enough to park."""
         while True:
-            if not (ready or self._tls_pending()):
-                reason = self.wait(READ | PARKABLE | STOPPABLE)
+            if not (ready or self.tls and self.sock.pending()):
+                reason = self.wait(_REQUEST_WAIT)
                 if reason is PARK and not self.server.closing:
                     return None
                 if reason is DEADLINE:
@@ -110,23 +114,26 @@ class Session(Opening):
                 if reason is SHUTDOWN or reason is PARK:
                     raise self._goodbye()
             ready = False
-            data = self.recv()
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except WOULD_BLOCK:
+                continue
             if data:
                 return data
-            if data is not None:
-                raise Ended("Connection was closed cleanly.", None)
+            raise Ended("Connection was closed cleanly.", None)
 
     def _answer(self, lines: list[bytes]) -> None:
         """Run the requests of one batch in order; their replies go out together,
         and before any slow command so that the client is not kept waiting."""
         server = self.server
         commands = server.commands
+        parse, run = commands.parse, commands.run  # once per batch, not per request
         log_requests = log.isEnabledFor(self.log_level)
         trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
         for index, line in enumerate(lines):
-            parsed = commands.parse(line)
+            parsed = parse(line)
             if parsed is None:
                 continue
             handler, arg = parsed
@@ -144,7 +151,7 @@ class Session(Opening):
                         self._end_following()
                     continue
             else:
-                reply = commands.run(handler, self, arg)
+                reply = run(handler, self, arg)
             if trace:
                 self._trace(handler, line, reply, started)
             if isinstance(reply, Close):
