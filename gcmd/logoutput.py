@@ -59,6 +59,8 @@ class LogOutput(LineHandler):
         self._writing = False  # the writer is awake; else the hub wakes it for new lines
         self._hurry = False  # a flush waits: the writer lets no lines gather
         self._closing = False
+        #: lines queued when a flush last timed out: later flushes do not wait until they are written
+        self._stuck = 0
         self._wake = threading.Condition(self.lock)
         self._idle = threading.Condition(self.lock)
         self._writer = threading.Thread(target=self._write_loop, name="gcmd log output", daemon=True)
@@ -111,12 +113,17 @@ class LogOutput(LineHandler):
             self._wake.notify()
 
     def flush(self) -> None:
-        """Wait until the lines logged so far are written or dropped, at most FLUSH_TIMEOUT s."""
+        """Wait until the lines logged so far are written or dropped, at most
+        FLUSH_TIMEOUT s; once a flush has timed out (the output is stuck), later
+        ones wait no more until the writer has caught up (shutdown flushes
+        several times: it must not wait FLUSH_TIMEOUT for each)."""
         flush_lines()
         with self.lock:
             target = self._queued_lines
             self._wake_writer(hurry=True)
-            self._idle.wait_for(lambda: self._done_lines >= target, FLUSH_TIMEOUT)
+            timeout = 0 if self._stuck and self._done_lines < self._stuck else FLUSH_TIMEOUT
+            if not self._idle.wait_for(lambda: self._done_lines >= target, timeout):
+                self._stuck = target
 
     def close(self) -> None:
         """Flush, then let the writer end (the stream stays open, as StreamHandler's)."""

@@ -548,6 +548,30 @@ def test_gcmd_whose_stdout_nobody_reads_serves_on_in_bounded_memory_and_reports_
         proc.stdout.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_stuck_output_delays_shutdown_by_one_flush_timeout_at_most(tmp_path):
+    port = free_port()
+    (tmp_path / "root").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcmd", "--port", str(port), "--root", str(tmp_path / "root"),
+         "--logfile", "memory"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        wait_for(lambda: _answers(port), timeout=15, message="gcmd did not answer")
+        flood(port, 2000, 8000)  # the pipe is full: nobody reads it
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        # each flush of shutdown would wait FLUSH_TIMEOUT (5 s) for the stuck output
+        assert time.monotonic() - started < 9, "shutdown waited for the stuck output more than once"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
 def _answers(port: int) -> bool:
     try:
         probe = Client(port, 2)
