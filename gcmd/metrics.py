@@ -60,26 +60,7 @@ class GcmdCollector:
         for reason, count in sorted(stats.refused.items()):
             refused.add_metric([reason], count)
         yield refused
-        timed = {handler.verb for handler in server.commands.figures if handler.slow}
-        commands = CounterMetricFamily("gcmd_commands", "Commands received, by name and outcome "
-                                       "(ok, error, internal_error, denied, cancelled)",
-                                       labels=["command", "outcome"])
-        latency = HistogramMetricFamily("gcmd_command_duration_seconds",
-                                        "Time from a request to its reply, by command: the slow "
-                                        "ones (lastlog, follow until it begins, comphash, hash)",
-                                        labels=["command"])
-        for command, figures in sorted(stats.by_command.items()):
-            for outcome, count in sorted(figures.outcomes.items()):
-                commands.add_metric([command, outcome], count)
-            if command not in timed:
-                continue
-            cumulative, buckets = 0, []
-            for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), figures.buckets):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            latency.add_metric([command], buckets, figures.seconds)
-        yield commands
-        yield latency
+        yield from _command_families(server)
         yield CounterMetricFamily("gcmd_auth_failures", "Failed auth attempts",
                                   value=stats.auth_failures)
         yield CounterMetricFamily("gcmd_hash_bytes", "Bytes read and hashed",
@@ -97,6 +78,31 @@ class GcmdCollector:
         yield CounterMetricFamily("gcmd_log_output_dropped", "Server log lines dropped: the log output "
                                   "took none for a while, or failed", value=getattr(stats.log_output, "dropped", 0))
         yield from _log_families(server.logs.stats())
+
+
+def _command_families(server: GcmdServer) -> Iterator:
+    """Commands by name and outcome, and the latency histogram of the slow ones."""
+    stats = server.stats
+    timed = {handler.verb for handler in server.commands.figures if handler.slow}
+    commands = CounterMetricFamily("gcmd_commands", "Commands received, by name and outcome "
+                                   "(ok, error, internal_error, denied, cancelled)",
+                                   labels=["command", "outcome"])
+    latency = HistogramMetricFamily("gcmd_command_duration_seconds",
+                                    "Time from a request to its reply, by command: the slow "
+                                    "ones (lastlog, follow until it begins, comphash, hash)",
+                                    labels=["command"])
+    for command, figures in sorted(stats.by_command.items()):
+        for outcome, count in sorted(figures.outcomes.items()):
+            commands.add_metric([command, outcome], count)
+        if command not in timed:
+            continue
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), figures.buckets):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        latency.add_metric([command], buckets, figures.seconds)
+    yield commands
+    yield latency
 
 
 def _log_families(logs: dict) -> Iterator:
