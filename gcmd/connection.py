@@ -293,8 +293,9 @@ class Connection:
             self.greenlet.switch(reason)
 
     def _on_readable(self) -> None:
-        if self.waiting & READ:
-            self.resume(READABLE, READ)
+        if self.waiting & READ:  # resume(READABLE, READ), inline: once per request batch
+            self.waiting = 0
+            self.greenlet.switch(READABLE)
         elif self.parked:
             self.wake(READABLE)
         else:  # busy with a command: started again at the next wait

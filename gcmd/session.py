@@ -107,12 +107,12 @@ class Session(Opening):
         while True:
             if not (ready or self.tls and self.sock.pending()):
                 reason = self.wait(_REQUEST_WAIT)
-                if reason is PARK and not self.server.closing:
-                    return None
-                if reason is DEADLINE:
-                    raise Ended("idle timeout", protocol.IDLE_TIMEOUT)
-                if reason is SHUTDOWN or reason is PARK:
-                    raise self._goodbye()
+                if reason is not READABLE:
+                    if reason is PARK and not self.server.closing:
+                        return None
+                    if reason is DEADLINE:
+                        raise Ended("idle timeout", protocol.IDLE_TIMEOUT)
+                    raise self._goodbye()  # SHUTDOWN, or PARK once shutdown has begun
             ready = False
             try:
                 data = self.sock.recv(RECV_SIZE)
