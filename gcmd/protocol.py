@@ -114,7 +114,9 @@ def _escape_table() -> dict[int, str]:
 
 
 _ESCAPES = _escape_table()
-_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*").fullmatch
+#: the bytes escape() leaves as they are: bytes.translate deletes them, and what
+#: is left needs escaping (on a short request, about half the time of a regex match)
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c != 0x5C)
 
 
 def escape(data: bytes) -> str:
@@ -124,7 +126,7 @@ def escape(data: bytes) -> str:
     UTF-8 become ``\\xNN``, so nothing a client sends can end a log line or
     reach an operator's terminal as an escape sequence.
     """
-    if _PLAIN(data):
+    if not data.translate(None, _PLAIN):
         return data.decode("ascii")
     return data.decode("utf-8", "surrogateescape").translate(_ESCAPES)
 

@@ -62,9 +62,22 @@ def test_split_lines(pending, data, expected):
     (b"c1\xc2\x85", "c1\\x85"),
     (b"bad\xff\xfe", "bad\\xff\\xfe"),
     ("café ünïcode".encode(), "café ünïcode"),
+    (b"", ""),
+    (b" !~}", " !~}"),  # the ends of the plain range
+    (b"tab\there", "tab\\x09here"),
+    (b"\x1f\x20", "\\x1f "),
+    (b"ping\r", "ping\\x0d"),
 ])
 def test_escape_makes_one_safe_line(data, expected):
     assert escape(data) == expected
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_escape_leaves_only_printable_ascii_but_backslash_as_is(byte):
+    data = bytes([byte])
+    plain = 0x20 <= byte < 0x7F and byte != 0x5C
+    assert (escape(data) == chr(byte)) == plain
+    assert escape(b"ok" + data) == "ok" + escape(data)
 
 
 def test_echo_path_is_escaped_and_cut():

@@ -18,7 +18,7 @@ import pytest
 from gevent.threadpool import ThreadPool
 from support import poll
 
-from gcmd.loglines import MAX_REPLY, lastlog_lines, wire_line
+from gcmd.loglines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
 from gcmd.logreader import FileLog, JournalLog, MemoryLog
 from gcmd.logs import Logs, default_source, log_sources, parse_logfile
 from gcmd.protocol import CommandError
@@ -371,6 +371,33 @@ def test_memory_log_keeps_lines_and_sends_them_in_the_hub_thread(memory, pool):
     assert threads == {hub_thread}
     assert handler.lastlog(3) == [b"from a pool thread", b"two", b"lines \\x1b[1m"]
     assert handler.stats.lines_read == 4 and handler.source == "memory"
+
+
+def _logged_texts(total: int) -> list[list[str]]:
+    """Batches of texts as a LineBatch hands them over, ``total`` lines or a few more:
+    some of several lines, some that the protocol drops, some long."""
+    batches, n = [], 0
+    while n < total:
+        texts = []
+        for _ in range(n % 7 + 1):
+            kind = n % 97
+            texts.append("End lastlog" if kind == 3 else "== forged" if kind == 5 else
+                         f"trace {n}\n  at line {n}" if kind == 11 else f"line {n} " + "x" * (n % 300))
+            n += 1
+        batches.append(texts)
+    return batches
+
+
+@pytest.mark.parametrize("total", [900, 2500, 3000, 3500, 4200, 5000, 7000])
+@pytest.mark.parametrize("count", [1, 1000, 1001, 1500, 2000, 2500])
+def test_memory_log_unfollowed_answers_as_if_it_remembered_every_line(total, count):
+    handler, every = MemoryLog(), Recent()
+    batches = _logged_texts(total)
+    for texts in batches:
+        handler.emit_texts(texts)
+        every.extend(LineSplitter().feed(("\n".join(texts) + "\n").encode()))
+    assert handler.lastlog(count) == every.last(count)
+    assert handler.stats.lines_read == sum(text.count("\n") + 1 for texts in batches for text in texts)
 
 
 def test_memory_log_subscriber_that_logs_does_not_recurse(memory):
