@@ -77,7 +77,7 @@ class Session(Opening):
         """Answer requests until the client is done (Ended) or silent long enough
         to be parked (PARK)."""
         server = self.server
-        max_line, idle_timeout = server.config.max_line, server.config.idle_timeout
+        max_line = server.config.max_line
         while True:
             if self.follow is not None:
                 data = self._following(ready)
@@ -92,9 +92,8 @@ class Session(Opening):
             data = b""
             if lines:
                 self._answer(lines)
-                self.since = now = monotonic()  # _progress(), inline: once per request batch
-                self.deadline = now + idle_timeout
-                if len(lines) > 1 and self.tls and self.sock.pending():
+                self._progress()
+                if len(lines) > 1 and self._tls_pending():
                     # a pipelining TLS client always has input ready and would
                     # never yield: let the others run between its batches
                     gevent.sleep(0)
