@@ -12,7 +12,8 @@ Who owns what:
   ``tick`` for every connection, and is the one clock that ends a wait past
   the deadline (DEADLINE) or parks a connection silent for PARK_AFTER (PARK);
   it also looks at the TCP state of a connection that runs a command
-  (a reset cancels it) or that is parked after its client's EOF (GONE).
+  (a reset cancels it; the read watcher, while it stays started, sees the
+  reset at once) or that is parked after its client's EOF (GONE).
 - A connection with nothing to do is *parked*: its greenlet goes back to the
   server and its read watcher waits; the server gives it a greenlet again
   (``run``) when the client speaks, the deadline passes, shutdown begins or,
@@ -240,9 +241,7 @@ class Connection:
             elif self.waiting & PARKABLE and self.since <= park_before:
                 self.resume(PARK, PARKABLE)
         elif self.running:
-            if tcp_state(self.sock) == TCP_CLOSE:
-                self.running = False
-                self.greenlet.throw(ClientGone)  # as gevent.Timeout throws, from the hub
+            self._cancel_if_reset()
         elif parked_too and self.parked:
             if now >= self.deadline:
                 self.wake(DEADLINE)
@@ -300,6 +299,15 @@ class Connection:
             self.wake(READABLE)
         else:  # busy with a command: started again at the next wait
             self.reader.stop()
+            if self.running:  # a reset is seen here at once; tick sees it otherwise
+                self._cancel_if_reset()
+
+    def _cancel_if_reset(self) -> None:
+        """In the hub: cancel the running command (ClientGone) if the client reset
+        the connection; a half-close is not a reset (the client waits for its reply)."""
+        if tcp_state(self.sock) == TCP_CLOSE:
+            self.running = False
+            self.greenlet.throw(ClientGone)  # as gevent.Timeout throws, from the hub
 
     def _progress(self, patience: float | None = None) -> None:
         """The client moved: the idle clock restarts."""

@@ -255,6 +255,10 @@ class Reader:
     ``backlog``: the process first prints old lines (journalctl's last
     1000); they are only remembered, and :attr:`ready` is set when its output
     pauses. Otherwise :attr:`ready` is set at its first output.
+
+    A reader that exits, or cannot be started again, is warned about once;
+    while it fails again without output in between, the repeats go to the
+    debug level, with the back-off doubling up to BACKOFF_MOST seconds.
     """
 
     def __init__(self, owner: ReaderOwner, identity: tuple[int, int] | None = None,
@@ -273,6 +277,9 @@ class Reader:
         #: the last message of the process on stderr
         self.last_error = ""
         self.retiring = False
+        #: exits in a row without output in between: the repeats of a failure are
+        #: logged at debug level, so that a source that stays broken warns once
+        self.failures = 0
         self._greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
@@ -299,8 +306,10 @@ class Reader:
                 return
             if time.monotonic() - started >= STABLE:
                 delay = BACKOFF_FIRST
-            log.warning("the reader of the log '%s' exited with status %s%s; starting it again in %g s",
-                        self.owner.source, status, self.last_error and f" ({self.last_error})", delay)
+            self.failures += 1
+            log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
+                    "the reader of the log '%s' exited with status %s%s; starting it again in %g s",
+                    self.owner.source, status, self.last_error and f" ({self.last_error})", delay)
             self.last_error = self.last_error or f"its reader exited with status {status}"
             self.settled.set()
             proc = None
@@ -317,7 +326,9 @@ class Reader:
                 return None
             proc = self.owner.children.start(self.owner.argv(self))
         except (OSError, CommandError) as exc:
-            log.warning("cannot start the reader of the log '%s' again: %s", self.owner.source, exc)
+            self.failures += 1
+            log.log(logging.WARNING if self.failures == 2 else logging.DEBUG,
+                    "cannot start the reader of the log '%s' again: %s", self.owner.source, exc)
             return None
         self.owner.stats.reader_restarts += 1
         self.last_error = ""
@@ -337,6 +348,7 @@ class Reader:
                     errors.join(1)  # its last words, for the warning
                     return proc.wait()
                 output = True
+                self.failures = 0
                 self.position += len(chunk)
                 backlog = self.backlog and not self.ready.is_set()
                 if not self.backlog:
@@ -372,6 +384,7 @@ class Reader:
             self.position = 0
             return
         self.last_error = text
-        log.warning("the reader of the log '%s' says: %s", self.owner.source, text)
+        log.log(logging.DEBUG if self.failures else logging.WARNING,
+                "the reader of the log '%s' says: %s", self.owner.source, text)
 
 

@@ -1,4 +1,4 @@
-"""The logs gcmd serves: a file, the systemd journal, and its own log.
+"""The logs gcmd reads with processes: a file and the systemd journal (its own log: gcmd.memorylog).
 
 lastlog of a regular file reads the file itself for each request, in the
 thread pool it is given (requests for the same number of lines that arrive
@@ -37,7 +37,6 @@ the new lines twice. A restart after the reader died checks the size itself.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
@@ -49,8 +48,7 @@ from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
 from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
-from gcmd.loglines import MAX_LINE, RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.logsetup import LineHandler, flush_lines
+from gcmd.loglines import RECENT_LINES, Batch, LineSplitter, Recent
 from gcmd.protocol import CommandError
 
 log = logging.getLogger(__name__)
@@ -74,11 +72,6 @@ ROTATION_CHECK = 0.5
 DRAIN = 1.0
 
 Subscriber = Callable[[list[bytes]], object]
-
-#: the lines Recent keeps track of: those it keeps and as many pushed out before them
-_NEEDED_LINES = 2 * RECENT_LINES
-#: lines of texts an unfollowed MemoryLog lets wait before it drops the ones not needed
-_FORGET_AT = 3 * RECENT_LINES
 
 
 @dataclass
@@ -228,8 +221,11 @@ class _ProcessLog(Broadcast):
         if not reader.settled.wait(self.command_timeout):
             raise CommandError(f"lastlog timed out after {self.command_timeout:g} s")
         if not reader.ready.is_set():
-            raise CommandError(f"cannot read the log '{self.source}': {reader.last_error}")
+            raise self._unreadable(reader)
         return self.recent.last(count)
+
+    def _unreadable(self, reader: Reader) -> CommandError:
+        return CommandError(f"cannot read the log '{self.source}': {reader.last_error}")
 
 
 class FileLog(_ProcessLog):
@@ -368,7 +364,13 @@ class JournalLog(_ProcessLog):
         return self._from_memory(count)
 
     def subscribe(self, callback: Subscriber) -> None:
+        """Follow the journal from the end of its backlog; CommandError when its
+        reader exited without output (the lastlog error). A reader that has not
+        settled within the command timeout is followed all the same."""
         self._ensure_reader()
+        reader = self._reader
+        if reader.settled.wait(self.command_timeout) and not reader.ready.is_set():
+            raise self._unreadable(reader)
         super().subscribe(callback)
 
     def close(self) -> None:
@@ -398,78 +400,3 @@ class JournalLog(_ProcessLog):
                 reader = Reader(self, backlog=True)
                 reader.start()
                 self._reader = reader
-
-
-class MemoryLog(Broadcast, LineHandler):
-    """The ``gcmd`` log: the server's own log lines, the last 1000 kept in memory.
-
-    A logging handler that works in the hub's thread (see LineHandler):
-    whoever installs it sets its formatter and level; subscribers are
-    called in the hub's thread. Lines are counted as they come, and made
-    wire lines and remembered together: at the end of the event-loop
-    iteration while the log is followed, else at the next lastlog. Unfollowed,
-    only the texts that hold the last 2,000 lines wait (those that make the
-    last 1,000 remembered and the 1,000 before them, whose count lastlog
-    tells): at the default level that is a line per request, and none of
-    them costs more than its share of a join until someone asks.
-    """
-
-    def __init__(self, level: int = logging.NOTSET) -> None:
-        LineHandler.__init__(self, level)
-        Broadcast.__init__(self)
-        self.source = "memory"
-        #: texts logged and not yet remembered, each with the lines it holds, oldest first
-        self._arrived: deque[tuple[str, int]] = deque()
-        self._arrived_lines = 0
-        self._scheduled = False
-
-    def emit_texts(self, texts: list[str]) -> None:
-        text = "\n".join(texts)
-        lines = text.count("\n") + 1
-        self._arrived.append((text, lines))
-        self._arrived_lines += lines
-        self.stats.lines_read += lines
-        if self._subscribers:
-            if not self._scheduled:
-                # once per event-loop iteration (this may also be a subscriber that logs)
-                self._scheduled = True
-                self.loop.run_callback(self._remember_arrived)
-        elif self._arrived_lines >= _FORGET_AT:
-            self._forget_unneeded()
-
-    def _forget_unneeded(self) -> None:
-        """Drop the oldest texts that wait while the others hold the lines Recent keeps
-        track of: what it would remember of the dropped ones, the newer lines push out."""
-        arrived = self._arrived
-        while self._arrived_lines - arrived[0][1] >= _NEEDED_LINES:
-            self._arrived_lines -= arrived.popleft()[1]
-
-    def _remember_arrived(self) -> None:
-        self._scheduled = False
-        self._remember()
-
-    def _remember(self) -> None:
-        """Make the lines that arrived wire lines, keep them, and queue them for the subscribers."""
-        if not self._arrived:
-            return
-        # one pass over all of them: LineSplitter sends plain lines as they are
-        # without looking at each, and makes the same wire lines as wire_line
-        lines = ("\n".join([text for text, _ in self._arrived]) + "\n").encode("utf-8", "backslashreplace")
-        self._arrived.clear()
-        self._arrived_lines = 0
-        splitter, wire = LineSplitter(), []
-        for start in range(0, len(lines), MAX_LINE):  # its one-pass path takes up to MAX_LINE bytes
-            wire += splitter.feed(lines[start:start + MAX_LINE])
-        self.recent.extend(wire)
-        self._deliver(wire)  # queued for the courier's next pass
-
-    def subscribe(self, callback: Subscriber) -> None:
-        flush_lines()
-        self._remember()  # the lines logged before are not sent
-        super().subscribe(callback)
-
-    def lastlog(self, count: int) -> list[bytes]:
-        """The lastlog block of the last ``count`` lines (in the hub's thread)."""
-        flush_lines()
-        self._remember()
-        return self.recent.last(count)

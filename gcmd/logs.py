@@ -13,7 +13,8 @@ import re
 from gevent import subprocess
 from gevent.threadpool import ThreadPool
 
-from gcmd.logreader import FileLog, JournalLog, LogStats, MemoryLog
+from gcmd.logreader import FileLog, JournalLog, LogStats
+from gcmd.memorylog import MemoryLog
 from gcmd.protocol import CommandError, escape
 
 #: the name of the server's own log

@@ -59,9 +59,9 @@ from gcmd.connection import (
     Shutdown,
 )
 from gcmd.hashing import HashService
-from gcmd.logreader import MemoryLog
 from gcmd.logs import Logs, default_source, log_sources
 from gcmd.logsetup import TextFormatter
+from gcmd.memorylog import MemoryLog
 from gcmd.proxy import canonical
 from gcmd.session import Session
 from gcmd.stats import ServerStats

@@ -298,7 +298,7 @@ class Session(Opening):
             self.resume(LINES, FOLLOWING)
 
     def _run_slow(self, handler, arg: bytes) -> bytes:
-        """Run a slow command; the server's sweeper cancels it (ClientGone) if the
+        """Run a slow command; the read watcher or the sweeper cancels it (ClientGone) if the
         connection is reset meanwhile."""
         self.running = True
         try:

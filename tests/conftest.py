@@ -12,8 +12,8 @@ from support import LOG_LINES, Client, GcmdProcess, make_certificate
 from gcmd.commands import Commands
 from gcmd.config import Config
 from gcmd.hashing import HashService
-from gcmd.logreader import MemoryLog
 from gcmd.logs import Logs, log_sources
+from gcmd.memorylog import MemoryLog
 from gcmd.server import GcmdServer
 from gcmd.stats import ServerStats
 

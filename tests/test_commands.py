@@ -105,6 +105,16 @@ def test_lastlog_missing_log_names_the_file_and_the_flag(make_server, connect, t
     assert c.ask("ping") == b"pong\n"
 
 
+@pytest.mark.parametrize("journal", [False, True])
+def test_follow_of_a_log_that_cannot_be_read_gets_the_lastlog_error(make_server, connect, tmp_path, journal):
+    source = f"journal:{tmp_path}/missing" if journal else str(tmp_path / "missing.log")
+    c = connect(make_server(logfiles=(f"bad={source}",)))
+    error = c.ask("lastlog bad")
+    assert error.startswith(ERROR) and b"missing" in error
+    assert c.ask("follow bad") == error
+    assert c.ask("ping") == b"pong\n"
+
+
 def test_comphash_relative_absolute_and_spaced(server, connect):
     root = server.hashing.served_root.decode()
     small = write_file(Path(root) / "small.txt", 100)

@@ -19,8 +19,9 @@ from gevent.threadpool import ThreadPool
 from support import poll
 
 from gcmd.loglines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
-from gcmd.logreader import FileLog, JournalLog, MemoryLog
+from gcmd.logreader import FileLog, JournalLog
 from gcmd.logs import Logs, default_source, log_sources, parse_logfile
+from gcmd.memorylog import MemoryLog
 from gcmd.protocol import CommandError
 
 JOURNAL_REMOTE = shutil.which("systemd-journal-remote") or next(
@@ -546,3 +547,16 @@ def test_the_default_is_the_first_readable_file_else_the_journal_or_none(tmp_pat
     assert default_source((str(tmp_path / "syslog"), str(tmp_path / "messages"))) == ("messages",
                                                                                       f"{tmp_path}/messages")
     assert default_source((str(tmp_path / "syslog"),)) in (None, ("journal", "journal"))
+
+
+def test_a_reader_that_keeps_failing_is_warned_about_once(tmp_path, caplog):
+    log = JournalLog(f"journal:{tmp_path}/none", 5.0)
+    try:
+        log.start()
+        poll(lambda: log.stats.reader_restarts >= 3, 10, "the reader was not started again")
+    finally:
+        log.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings  # four exits, each with its message on stderr
+    assert "says:" in warnings[0] and "No such file" in warnings[0]
+    assert "exited with status 1" in warnings[1]

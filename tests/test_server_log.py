@@ -26,7 +26,6 @@ from support import PONG, Client, free_port, make_certificate, wait_for
 
 from gcmd.config import Config
 from gcmd.logoutput import LogOutput
-from gcmd.logreader import MemoryLog
 from gcmd.logsetup import (
     JsonFormatter,
     TextFormatter,
@@ -34,6 +33,7 @@ from gcmd.logsetup import (
     reopen_output,
     setup_logging,
 )
+from gcmd.memorylog import MemoryLog
 from gcmd.server import GcmdServer
 from gcmd.tls import tls_context
 
