@@ -30,11 +30,12 @@ FULL = "the output took no line for a while"
 class LogOutput(LineHandler):
     """Writes the log to ``stream`` in a thread of its own: the hub never waits for it.
 
-    The hub appends lines to a queue and goes on; at the end of the
-    event-loop iteration, it wakes the writer, which takes all that waits,
-    writes it with one call, and lets lines gather for WRITE_EVERY before the
-    next write. The queue and the lines being written hold at
-    most ``limit`` characters: a line past it is dropped and counted
+    The hub appends texts (a line, or several: a traceback, a run of
+    request lines) to a queue and goes on; at the end of the event-loop
+    iteration, it wakes the writer, which takes all that waits, writes it
+    with one call, and lets texts gather for WRITE_EVERY before the next
+    write. The queue and the texts being written hold at most ``limit``
+    characters: a text past it is dropped and its lines counted
     (``dropped``); once a write succeeds again, how many were dropped is
     logged.
     """
@@ -43,23 +44,24 @@ class LogOutput(LineHandler):
         super().__init__()
         self.stream = stream
         self.limit = limit
-        #: the lines to write, oldest first: the hub appends, the writer takes
+        #: the texts to write, oldest first: the hub appends, the writer takes
         #: (a deque's append and popleft are atomic)
         self._queue: deque[str] = deque()
-        # each count has one writer, so that no update is lost: the hub's ...
-        self._queued_lines = self._queued_chars = self._full = 0
+        # each count has one writer, so that no update is lost: the hub's (texts,
+        # characters, and lines dropped) ...
+        self._queued_texts = self._queued_chars = self._full = 0
         # ... and the writer's
-        self._done_lines = self._done_chars = self._lost = self._reported = 0
+        self._done_texts = self._done_chars = self._lost = self._reported = 0
         self._cause = FULL
         self._reporting = False  # the hub logs how many were dropped: that line is never dropped
         self._scheduled = False  # the hub wakes the writer at the end of its iteration
         # under self.lock:
-        #: streams to write to from then on (reopen): (lines queued before, stream)
+        #: streams to write to from then on (reopen): (texts queued before, stream)
         self._switches: list[tuple[int, TextIO]] = []
         self._writing = False  # the writer is awake; else the hub wakes it for new lines
         self._hurry = False  # a flush waits: the writer lets no lines gather
         self._closing = False
-        #: lines queued when a flush last timed out: later flushes do not wait until they are written
+        #: texts queued when a flush last timed out: later flushes do not wait until they are written
         self._stuck = 0
         self._wake = threading.Condition(self.lock)
         self._idle = threading.Condition(self.lock)
@@ -79,7 +81,7 @@ class LogOutput(LineHandler):
             count = len(texts)
             size = sum(map(len, texts)) + count
         self._queue.extend(texts)
-        self._queued_lines += count
+        self._queued_texts += count
         self._queued_chars += size
         # the writer marks itself idle, then looks at the queue once more: one of us sees the other
         if count and not self._writing and not self._scheduled:
@@ -93,12 +95,12 @@ class LogOutput(LineHandler):
             self._wake_writer()
 
     def _fitting(self, texts: list[str]) -> list[str]:
-        """The first of ``texts`` that fit in the queue; the others are dropped, and counted."""
+        """The first of ``texts`` that fit in the queue; the others are dropped, and their lines counted."""
         room = self.limit - (self._queued_chars - self._done_chars)
         for kept, text in enumerate(texts):
             room -= len(text) + 1
             if room < 0:
-                self._full += len(texts) - kept
+                self._full += _lines(texts[kept:])
                 self._cause = FULL
                 return texts[:kept]
         return texts
@@ -119,10 +121,10 @@ class LogOutput(LineHandler):
         several times: it must not wait FLUSH_TIMEOUT for each)."""
         flush_lines()
         with self.lock:
-            target = self._queued_lines
+            target = self._queued_texts
             self._wake_writer(hurry=True)
-            timeout = 0 if self._stuck and self._done_lines < self._stuck else FLUSH_TIMEOUT
-            if not self._idle.wait_for(lambda: self._done_lines >= target, timeout):
+            timeout = 0 if self._stuck and self._done_texts < self._stuck else FLUSH_TIMEOUT
+            if not self._idle.wait_for(lambda: self._done_texts >= target, timeout):
                 self._stuck = target
 
     def close(self) -> None:
@@ -138,7 +140,7 @@ class LogOutput(LineHandler):
         written to the current stream; then close it."""
         flush_lines()
         with self.lock:
-            self._switches.append((self._queued_lines, stream))
+            self._switches.append((self._queued_texts, stream))
             self._wake_writer(hurry=True)
 
     def _report(self, count: int, cause: str) -> None:
@@ -153,10 +155,10 @@ class LogOutput(LineHandler):
 
     def _write_loop(self) -> None:
         while (taken := self._take()) is not None:
-            lines, switches = taken
-            lost, cause = self._write(lines, switches)
-            self._done_lines += len(lines)
-            self._done_chars += sum(map(len, lines)) + len(lines)
+            texts, switches = taken
+            lost, cause = self._write(texts, switches)
+            self._done_texts += len(texts)
+            self._done_chars += sum(map(len, texts)) + len(texts)
             if lost:  # reported once a write succeeds
                 self._lost += lost
                 self._cause = cause
@@ -170,8 +172,8 @@ class LogOutput(LineHandler):
                     self._wake.wait(WRITE_EVERY)
 
     def _take(self) -> tuple[list[str], list[tuple[int, TextIO]]] | None:
-        """Wait for lines or a switch; the lines that wait, and the switches among them
-        (index in the lines, stream); None once closing with nothing left."""
+        """Wait for texts or a switch; the texts that wait, and the switches among them
+        (index in the texts, stream); None once closing with nothing left."""
         with self.lock:
             while not (self._queue or self._switches):
                 self._writing = self._hurry = False
@@ -181,22 +183,22 @@ class LogOutput(LineHandler):
                 if not self._queue:  # see emit_texts
                     self._wake.wait()
             self._writing = True
-            queue, start = self._queue, self._done_lines
-            lines = [queue.popleft() for _ in range(len(queue))]
-            due = [(at - start, stream) for at, stream in self._switches if at <= start + len(lines)]
+            queue, start = self._queue, self._done_texts
+            texts = [queue.popleft() for _ in range(len(queue))]
+            due = [(at - start, stream) for at, stream in self._switches if at <= start + len(texts)]
             del self._switches[:len(due)]
-        return lines, due
+        return texts, due
 
-    def _write(self, lines: list[str], switches: list[tuple[int, TextIO]]) -> tuple[int, str]:
-        """Write ``lines``, switching streams on the way; the lines lost, and why."""
+    def _write(self, texts: list[str], switches: list[tuple[int, TextIO]]) -> tuple[int, str]:
+        """Write ``texts``, switching streams on the way; the lines lost, and why."""
         lost, cause, start = 0, "", 0
-        for end, stream in (*switches, (len(lines), None)):
+        for end, stream in (*switches, (len(texts), None)):
             if end > start:
                 try:
-                    self.stream.write("\n".join(lines[start:end]) + "\n")
+                    self.stream.write("\n".join(texts[start:end]) + "\n")
                     self.stream.flush()
                 except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
-                    lost, cause = lost + end - start, f"cannot write the log output: {exc}"
+                    lost, cause = lost + _lines(texts[start:end]), f"cannot write the log output: {exc}"
                 start = end
             if stream is not None:
                 old, self.stream = self.stream, stream
@@ -205,3 +207,8 @@ class LogOutput(LineHandler):
                 except OSError:
                     pass  # its last lines are counted above, if they were lost
         return lost, cause
+
+
+def _lines(texts: list[str]) -> int:
+    """The lines the texts hold."""
+    return len(texts) + sum(text.count("\n") for text in texts)

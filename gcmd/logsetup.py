@@ -57,10 +57,14 @@ class LineFormatter(logging.Formatter):
         raise NotImplementedError
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
-        """The lines of records from the logger ``name`` at DEBUG or INFO, given by
-        their (time, level, msg, args, extra): see fast_log."""
+        """The texts of the records from the logger ``name`` at DEBUG or INFO, given
+        by their parts (time, level, msg, args, extra: see fast_log): one text a
+        part, the lines of a LineRun (args a list) in one text."""
         line = self.line
-        return [line(created, levelno, _BATCHED[levelno], name, extra["context"],
+        return ["\n".join([line(created, levelno, _BATCHED[levelno], name, extra["context"], msg + tail,
+                                None, extra.get("client_cn")) for tail in args])
+                if args.__class__ is list else
+                line(created, levelno, _BATCHED[levelno], name, extra["context"],
                      msg % args if args else msg, None, extra.get("client_cn"))
                 for created, levelno, msg, args, extra in parts]
 
@@ -98,13 +102,18 @@ class TextFormatter(LineFormatter):
         return line if traceback is None else f"{line}\n{traceback}"
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
-        # line(), for many lines below WARNING at once: the line per request
+        # line(), for many lines below WARNING at once: the line per request;
+        # the lines of a run share their start, made once
         lines = []
         second, stamp = self._stamp
         for created, _, msg, args, extra in parts:
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
-            lines.append(f"{stamp} [{extra['context']}] {msg % args if args else msg}")
+            if args.__class__ is list:
+                start = f"{stamp} [{extra['context']}] {msg}"
+                lines.append(start + ("\n" + start).join(args))
+            else:
+                lines.append(f"{stamp} [{extra['context']}] {msg % args if args else msg}")
         return lines
 
 
@@ -130,7 +139,9 @@ class JsonFormatter(LineFormatter):
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
         # line(), for many lines below WARNING at once: the logger's name and the
-        # levels are quoted once, the context and the message of each line
+        # levels are quoted once, the context and the message of each line; the
+        # lines of a run share their start (a JSON string quoted in two parts is
+        # the string quoted whole: each character is escaped on its own)
         lines = []
         second, stamp = self._stamp
         logger = _quote(name)
@@ -138,10 +149,14 @@ class JsonFormatter(LineFormatter):
         for created, levelno, msg, args, extra in parts:
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
-            line = (f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, '
-                    f'"logger": {logger}, "message": {_quote(msg % args if args else msg)}')
             client_cn = extra.get("client_cn")
-            lines.append(f"{line}}}" if client_cn is None else f'{line}, "client_cn": {_quote(client_cn)}}}')
+            end = "}" if client_cn is None else f', "client_cn": {_quote(client_cn)}}}'
+            start = f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, "logger": {logger}, "message": '
+            if args.__class__ is list:
+                start += _quote(msg)[:-1]
+                lines.append("\n".join([f"{start}{_quote(tail)[1:]}{end}" for tail in args]))
+            else:
+                lines.append(f"{start}{_quote(msg % args if args else msg)}{end}")
         return lines
 
     def written_stamp(self, stamp: str) -> str:
@@ -153,15 +168,16 @@ _BATCHED = {logging.DEBUG: "DEBUG", _INFO: "INFO"}
 #: as a JSON line holds them
 _JSON_LEVELS = {levelno: _quote(levelname.lower()) for levelno, levelname in _BATCHED.items()}
 
-#: a line fast_log batched: (time, level, msg, args, extra)
-Part = tuple[float, int, str, tuple, dict]
+#: a line fast_log batched: (time, level, msg, args, extra); or the lines of a LineRun:
+#: (time of the first, level, their common start, [the rest of each], extra)
+Part = tuple[float, int, str, tuple | list, dict]
 
 #: fast_log's batches, by logger name. Like the logging tree they follow, they are the
 #: process's; none holds a line past the event-loop iteration that logged it.
 _batches: dict[str, LineBatch] = {}
 
 
-def fast_log(logger: logging.Logger, level: int, msg: str, *args: str, extra: dict[str, str]) -> None:
+def fast_log(logger: logging.Logger, level: int, msg: str, *args, extra: dict[str, str]) -> None:
     """``logger.log(level, msg, *args, extra=extra)``, without a LogRecord when it can.
 
     In the hub's thread, the parts of a line at INFO or DEBUG wait in a
@@ -176,13 +192,58 @@ def fast_log(logger: logging.Logger, level: int, msg: str, *args: str, extra: di
     """
     if not logger.isEnabledFor(level):
         return
-    batch = _batches.get(logger.name)
-    if batch is None:
-        batch = _batches[logger.name] = LineBatch(logger)
+    batch = _batches.get(logger.name) or _new_batch(logger)
     if level == _INFO and batch.lines and threading.get_ident() == batch.thread:
         batch.lines.append((time.time(), _INFO, msg, args, extra))  # LineBatch.add, without a call
+        batch.run = None
     elif not batch.add(level, msg, args, extra):
         logger.log(level, msg, *args, extra=extra)
+
+
+def line_run(logger: logging.Logger, level: int, head: str, extra: dict[str, str]) -> LineRun | None:
+    """Lines ``head + tail`` to log one after the other (``LineRun.add``), or None
+    when ``logger`` does not log at ``level``: see LineRun."""
+    if not logger.isEnabledFor(level):
+        return None
+    return LineRun(_batches.get(logger.name) or _new_batch(logger), level, head, extra)
+
+
+class LineRun:
+    """Lines that start alike, logged in a row: the line per request of a batch
+    (16 pipelined requests, 16 lines). ``add(tail)`` is
+    ``fast_log(logger, level, head + tail, extra=extra)`` (``head`` and the
+    tails used as they are: no ``%`` formatting), and the lines added with
+    nothing logged between them are one part of the LineBatch: the time of
+    the first, and the start of the line made once for all. The caller
+    waits for nothing between two lines of a run (it spans microseconds).
+    """
+
+    __slots__ = ("batch", "extra", "head", "level", "tails")
+
+    def __init__(self, batch: LineBatch, level: int, head: str, extra: dict[str, str]) -> None:
+        self.batch = batch
+        self.level = level
+        self.head = head
+        self.extra = extra
+        #: the tails of this run's part while it is the last of the batch
+        self.tails: list[str] | None = None
+
+    def add(self, tail: str) -> None:
+        tails = self.tails
+        if tails is not None and tails is self.batch.run:
+            tails.append(tail)
+            return
+        tails = [tail]
+        batch = self.batch
+        if batch.add(self.level, self.head, tails, self.extra):
+            self.tails = batch.run = tails
+        else:
+            batch.logger.log(self.level, self.head + tail, extra=self.extra)
+
+
+def _new_batch(logger: logging.Logger) -> LineBatch:
+    batch = _batches[logger.name] = LineBatch(logger)
+    return batch
 
 
 def flush_lines() -> None:
@@ -209,6 +270,8 @@ class LineBatch:
         self.lines: list[Part] = []
         #: the lowest level among them (INFO when none is below)
         self.lowest = _INFO
+        #: the tails of the last part, when it is a LineRun's
+        self.run: list[str] | None = None
 
     def add(self, level: int, msg: str, args: tuple, extra: dict[str, str]) -> bool:
         """Batch a line; False when it goes the usual way (another thread, other handlers,
@@ -219,6 +282,7 @@ class LineBatch:
             self.loop.run_callback(self.flush)
         self.lowest = min(self.lowest, level)
         self.lines.append((time.time(), level, msg, args, extra))
+        self.run = None
         return True
 
     def _bind(self, level: int) -> bool:
@@ -233,7 +297,7 @@ class LineBatch:
 
     def flush(self) -> None:
         """Give the handlers the lines their formatters make (in the hub's thread)."""
-        lines, self.lines = self.lines, []
+        lines, self.lines, self.run = self.lines, [], None
         lowest, self.lowest = self.lowest, _INFO
         if not lines:
             return
@@ -256,10 +320,13 @@ class LineBatch:
     def _replay(self, lines: list[Part]) -> None:
         logger = self.logger
         for created, level, msg, args, extra in lines:
-            record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, args, None,
-                                       extra=extra)
-            record.created = created
-            logger.handle(record)
+            # a run (args a list) is a record per line, its message made already
+            records = [(msg + tail, ()) for tail in args] if args.__class__ is list else [(msg, args)]
+            for message, message_args in records:
+                record = logger.makeRecord(logger.name, level, "(unknown file)", 0, message, message_args,
+                                           None, extra=extra)
+                record.created = created
+                logger.handle(record)
 
 
 def _line_handlers(logger: logging.Logger, level: int) -> list[LineHandler] | None:

@@ -31,7 +31,7 @@ from gcmd.connection import (
     Ended,
 )
 from gcmd.loglines import FollowBuffer
-from gcmd.logsetup import fast_log
+from gcmd.logsetup import line_run
 from gcmd.opening import Opening
 from gcmd.protocol import Close, Follow, escape, split_lines
 
@@ -128,7 +128,8 @@ class Session(Opening):
         server = self.server
         commands = server.commands
         parse, run = commands.parse, commands.run  # once per batch, not per request
-        log_requests = log.isEnabledFor(self.log_level)
+        # a line per request, the lines of a batch made together
+        heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
         trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
@@ -138,9 +139,8 @@ class Session(Opening):
                 continue
             handler, arg = parsed
             started = monotonic() if trace else 0.0
-            if log_requests:
-                fast_log(log, self.log_level, "Cmd received from %s : %s", self.ip,
-                         _loggable(line, handler), extra=self.context)
+            if heard is not None:
+                heard.add(_LOGGABLE.get(line) or _loggable(line, handler))
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0
@@ -321,12 +321,21 @@ class Following:
         self.scheduled = False
 
 
+#: requests as the log shows them, by line: most are a few words, said again and again
+_LOGGABLE: dict[bytes, str] = {}
+#: the requests _LOGGABLE keeps at most (emptied when full), and the longest it keeps (bytes)
+LOGGABLE_KEPT, LOGGABLE_LONGEST = 1024, 128
+
+
 def _loggable(line: bytes, handler) -> str:
     """A request as the log shows it: escaped, without the ``\\r`` of a CRLF line
-    ending, and without the argument of a secret command."""
+    ending, and without the argument of a secret command (whose line is never kept)."""
     if handler.secret:
         return f"{handler.verb} ***"
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    return escape(line)
+    text = escape(line[:-1] if line.endswith(b"\r") else line)
+    if len(line) <= LOGGABLE_LONGEST:
+        if len(_LOGGABLE) >= LOGGABLE_KEPT:
+            _LOGGABLE.clear()
+        _LOGGABLE[line] = text
+    return text
 

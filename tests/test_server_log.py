@@ -28,8 +28,10 @@ from gcmd.config import Config
 from gcmd.logoutput import LogOutput
 from gcmd.logsetup import (
     JsonFormatter,
+    LineFormatter,
     TextFormatter,
     fast_log,
+    line_run,
     reopen_output,
     setup_logging,
 )
@@ -143,32 +145,51 @@ def test_formatters_write_the_lines_of_before_from_a_record_or_its_parts(new, ol
                 extra = {"context": record.context} | ({} if client_cn is None else {"client_cn": client_cn})
                 parts = [(record.created, record.levelno, record.msg, record.args, extra)] * 2
                 assert mine.batch_lines(record.name, parts) == [expected] * 2
+                # the lines of a LineRun: their start, and the rest of each
+                message = record.getMessage()
+                head, tail = message[:len(message) // 2], message[len(message) // 2:]
+                run = (record.created, record.levelno, head, [tail, tail, tail], extra)
+                assert mine.batch_lines(record.name, [run]) == ["\n".join([expected] * 3)]
+                assert LineFormatter.batch_lines(mine, record.name, [run]) == ["\n".join([expected] * 3)]
 
 
 # --- both ways in reach every handler with the same line --------------------------------
 
 @pytest.fixture
 def log_tree(tmp_path):
-    """A logger tree as gcmd's: an output (text) and a MemoryLog on ``gcmdtest``."""
+    """Make a logger tree as gcmd's: an output (text) and a MemoryLog on ``gcmdtest``.
+
+    Made by the test itself: pytest gives a logger that does not propagate
+    its own handler when a test begins, and fast_log would take the usual
+    way to it (it is not a LineHandler).
+    """
     tree = logging.getLogger("gcmdtest")
-    output = LogOutput(open(tmp_path / "out.log", "a", encoding="utf-8"))  # noqa: SIM115 - closed below
-    output.setFormatter(TextFormatter())
-    memory = MemoryLog()
-    memory.setFormatter(TextFormatter())
-    tree.handlers[:] = [output, memory]
-    tree.setLevel(logging.INFO)
-    tree.propagate = False
-    yield tree, output, memory, tmp_path / "out.log"
+    outputs = []
+
+    def make() -> tuple[logging.Logger, LogOutput, MemoryLog, Path]:
+        output = LogOutput(open(tmp_path / "out.log", "a", encoding="utf-8"))  # noqa: SIM115 - closed below
+        output.setFormatter(TextFormatter())
+        memory = MemoryLog()
+        memory.setFormatter(TextFormatter())
+        tree.handlers[:] = [output, memory]
+        tree.setLevel(logging.INFO)
+        tree.propagate = False
+        outputs.append(output)
+        return tree, output, memory, tmp_path / "out.log"
+
+    yield make
     tree.handlers[:] = []
-    output.close()
-    output.stream.close()
+    tree.propagate = True
+    for output in outputs:
+        output.close()
+        output.stream.close()
 
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}"
 
 
 def test_fast_log_reaches_the_output_and_the_memory_log_with_the_line_of_a_record(log_tree):
-    _, output, memory, path = log_tree
+    _, output, memory, path = log_tree()
     session = logging.getLogger("gcmdtest.session")
     context = {"context": "Session,1,127.0.0.1"}
     for request in ["ping", "auth ***", "hello \\x1b[2J é"]:
@@ -188,8 +209,66 @@ def test_fast_log_reaches_the_output_and_the_memory_log_with_the_line_of_a_recor
     assert memory.stats.lines_read == 8
 
 
+def test_runs_of_lines_keep_the_order_logged_with_the_lines_between_them(log_tree):
+    _, output, memory, path = log_tree()
+    session = logging.getLogger("gcmdtest.session")
+    first, second = {"context": "Session,1,127.0.0.1"}, {"context": "Session,2,::1"}
+    run = line_run(session, logging.INFO, "Cmd received from 127.0.0.1 : ", first)
+    other = line_run(session, logging.INFO, "Cmd received from ::1 : ", second)
+    assert line_run(session, logging.DEBUG, "not logged", first) is None
+    run.add("a1")
+    run.add("a2 \\x1b")
+    assert run.tails == ["a1", "a2 \\x1b"]  # one part of the batch
+    other.add("b1")
+    run.add("a3")
+    session.warning("between")
+    run.add("a4")
+    fast_log(session, logging.INFO, "plain %s", "c1", extra=second)
+    run.add("a5")
+    gevent.sleep(0)  # the end of the event-loop iteration: the batch goes out
+    run.add("a6")
+    output.flush()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [line[25:] for line in lines] == [
+        "[Session,1,127.0.0.1] Cmd received from 127.0.0.1 : a1",
+        "[Session,1,127.0.0.1] Cmd received from 127.0.0.1 : a2 \\x1b",
+        "[Session,2,::1] Cmd received from ::1 : b1",
+        "[Session,1,127.0.0.1] Cmd received from 127.0.0.1 : a3",
+        "[-] WARNING: between",
+        "[Session,1,127.0.0.1] Cmd received from 127.0.0.1 : a4",
+        "[Session,2,::1] plain c1",
+        "[Session,1,127.0.0.1] Cmd received from 127.0.0.1 : a5",
+        "[Session,1,127.0.0.1] Cmd received from 127.0.0.1 : a6",
+    ]
+    assert memory.lastlog(9) == [line.encode() for line in lines]
+    assert memory.stats.lines_read == 9
+
+
+def test_a_run_of_lines_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree):
+    tree, output, _, path = log_tree()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    context = {"context": "Session,2,127.0.0.1"}
+    run = line_run(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from 127.0.0.1 : ", context)
+    run.add("before 100%")  # batched, then replayed as records
+    assert run.tails == ["before 100%"]
+    tree.addHandler(Keep())
+    run.add("after %s")  # the same part: records at the end of the iteration
+    gevent.sleep(0)
+    output.flush()
+    assert seen == ["Cmd received from 127.0.0.1 : before 100%", "Cmd received from 127.0.0.1 : after %s"]
+    assert [line[25:] for line in path.read_text().splitlines()] == [
+        "[Session,2,127.0.0.1] Cmd received from 127.0.0.1 : before 100%",
+        "[Session,2,127.0.0.1] Cmd received from 127.0.0.1 : after %s"]
+    tree.removeHandler(tree.handlers[-1])
+
+
 def test_fast_log_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree):
-    tree, output, memory, path = log_tree
+    tree, output, memory, path = log_tree()
     seen: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -212,7 +291,7 @@ def test_fast_log_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree)
 
 
 def test_fast_log_in_another_thread_takes_the_usual_way_to_the_same_handlers(log_tree):
-    _, output, memory, path = log_tree
+    _, output, memory, path = log_tree()
     session = logging.getLogger("gcmdtest.session")
     context = {"context": "Session,3,127.0.0.1"}
     pool = ThreadPool(1)
@@ -231,7 +310,7 @@ def test_fast_log_in_another_thread_takes_the_usual_way_to_the_same_handlers(log
 
 
 def test_lines_of_the_hub_and_of_other_threads_are_written_in_the_order_logged(log_tree):
-    tree, output, memory, path = log_tree
+    tree, output, memory, path = log_tree()
     pool = ThreadPool(2)
     try:
         for i in range(50):
@@ -247,7 +326,7 @@ def test_lines_of_the_hub_and_of_other_threads_are_written_in_the_order_logged(l
 
 
 def test_reopen_writes_the_earlier_lines_to_the_old_file_and_closes_it(log_tree):
-    tree, output, _, path = log_tree
+    tree, output, _, path = log_tree()
     for i in range(3):
         tree.info("before %d", i)
     old = output.stream
@@ -370,6 +449,28 @@ def test_a_quiet_from_clients_request_lines_are_at_debug_by_the_fast_way(logged_
     # the gcmd log (text) holds the request lines the output holds
     memory = [_parts(line.decode(), "text")[1:] for line in logged.server.memory_log.lastlog(1000)]
     assert [line for line in memory if line[1].startswith("Cmd received")] == [line[1:] for line in requests]
+    assert logged.records == []  # none of them was a LogRecord
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_pipelined_requests_are_logged_one_line_each_in_order_by_the_fast_way(logged_server, fmt):
+    logged = logged_server("info", fmt, token=b"hunter2")
+    client = logged.client()
+    requests = [b"ping", b"auth hunter2", b"ping\r", b"hello \x1b[31m\\ 100%s", b"ping", b"\xff\xfe", b"stats"] * 20
+    client.send(b"".join(request + b"\n" for request in requests))
+    client.send(b"exit\n")
+    assert client.closed()
+    shown = {b"auth hunter2": "auth ***", b"ping\r": "ping", b"hello \x1b[31m\\ 100%s": "hello \\x1b[31m\\x5c 100%s",
+             b"\xff\xfe": "\\xff\\xfe"}
+    expected = [f"Cmd received from 127.0.0.1 : {shown.get(request) or request.decode()}" for request in requests]
+    lines = [_parts(line, fmt) for line in logged.lines()]
+    requests_logged = [line for line in lines if line[2].startswith("Cmd received")]
+    assert [message for _, _, message in requests_logged] == [*expected, "Cmd received from 127.0.0.1 : exit"]
+    assert {context for _, context, _ in requests_logged} == {"Session,0,127.0.0.1"}
+    assert "hunter2" not in logged.path.read_text()
+    memory = [line.decode() for line in logged.server.memory_log.lastlog(1000)]
+    assert [_parts(line, "text")[2] for line in memory if "Cmd received" in line] == [m for _, _, m in requests_logged]
     assert logged.records == []  # none of them was a LogRecord
 
 
