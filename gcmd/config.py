@@ -177,6 +177,11 @@ class Config:
             if self.metrics_port == 0 and self.workers > 1:
                 raise SettingError("metrics_port",
                                    "--metrics-port 0 picks one free port: give a port with --workers")
+            if self.port and self.metrics_port <= self.port < self.metrics_port + self.workers:
+                ports = (f" (ports {self.metrics_port}-{self.metrics_port + self.workers - 1} with --workers "
+                         f"{self.workers})" if self.workers > 1 else "")
+                raise SettingError("metrics_port", f"--metrics-port {self.metrics_port}{ports} takes the "
+                                   f"port of the server (--port {self.port}): give another")
         if not 0 <= self.worker < self.workers:
             raise SettingError("worker", f"worker must be between 0 and {self.workers - 1}, not {self.worker}")
 

@@ -26,7 +26,7 @@ import gevent.socket
 
 from gcmd import __version__
 from gcmd.config import Config, RunOptions, SettingError, read_token
-from gcmd.logsetup import open_output, reopen_output, setup_logging
+from gcmd.logsetup import info_line, open_output, reopen_output, setup_logging
 from gcmd.tls import tls_context, tls_mode
 
 log = logging.getLogger(__name__)
@@ -161,13 +161,8 @@ def announce(config: Config, port: int, workers: str = "") -> None:
     With ``--port 0`` the listening line is written whatever the log level:
     it is the only place that names the port chosen.
     """
-    listening = ("gcmd %s listening on %s port %d%s%s", __version__, config.host, port,
-                 tls_mode(config), workers)
-    if config.port == 0 and not log.isEnabledFor(logging.INFO):
-        # still an info line, not a warning: handed to the handlers past the level check
-        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, listening[0], listening[1:], None))
-    else:
-        log.info(*listening)
+    info_line(log, "gcmd %s listening on %s port %d%s%s", __version__, config.host, port, tls_mode(config),
+              workers, always=config.port == 0)
     log.info("root %s, max %d clients%s%s", config.root, config.max_clients,
              " per worker" if workers else "", ", token required" if config.token else "")
 

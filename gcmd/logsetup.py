@@ -246,6 +246,16 @@ def _new_batch(logger: logging.Logger) -> LineBatch:
     return batch
 
 
+def info_line(logger: logging.Logger, msg: str, *args, always: bool = False) -> None:
+    """``logger.info(msg, *args)``; ``always``: whatever the level (``--quiet``), for
+    a line that is the only place naming what was chosen at start, such as the
+    port of ``--port 0``."""
+    if not always or logger.isEnabledFor(_INFO):
+        logger.info(msg, *args)
+    else:  # still an info line, not a warning: handed to the handlers past the level check
+        logger.handle(logger.makeRecord(logger.name, _INFO, "(unknown file)", 0, msg, args, None))
+
+
 def flush_lines() -> None:
     """Hand the lines fast_log batched to their handlers (in the hub's thread; else nothing):
     before any other line reaches a handler, so that each sees the lines in the order logged."""

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 
 from gcmd import __version__
+from gcmd.logsetup import info_line
 from gcmd.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -139,9 +140,11 @@ def only_metrics_path(app: Callable) -> Callable:
 
 
 class MetricsServer:
-    """``GET /metrics`` on ``host:port`` (port 0 picks a free one)."""
+    """``GET /metrics`` on ``host:port`` (port 0 picks a free one, and the line that
+    names it is written whatever the log level)."""
 
     def __init__(self, server: GcmdServer, host: str, port: int) -> None:
+        self.chosen = port == 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GcmdCollector(server))
         self.registry.register(ProcessCollector(registry=None))
@@ -155,8 +158,8 @@ class MetricsServer:
     def start(self) -> None:
         self.http.start()
         host = self.http.address[0]
-        log.info("metrics at http://%s:%d%s", f"[{host}]" if ":" in host else host, self.port,
-                 METRICS_PATH)
+        info_line(log, "metrics at http://%s:%d%s", f"[{host}]" if ":" in host else host, self.port,
+                  METRICS_PATH, always=self.chosen)
 
     def stop(self) -> None:
         self.http.stop(timeout=1)

@@ -340,7 +340,7 @@ class GcmdServer(StreamServer):
 
     def shutdown(self) -> None:
         """Stop accepting, let running commands finish, say goodbye, release everything."""
-        log.info("Shutting down: %d clients connected", self.stats.clients)
+        log.info("Shutting down: %d client%s connected", self.stats.clients, "" if self.stats.clients == 1 else "s")
         self.closing = True
         self.close()
         for waiter in self._idle_drivers:

@@ -129,7 +129,8 @@ class Session(Opening):
         commands = server.commands
         parse, run = commands.parse, commands.run  # once per batch, not per request
         # a line per request, the lines of a batch made together
-        heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
+        heard = (line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
+                 if log.isEnabledFor(self.log_level) else None)
         trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0

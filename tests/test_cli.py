@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from support import GcmdProcess, free_port, wait_for
@@ -107,6 +108,24 @@ def test_port_0_logs_the_chosen_port_at_any_log_level(tmp_path, quiet):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"ping\n")
             assert s.recv(100) == b"pong\n"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_metrics_port_0_logs_the_chosen_port_under_quiet(tmp_path):
+    (tmp_path / "app.log").write_text("started\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--metrics-port", "0", "--quiet",
+                             "--root", str(tmp_path), "--logfile", str(tmp_path / "app.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening on 127.0.0.1 port" in proc.stdout.readline()
+        line = proc.stdout.readline()
+        assert "WARNING" not in line
+        port = int(re.search(r"\] metrics at http://127\.0\.0\.1:(\d+)/metrics$", line.rstrip()).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert b"gcmd_clients" in reply.read()
     finally:
         proc.terminate()
         proc.communicate(timeout=10)

@@ -94,6 +94,9 @@ def test_a_bad_value_on_the_command_line_is_not_blamed_on_the_file(tmp_path):
     ({"workers": 3, "metrics_port": 65534}, "--metrics-port must be between 0 and 65533, not 65534"),
     ({"workers": 2, "metrics_port": 0}, "--metrics-port 0 picks one free port: give a port with --workers"),
     ({"workers": 2, "worker": 2}, "worker must be between 0 and 1, not 2"),
+    ({"port": 9100, "metrics_port": 9100}, "--metrics-port 9100 takes the port of the server (--port 9100): give another"),
+    ({"port": 9101, "metrics_port": 9100, "workers": 2},
+     "--metrics-port 9100 (ports 9100-9101 with --workers 2) takes the port of the server (--port 9101): give another"),
 ])
 def test_a_config_is_checked_by_the_rules_of_the_flags(settings, message):
     with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
