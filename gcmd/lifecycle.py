@@ -57,7 +57,7 @@ def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
     def serve_worker(worker_config: Config, listener: socket.socket, ready: Callable[[], None]) -> int:
         gevent.reinit()  # a forked worker
         worker_handler = setup_logging(options.log_level, options.log_format, handler.stream,
-                                       context=f"w{worker_config.worker}")
+                                       context=f"w{worker_config.worker}", shared=True)
         return serve(worker_config, options, worker_handler,
                      gevent.socket.socket(fileno=listener.detach()), ready)
 

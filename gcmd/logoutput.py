@@ -8,8 +8,12 @@ and counted, and how many is logged once the output takes lines again.
 from __future__ import annotations
 
 import logging
+import os
+import select
+import stat
 import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import TextIO
 
 from gcmd.logsetup import LineHandler, flush_lines
@@ -25,6 +29,8 @@ WRITE_EVERY = 0.002
 FLUSH_TIMEOUT = 5.0
 #: why a line that finds the queue full is dropped
 FULL = "the output took no line for a while"
+#: bytes a write to a pipe may hold and stay whole when others write to it too (pipe(7))
+PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 
 
 class LogOutput(LineHandler):
@@ -38,12 +44,19 @@ class LogOutput(LineHandler):
     characters: a text past it is dropped and its lines counted
     (``dropped``); once a write succeeds again, how many were dropped is
     logged.
+
+    ``shared``: other processes write to the same output (``--workers``).
+    Then, unless the output is a regular file (opened for appending: each
+    write lands whole), every write holds whole lines and at most PIPE_BUF
+    bytes, so that the lines of two processes never mix on a pipe (a line
+    longer than that is written alone).
     """
 
-    def __init__(self, stream: TextIO, limit: int = OUTPUT_BUFFER) -> None:
+    def __init__(self, stream: TextIO, limit: int = OUTPUT_BUFFER, *, shared: bool = False) -> None:
         super().__init__()
         self.stream = stream
         self.limit = limit
+        self.shared = shared
         #: the texts to write, oldest first: the hub appends, the writer takes
         #: (a deque's append and popleft are atomic)
         self._queue: deque[str] = deque()
@@ -195,8 +208,7 @@ class LogOutput(LineHandler):
         for end, stream in (*switches, (len(texts), None)):
             if end > start:
                 try:
-                    self.stream.write("\n".join(texts[start:end]) + "\n")
-                    self.stream.flush()
+                    self._write_text("\n".join(texts[start:end]) + "\n")
                 except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
                     lost, cause = lost + _lines(texts[start:end]), f"cannot write the log output: {exc}"
                 start = end
@@ -207,6 +219,41 @@ class LogOutput(LineHandler):
                 except OSError:
                     pass  # its last lines are counted above, if they were lost
         return lost, cause
+
+    def _write_text(self, text: str) -> None:
+        stream = self.stream
+        if not self.shared or _regular(stream):
+            stream.write(text)
+            stream.flush()
+            return
+        stream.flush()
+        data = text.encode(stream.encoding or "utf-8", stream.errors or "strict")
+        for chunk in line_chunks(data, PIPE_BUF):
+            stream.buffer.write(chunk)
+            stream.buffer.flush()  # one write(2) each: a chunk is smaller than the buffer
+
+
+def _regular(stream: TextIO) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def line_chunks(data: bytes, limit: int) -> Iterator[bytes]:
+    """``data`` in pieces that end at the end of a line and hold at most ``limit``
+    bytes, except a line longer than that, which is a piece of its own."""
+    start, size = 0, len(data)
+    while size - start > limit:
+        cut = data.rfind(b"\n", start, start + limit)
+        if cut < 0:  # a long line: up to its end
+            cut = data.find(b"\n", start + limit)
+            if cut < 0:
+                break
+        yield data[start:cut + 1]
+        start = cut + 1
+    if start < size:
+        yield data[start:]
 
 
 def _lines(texts: list[str]) -> int:

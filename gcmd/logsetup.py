@@ -412,12 +412,13 @@ def open_output(path: str | None) -> TextIO:
 
 
 def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched: bool = True,
-                  context: str = "-") -> logging.Handler:
+                  context: str = "-", shared: bool = False) -> logging.Handler:
     """Log gcmd's events at ``level`` and above to ``output`` (standard output by default).
 
     ``fmt`` is ``text`` or ``json``; ``batched``: written by a LogOutput in a
     thread of its own (a gevent process only), else at once;
-    ``context`` is that of the lines logged without one. Returns the
+    ``context`` is that of the lines logged without one; ``shared``: other
+    processes write to the output too (see LogOutput). Returns the
     handler, for reopen_output.
     """
     # what a log line says needs none of these, and each costs time per record
@@ -426,7 +427,8 @@ def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched
     logging._srcfile = None
     from gcmd.logoutput import LogOutput  # it builds on this module
 
-    handler = (LogOutput if batched else logging.StreamHandler)(output or sys.stdout)
+    output = output or sys.stdout
+    handler = LogOutput(output, shared=shared) if batched else logging.StreamHandler(output)
     handler.setFormatter(JsonFormatter(context) if fmt == "json" else TextFormatter(context))
     root = logging.getLogger("gcmd")
     root.handlers[:] = [handler]

@@ -25,7 +25,7 @@ from gevent.threadpool import ThreadPool
 from support import PONG, Client, free_port, make_certificate, wait_for
 
 from gcmd.config import Config
-from gcmd.logoutput import LogOutput
+from gcmd.logoutput import LogOutput, line_chunks
 from gcmd.logsetup import (
     JsonFormatter,
     LineFormatter,
@@ -507,6 +507,20 @@ def test_a_client_certificates_cn_is_on_its_json_request_lines_by_the_fast_way(l
     assert all("client_cn" not in e for e in events if e["context"] == "-")
     assert any(e["message"].startswith("Refused TLS connection") and "client_cn" not in e for e in events)
     assert logged.records == []  # none of them was a LogRecord
+
+
+@pytest.mark.parametrize(("data", "limit", "chunks"), [
+    (b"", 4, []),
+    (b"a\n", 4, [b"a\n"]),
+    (b"ab\ncd\n", 4, [b"ab\n", b"cd\n"]),
+    (b"ab\ncd\n", 6, [b"ab\ncd\n"]),
+    (b"a\nb\nc\nd\n", 4, [b"a\nb\n", b"c\nd\n"]),
+    (b"abcdefg\nx\n", 4, [b"abcdefg\n", b"x\n"]),  # a long line alone, whole
+    (b"ab\ncdefgh\nij\n", 4, [b"ab\n", b"cdefgh\n", b"ij\n"]),
+    (b"ab\ncdefgh", 4, [b"ab\n", b"cdefgh"]),
+])
+def test_shared_output_writes_whole_lines_of_at_most_pipe_buf(data, limit, chunks):
+    assert list(line_chunks(data, limit)) == chunks
 
 
 # --- an output that takes nothing ---------------------------------------------------------

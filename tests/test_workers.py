@@ -2,13 +2,15 @@
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
-from support import Client, GcmdProcess, wait_for
+from support import PONG, Client, GcmdProcess, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -167,3 +169,48 @@ def test_ctrl_c_to_the_process_group_stops_gcmd_and_every_worker(tmp_path):
                 proc.wait()
     assert "All workers stopped" in out.read_text()
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+def _read_until(fd: int, done, timeout: float = 20.0) -> bytes:
+    """What the pipe ``fd`` gives until ``done(data)`` or the deadline."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data) and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_workers_writing_to_one_pipe_never_mix_their_lines(tmp_path):
+    """Both workers' outputs wait on a full pipe with long writes to make; once it
+    is read, their lines come out whole (writes of whole lines, at most PIPE_BUF)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gcmd", "--port", "0", "--workers", "2",
+                             "--root", str(tmp_path), "--logfile", os.devnull],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    fd = proc.stdout.fileno()
+    requests = [f"ping {n} {'x' * 200}\n".encode() for n in range(400)]
+    try:
+        start = _read_until(fd, lambda data: b" workers\n" in data and data.count(b"serving port") == 2)
+        port = int(re.search(rb"listening on 127\.0\.0\.1 port (\d+)", start).group(1))
+        clients = [Client(port) for _ in range(8)]
+        for client in clients:  # nobody reads the pipe meanwhile: it fills, the writers wait
+            client.send(b"".join(requests) + b"stats\n")
+        pids = set()
+        for client in clients:
+            replies = client.block(b"End stats\n")
+            assert replies[:400] == [PONG] * 400
+            pids |= {line.split()[1] for line in replies if line.startswith(b"pid ")}
+        logged = _read_until(fd, lambda data: data.count(b"Cmd received") == 8 * 401)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+    assert len(pids) == 2  # both workers served, and logged
+    whole = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] [^\n]*")
+    lines = logged.split(b"\n")[:-1]
+    assert [line for line in lines if not whole.fullmatch(line)] == []
+    pings = [line for line in lines if b"Cmd received from 127.0.0.1 : ping " in line]
+    assert len(pings) == 8 * 400 and all(line.endswith(b" " + b"x" * 200) for line in pings)
