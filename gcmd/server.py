@@ -59,8 +59,8 @@ from gcmd.connection import (
     Shutdown,
 )
 from gcmd.hashing import HashService
+from gcmd.logformat import TextFormatter
 from gcmd.logs import Logs, default_source, log_sources
-from gcmd.logsetup import TextFormatter
 from gcmd.memorylog import MemoryLog
 from gcmd.proxy import canonical
 from gcmd.session import Session

@@ -25,11 +25,9 @@ from gevent.threadpool import ThreadPool
 from support import PONG, Client, free_port, make_certificate, wait_for
 
 from gcmd.config import Config
+from gcmd.logformat import JsonFormatter, LineFormatter, TextFormatter
 from gcmd.logoutput import LogOutput, line_chunks
 from gcmd.logsetup import (
-    JsonFormatter,
-    LineFormatter,
-    TextFormatter,
     fast_log,
     line_run,
     reopen_output,
