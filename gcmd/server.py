@@ -16,8 +16,9 @@ Who owns what (see gcmd/connection.py for one client's side):
   is done with a session waits (up to IDLE_DRIVERS of them) for the next one.
 - One clock for every session: the sweeper, a libev timer in the hub, ends the
   waits of sessions past their deadline, parks those silent for PARK_AFTER,
-  cancels the command of a session whose client has reset (ClientGone), and
-  closes a half-closed follower whose client has since gone (GONE).
+  cancels the command of a session whose client has reset (ClientGone: the
+  session's read watcher sees most resets first), and closes a half-closed
+  follower whose client has since gone (GONE).
 - Shutdown: stop accepting, tell every session (``notify_shutdown``), wait
   for running commands up to --shutdown-timeout, then cancel them (Shutdown).
 
