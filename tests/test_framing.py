@@ -2,6 +2,8 @@
 
 import pytest
 
+from gcmd.commands import Commands
+from gcmd.config import Config
 from gcmd.protocol import (
     block,
     echo_path,
@@ -10,6 +12,8 @@ from gcmd.protocol import (
     split_lines,
     split_request,
 )
+from gcmd.session import _LOGGABLE, _loggable
+from gcmd.stats import ServerStats
 
 
 @pytest.mark.parametrize(("line", "expected"), [
@@ -92,3 +96,19 @@ def test_error_line():
 def test_block():
     assert block(b"lastlog", [b"a", b"b"]) == b"Begin lastlog\na\nb\nEnd lastlog\n"
     assert block(b"lastlog", []) == b"Begin lastlog\nEnd lastlog\n"
+
+
+@pytest.mark.parametrize(("line", "shown"), [
+    (b"ping", "ping"),
+    (b"ping\r", "ping"),
+    (b"hello \x1b[2J\\ \xff", "hello \\x1b[2J\\x5c \\xff"),
+    (b"auth s3cret", "auth ***"),
+    (b"auth s3cret\r", "auth ***"),
+    (b"  auth   s3cret", "auth ***"),
+])
+def test_a_request_as_the_log_shows_it_and_a_secret_never_kept(line, shown):
+    commands = Commands(Config(), None, None, ServerStats())
+    handler, _ = commands.parse(line)
+    for _ in range(2):  # the second time, as remembered
+        assert (_LOGGABLE.get(line) or _loggable(line, handler)) == shown
+    assert (line in _LOGGABLE) is (b"s3cret" not in line)
