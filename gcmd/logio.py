@@ -306,6 +306,7 @@ class Reader:
                 return
             if time.monotonic() - started >= STABLE:
                 delay = BACKOFF_FIRST
+                self.failures = 0  # well again: this failure is a new one
             self.failures += 1
             log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
                     "the reader of the log '%s' exited with status %s%s; starting it again in %g s",
@@ -329,6 +330,9 @@ class Reader:
             self.failures += 1
             log.log(logging.WARNING if self.failures == 2 else logging.DEBUG,
                     "cannot start the reader of the log '%s' again: %s", self.owner.source, exc)
+            # what lastlog and follow say meanwhile (restartable may have cleared ready)
+            self.last_error = f"its reader cannot be started: {getattr(exc, 'strerror', None) or exc}"
+            self.settled.set()
             return None
         self.owner.stats.reader_restarts += 1
         self.last_error = ""
@@ -348,9 +352,10 @@ class Reader:
                     errors.join(1)  # its last words, for the warning
                     return proc.wait()
                 output = True
-                self.failures = 0
                 self.position += len(chunk)
                 backlog = self.backlog and not self.ready.is_set()
+                if not backlog:  # new lines: it works (a backlog is printed by a reader that dies after)
+                    self.failures = 0
                 if not self.backlog:
                     self._set_ready()
                 self.owner.publish(self, self.splitter.feed(chunk), backlog)

@@ -217,15 +217,17 @@ class _ProcessLog(Broadcast):
 
     def _from_memory(self, count: int) -> list[bytes]:
         """lastlog from what the reader read, once it read something."""
-        reader = self._reader
-        if not reader.settled.wait(self.command_timeout):
-            raise CommandError(f"lastlog timed out after {self.command_timeout:g} s")
-        if not reader.ready.is_set():
-            raise self._unreadable(reader)
+        self._check_reader("lastlog")
         return self.recent.last(count)
 
-    def _unreadable(self, reader: Reader) -> CommandError:
-        return CommandError(f"cannot read the log '{self.source}': {reader.last_error}")
+    def _check_reader(self, command: str) -> None:
+        """Wait until the reader has read something; CommandError if it failed
+        first, or took more than the command timeout (``command``: for the message)."""
+        reader = self._reader
+        if not reader.settled.wait(self.command_timeout):
+            raise CommandError(f"{command} timed out after {self.command_timeout:g} s")
+        if not reader.ready.is_set():
+            raise CommandError(f"cannot read the log '{self.source}': {reader.last_error}")
 
 
 class FileLog(_ProcessLog):
@@ -365,12 +367,10 @@ class JournalLog(_ProcessLog):
 
     def subscribe(self, callback: Subscriber) -> None:
         """Follow the journal from the end of its backlog; CommandError when its
-        reader exited without output (the lastlog error). A reader that has not
-        settled within the command timeout is followed all the same."""
+        reader failed (the lastlog error) or its backlog took more than the
+        command timeout."""
         self._ensure_reader()
-        reader = self._reader
-        if reader.settled.wait(self.command_timeout) and not reader.ready.is_set():
-            raise self._unreadable(reader)
+        self._check_reader("follow")
         super().subscribe(callback)
 
     def close(self) -> None:

@@ -549,8 +549,16 @@ def test_the_default_is_the_first_readable_file_else_the_journal_or_none(tmp_pat
     assert default_source((str(tmp_path / "syslog"),)) in (None, ("journal", "journal"))
 
 
-def test_a_reader_that_keeps_failing_is_warned_about_once(tmp_path, caplog):
-    log = JournalLog(f"journal:{tmp_path}/none", 5.0)
+class _Dies(JournalLog):
+    """A journal whose reader prints its backlog, says why it fails, and exits, every time."""
+
+    def argv(self, reader):
+        return ["sh", "-c", "echo entry; echo 'out of inotify watches' >&2; exit 1"]
+
+
+@pytest.mark.parametrize("kind", ["unreadable", "dies after its backlog"])
+def test_a_reader_that_keeps_failing_is_warned_about_once(tmp_path, caplog, kind):
+    log = JournalLog(f"journal:{tmp_path}/none", 5.0) if kind == "unreadable" else _Dies("journal", 5.0)
     try:
         log.start()
         poll(lambda: log.stats.reader_restarts >= 3, 10, "the reader was not started again")
@@ -558,5 +566,35 @@ def test_a_reader_that_keeps_failing_is_warned_about_once(tmp_path, caplog):
         log.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 2, warnings  # four exits, each with its message on stderr
-    assert "says:" in warnings[0] and "No such file" in warnings[0]
+    assert "says:" in warnings[0]
+    assert ("No such file" if kind == "unreadable" else "out of inotify watches") in warnings[0]
     assert "exited with status 1" in warnings[1]
+
+
+class _RestartFails(JournalLog):
+    """A journal whose reader prints an entry and exits, and then cannot be started again."""
+
+    def __init__(self, missing: str, command_timeout: float) -> None:
+        super().__init__("journal", command_timeout)
+        self.missing = missing
+        self.starts = 0
+
+    def argv(self, reader):
+        self.starts += 1
+        return ["sh", "-c", "echo entry; exit 1"] if self.starts == 1 else [self.missing]
+
+
+@pytest.mark.timeout(20)
+def test_a_journal_whose_reader_cannot_start_again_says_so_at_once(tmp_path, caplog):
+    log = _RestartFails(str(tmp_path / "no-such-program"), 600.0)  # a wait would outlast the test
+    try:
+        log.start()
+        poll(lambda: "cannot start the reader of the log 'journal' again" in caplog.text, 10)
+        for ask in (lambda: log.lastlog(5), lambda: log.subscribe(lambda lines: None)):
+            with pytest.raises(CommandError, match="^cannot read the log 'journal': its reader cannot be "
+                                                   "started: No such file or directory"):
+                ask()
+        assert log.stats.followers == 0
+    finally:
+        log.close()
+    assert children() == []
