@@ -52,7 +52,7 @@ def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
     from gcmd.workers import Supervisor
 
     # the parent never runs a gevent hub: its log lines are written at once
-    handler = setup_logging(options.log_level, options.log_format, output, batched=False)
+    handler = setup_logging(options.log_level, options.log_format, output, batched=False, shared=True)
 
     def serve_worker(worker_config: Config, listener: socket.socket, ready: Callable[[], None]) -> int:
         gevent.reinit()  # a forked worker

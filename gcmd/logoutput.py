@@ -7,6 +7,7 @@ and counted, and how many is logged once the output takes lines again.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import select
@@ -45,11 +46,8 @@ class LogOutput(LineHandler):
     (``dropped``); once a write succeeds again, how many were dropped is
     logged.
 
-    ``shared``: other processes write to the same output (``--workers``).
-    Then, unless the output is a regular file (opened for appending: each
-    write lands whole), every write holds whole lines and at most PIPE_BUF
-    bytes, so that the lines of two processes never mix on a pipe (a line
-    longer than that is written alone).
+    ``shared``: other processes write to the same output (``--workers``):
+    see write_whole_lines.
     """
 
     def __init__(self, stream: TextIO, limit: int = OUTPUT_BUFFER, *, shared: bool = False) -> None:
@@ -207,10 +205,9 @@ class LogOutput(LineHandler):
         lost, cause, start = 0, "", 0
         for end, stream in (*switches, (len(texts), None)):
             if end > start:
-                try:
-                    self._write_text("\n".join(texts[start:end]) + "\n")
-                except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
-                    lost, cause = lost + _lines(texts[start:end]), f"cannot write the log output: {exc}"
+                not_written, error = self._write_text("\n".join(texts[start:end]) + "\n")
+                if not_written:
+                    lost, cause = lost + not_written, f"cannot write the log output: {error}"
                 start = end
             if stream is not None:
                 old, self.stream = self.stream, stream
@@ -220,17 +217,61 @@ class LogOutput(LineHandler):
                     pass  # its last lines are counted above, if they were lost
         return lost, cause
 
-    def _write_text(self, text: str) -> None:
-        stream = self.stream
-        if not self.shared or _regular(stream):
+    def _write_text(self, text: str) -> tuple[int, Exception | None]:
+        """Write ``text`` (whole lines); the lines not written, and why."""
+        if self.shared:
+            return write_whole_lines(self.stream, text)
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
+            return text.count("\n"), exc
+        return 0, None
+
+
+class SharedStreamHandler(logging.StreamHandler):
+    """A StreamHandler for an output other processes write to (the supervisor of
+    ``--workers``): each record is written as LogOutput(shared=True) writes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _, error = write_whole_lines(self.stream, self.format(record) + self.terminator)
+            if error is not None:
+                raise error
+        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
+            self.handleError(record)
+
+
+def write_whole_lines(stream: TextIO, text: str) -> tuple[int, Exception | None]:
+    """Write ``text`` (whole lines) to ``stream``, which other processes write to as
+    well; the lines not written, and why.
+
+    A regular file (opened for appending) takes each write whole. Otherwise
+    (a pipe, a socket) the UTF-8 bytes go out with one ``write(2)`` per piece
+    of whole lines of at most PIPE_BUF bytes, which a pipe keeps whole
+    (pipe(7)): two processes' lines never mix. A stream in another encoding
+    is written as usual.
+    """
+    try:
+        stream.flush()
+        if _regular(stream) or codecs.lookup(stream.encoding or "ascii").name != "utf-8":
             stream.write(text)
             stream.flush()
-            return
-        stream.flush()
-        data = text.encode(stream.encoding or "utf-8", stream.errors or "strict")
-        for chunk in line_chunks(data, PIPE_BUF):
-            stream.buffer.write(chunk)
-            stream.buffer.flush()  # one write(2) each: a chunk is smaller than the buffer
+            return 0, None
+        data = text.encode("utf-8", stream.errors or "strict")
+        fd = stream.fileno()
+    except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
+        return text.count("\n"), exc
+    done = 0
+    for chunk in line_chunks(data, PIPE_BUF):
+        view = memoryview(chunk)
+        try:
+            while view:  # a pipe takes a piece whole; a socket may take part of it
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            return data.count(b"\n", done), exc
+        done += len(chunk)
+    return 0, None
 
 
 def _regular(stream: TextIO) -> bool:

@@ -291,10 +291,13 @@ def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched
     # (the logging HOWTO's "Optimization" section)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
-    from gcmd.logoutput import LogOutput  # it builds on this module
+    from gcmd import logoutput  # it builds on this module
 
     output = output or sys.stdout
-    handler = LogOutput(output, shared=shared) if batched else logging.StreamHandler(output)
+    if batched:
+        handler = logoutput.LogOutput(output, shared=shared)
+    else:
+        handler = (logoutput.SharedStreamHandler if shared else logging.StreamHandler)(output)
     handler.setFormatter(JsonFormatter(context) if fmt == "json" else TextFormatter(context))
     root = logging.getLogger("gcmd")
     root.handlers[:] = [handler]

@@ -26,7 +26,7 @@ from support import PONG, Client, free_port, make_certificate, wait_for
 
 from gcmd.config import Config
 from gcmd.logformat import JsonFormatter, LineFormatter, TextFormatter
-from gcmd.logoutput import LogOutput, line_chunks
+from gcmd.logoutput import LogOutput, line_chunks, write_whole_lines
 from gcmd.logsetup import (
     fast_log,
     line_run,
@@ -519,6 +519,35 @@ def test_a_client_certificates_cn_is_on_its_json_request_lines_by_the_fast_way(l
 ])
 def test_shared_output_writes_whole_lines_of_at_most_pipe_buf(data, limit, chunks):
     assert list(line_chunks(data, limit)) == chunks
+
+
+def test_shared_output_writes_a_pipe_in_whole_lines_and_counts_what_it_could_not(tmp_path):
+    text = "".join(f"line {n} {'é' * 100}\n" for n in range(200))  # about 40 KiB, 2-byte characters
+    read_end, write_end = os.pipe()
+    got: list[bytes] = []
+
+    def read_all() -> None:
+        while chunk := os.read(read_end, 65536):
+            got.append(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    with os.fdopen(write_end, "w", encoding="utf-8") as stream:
+        assert write_whole_lines(stream, text) == (0, None)
+    reader.join(10)
+    os.close(read_end)
+    assert b"".join(got).decode("utf-8") == text
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: every line is lost, and why is said
+    with os.fdopen(write_end, "w", encoding="utf-8") as stream:
+        lost, error = write_whole_lines(stream, text)
+    assert lost == 200 and isinstance(error, BrokenPipeError)
+    for encoding in ("utf-16", "utf-8"):  # a regular file: written as usual, whatever its encoding
+        path = tmp_path / f"{encoding}.log"
+        with open(path, "a", encoding=encoding) as stream:
+            assert write_whole_lines(stream, text) == (0, None)
+            assert write_whole_lines(stream, text) == (0, None)
+        assert path.read_text(encoding=encoding) == text * 2
 
 
 # --- an output that takes nothing ---------------------------------------------------------
