@@ -17,7 +17,15 @@ from gcmd import protocol
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
 from gcmd.logs import Logs
-from gcmd.protocol import Close, CommandError, Follow, block, error_line, split_request
+from gcmd.protocol import (
+    Close,
+    CommandError,
+    Follow,
+    block,
+    error_line,
+    escape,
+    split_request,
+)
 from gcmd.stats import ServerStats
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,10 @@ def command(*, slow: bool = False, public: bool = False, secret: bool = False) -
     return mark
 
 
+#: the requests Commands.shown keeps at most (emptied when full), and the longest it keeps (bytes)
+SHOWN_KEPT, SHOWN_LONGEST = 1024, 128
+
+
 class Commands:
     def __init__(self, config: Config, hashing: HashService, logs: Logs,
                  stats: ServerStats) -> None:
@@ -73,9 +85,25 @@ class Commands:
         #: handler -> its figures in stats, ready before the first request
         self.figures = {handler: stats.command(handler.verb)
                         for handler in (*self.table.values(), self.default)}
+        #: requests as the log shows them (``loggable``), by line: most are a few
+        #: words, said again and again; a secret one is never kept
+        self.shown: dict[bytes, str] = {}
         self._help = block(b"help", [
             f"{method.__doc__.splitlines()[0]}".encode()
             for name, method in sorted(self.table.items()) if name != b"quit"])
+
+    def loggable(self, line: bytes, handler: Callable) -> str:
+        """The request ``line`` (of ``handler``) as the log shows it: escaped,
+        without the ``\\r`` of a CRLF line ending, and without the argument of a
+        secret command (whose line is never kept in ``shown``)."""
+        if handler.secret:
+            return f"{handler.verb} ***"
+        text = escape(line[:-1] if line.endswith(b"\r") else line)
+        if len(line) <= SHOWN_LONGEST:
+            if len(self.shown) >= SHOWN_KEPT:
+                self.shown.clear()
+            self.shown[line] = text
+        return text
 
     def parse(self, line: bytes) -> tuple[Callable, bytes] | None:
         """The handler and argument of a request line; None for a blank line."""

@@ -41,16 +41,13 @@ class LineFormatter(logging.Formatter):
         raise NotImplementedError
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
-        """The texts of the records from the logger ``name`` at DEBUG or INFO, given
-        by their parts (time, level, msg, args, extra: see fast_log): one text a
-        part, the lines of a LineRun (args a list) in one text."""
+        """The lines of records from the logger ``name`` at DEBUG or INFO, given by
+        their parts (see Part; gcmd.logsetup.LineRun): one text a part, its lines
+        joined."""
         line = self.line
-        return ["\n".join([line(created, levelno, BATCHED_LEVELS[levelno], name, extra["context"], msg + tail,
-                                None, extra.get("client_cn")) for tail in args])
-                if args.__class__ is list else
-                line(created, levelno, BATCHED_LEVELS[levelno], name, extra["context"],
-                     msg % args if args else msg, None, extra.get("client_cn"))
-                for created, levelno, msg, args, extra in parts]
+        return ["\n".join([line(created, levelno, BATCHED_LEVELS[levelno], name, extra["context"], head + tail,
+                                None, extra.get("client_cn")) for tail in tails])
+                for created, levelno, head, tails, extra in parts]
 
     def format(self, record: logging.LogRecord) -> str:
         return self.line(record.created, record.levelno, record.levelname, record.name,
@@ -90,14 +87,11 @@ class TextFormatter(LineFormatter):
         # the lines of a run share their start, made once
         lines = []
         second, stamp = self._stamp
-        for created, _, msg, args, extra in parts:
+        for created, _, head, tails, extra in parts:
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
-            if args.__class__ is list:
-                start = f"{stamp} [{extra['context']}] {msg}"
-                lines.append(start + ("\n" + start).join(args))
-            else:
-                lines.append(f"{stamp} [{extra['context']}] {msg % args if args else msg}")
+            start = f"{stamp} [{extra['context']}] {head}"
+            lines.append(start + ("\n" + start).join(tails))
         return lines
 
 
@@ -130,28 +124,25 @@ class JsonFormatter(LineFormatter):
         second, stamp = self._stamp
         logger = _quote(name)
         levels = _JSON_LEVELS
-        for created, levelno, msg, args, extra in parts:
+        for created, levelno, head, tails, extra in parts:
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
             client_cn = extra.get("client_cn")
             end = "}" if client_cn is None else f', "client_cn": {_quote(client_cn)}}}'
-            start = f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, "logger": {logger}, "message": '
-            if args.__class__ is list:
-                start += _quote(msg)[:-1]
-                lines.append("\n".join([f"{start}{_quote(tail)[1:]}{end}" for tail in args]))
-            else:
-                lines.append(f"{start}{_quote(msg % args if args else msg)}{end}")
+            start = (f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, '
+                     f'"logger": {logger}, "message": {_quote(head)[:-1]}')
+            lines.append("\n".join([f"{start}{_quote(tail)[1:]}{end}" for tail in tails]))
         return lines
 
     def written_stamp(self, stamp: str) -> str:
         return _quote(stamp)
 
 
-#: the levels whose lines fast_log batches, and their names
+#: the levels whose lines are batched (gcmd.logsetup.LineRun), and their names
 BATCHED_LEVELS = {logging.DEBUG: "DEBUG", _INFO: "INFO"}
 #: as a JSON line holds them
 _JSON_LEVELS = {levelno: _quote(levelname.lower()) for levelno, levelname in BATCHED_LEVELS.items()}
 
-#: a line fast_log batched: (time, level, msg, args, extra); or the lines of a LineRun:
-#: (time of the first, level, their common start, [the rest of each], extra)
-Part = tuple[float, int, str, tuple | list, dict]
+#: the lines of a LineRun batched together: (time of the first, level, their common
+#: start, [the rest of each], extra); each line is ``start + rest``, used as it is
+Part = tuple[float, int, str, list, dict]

@@ -5,8 +5,8 @@ Only gcmd.lifecycle calls ``setup_logging``; the rest of gcmd logs through
 ``context`` extra (``Session,42,127.0.0.1``).
 
 At the default level every request is a log line, so its way is kept short.
-``fast_log`` and ``LineRun`` (the line per request; the lines of a batch of
-requests together) make no LogRecord: the parts of the
+``LineRun`` (the line per request; the lines of a batch of requests
+together) makes no LogRecord: the parts of the
 lines logged in one event-loop iteration are handed together to the
 handlers (LineBatch), and each gets the line its formatter makes of them,
 with the code that formats a record. Every log line is handled in the hub's
@@ -38,37 +38,16 @@ log = logging.getLogger(__name__)
 
 _INFO = logging.INFO
 
-#: fast_log's batches, by logger name. Like the logging tree they follow, they are the
+#: the batches of LineRun's lines, by logger name. Like the logging tree they follow, they are the
 #: process's; none holds a line past the event-loop iteration that logged it.
 _batches: dict[str, LineBatch] = {}
 
 
-def fast_log(logger: logging.Logger, level: int, msg: str, *args, extra: dict[str, str]) -> None:
-    """``logger.log(level, msg, *args, extra=extra)``, without a LogRecord when it can.
-
-    In the hub's thread, the parts of a line at INFO or DEBUG wait in a
-    LineBatch until the end of the event-loop iteration; then, while every
-    handler the record would reach takes lines (a LineHandler with no
-    filter and a LineFormatter), each gets the line its formatter makes of
-    them, else the records go the usual way. In another thread, or at
-    another level, the record goes the usual way at once. ``args``:
-    strings; ``extra``: the ``context``, and the ``client_cn`` of a client
-    that showed a certificate; it is read when the line is made, by the end
-    of the iteration.
-    """
-    if not logger.isEnabledFor(level):
-        return
-    batch = _batches.get(logger.name) or _new_batch(logger)
-    if level == _INFO and batch.lines and threading.get_ident() == batch.thread:
-        batch.lines.append((time.time(), _INFO, msg, args, extra))  # LineBatch.add, without a call
-        batch.run = None
-    elif not batch.add(level, msg, args, extra):
-        logger.log(level, msg, *args, extra=extra)
-
-
 def line_run(logger: logging.Logger, level: int, head: str, extra: dict[str, str]) -> LineRun | None:
     """Lines ``head + tail`` to log one after the other (``LineRun.add``), or None
-    when ``logger`` does not log at ``level``: see LineRun."""
+    when ``logger`` does not log at ``level``: see LineRun. ``extra``: the
+    ``context``, and the ``client_cn`` of a client that showed a certificate
+    (read when the lines are made, by the end of the event-loop iteration)."""
     if not logger.isEnabledFor(level):
         return None
     return LineRun(_batches.get(logger.name) or _new_batch(logger), level, head, extra)
@@ -76,12 +55,17 @@ def line_run(logger: logging.Logger, level: int, head: str, extra: dict[str, str
 
 class LineRun:
     """Lines that start alike, logged in a row: the line per request of a batch
-    (16 pipelined requests, 16 lines). ``add(tail)`` is
-    ``fast_log(logger, level, head + tail, extra=extra)`` (``head`` and the
-    tails used as they are: no ``%`` formatting), and the lines added with
-    nothing logged between them are one part of the LineBatch: the time of
-    the first, and the start of the line made once for all. The caller
-    waits for nothing between two lines of a run (it spans microseconds).
+    (16 pipelined requests, 16 lines).
+
+    ``add(tail)`` is ``logger.log(level, head + tail, extra=extra)``
+    (``head`` and the tails used as they are: no ``%`` formatting) without
+    a LogRecord, when it can. In the hub's thread, at INFO or DEBUG, the
+    line waits in the logger's LineBatch until the end of the event-loop
+    iteration; the lines added with nothing logged between them are one part
+    of it: the time of the first, and the start of the line made once for
+    all (the caller waits for nothing between two lines of a run: it spans
+    microseconds). In another thread, or at another level, the record goes
+    the usual way at once. A LineRun is used in the thread that made it.
     """
 
     __slots__ = ("batch", "extra", "head", "level", "tails")
@@ -102,7 +86,7 @@ class LineRun:
         tails = [tail]
         batch = self.batch
         if batch.add(self.level, self.head, tails, self.extra):
-            self.tails = batch.run = tails
+            self.tails = tails
         else:
             batch.logger.log(self.level, self.head + tail, extra=self.extra)
 
@@ -123,7 +107,7 @@ def info_line(logger: logging.Logger, msg: str, *args, always: bool = False) -> 
 
 
 def flush_lines() -> None:
-    """Hand the lines fast_log batched to their handlers (in the hub's thread; else nothing):
+    """Hand the batched lines to their handlers (in the hub's thread; else nothing):
     before any other line reaches a handler, so that each sees the lines in the order logged."""
     for batch in _batches.values():
         if batch.lines and batch.thread == threading.get_ident():
@@ -131,7 +115,7 @@ def flush_lines() -> None:
 
 
 class LineBatch:
-    """fast_log's lines from one logger, in the hub's thread, handed to the handlers
+    """LineRun's lines from one logger, in the hub's thread, handed to the handlers
     together at the end of the event-loop iteration (or before any other line
     reaches them): the handlers the logger reaches then get the lines their
     formatters make, or, if one of them cannot take lines, the records.
@@ -149,16 +133,16 @@ class LineBatch:
         #: the tails of the last part, when it is a LineRun's
         self.run: list[str] | None = None
 
-    def add(self, level: int, msg: str, args: tuple, extra: dict[str, str]) -> bool:
-        """Batch a line; False when it goes the usual way (another thread, other handlers,
-        a level not batched)."""
+    def add(self, level: int, head: str, tails: list[str], extra: dict[str, str]) -> bool:
+        """Batch the lines of a run as one part, the last; False when they go the usual
+        way (another thread, a level not batched)."""
         if level not in BATCHED_LEVELS or (threading.get_ident() != self.thread and not self._bind(level)):
             return False
         if not self.lines:
             self.loop.run_callback(self.flush)
         self.lowest = min(self.lowest, level)
-        self.lines.append((time.time(), level, msg, args, extra))
-        self.run = None
+        self.lines.append((time.time(), level, head, tails, extra))
+        self.run = tails
         return True
 
     def _bind(self, level: int) -> bool:
@@ -195,12 +179,10 @@ class LineBatch:
 
     def _replay(self, lines: list[Part]) -> None:
         logger = self.logger
-        for created, level, msg, args, extra in lines:
-            # a run (args a list) is a record per line, its message made already
-            records = [(msg + tail, ()) for tail in args] if args.__class__ is list else [(msg, args)]
-            for message, message_args in records:
-                record = logger.makeRecord(logger.name, level, "(unknown file)", 0, message, message_args,
-                                           None, extra=extra)
+        for created, level, head, tails, extra in lines:
+            for tail in tails:
+                record = logger.makeRecord(logger.name, level, "(unknown file)", 0, head + tail, (), None,
+                                           extra=extra)
                 record.created = created
                 logger.handle(record)
 
@@ -225,11 +207,11 @@ def _line_handlers(logger: logging.Logger, level: int) -> list[LineHandler] | No
 class LineHandler(logging.Handler):
     """A handler that does its work in the hub's thread (the one that makes it):
     a record logged in another thread is formatted there and its line passed to
-    the hub. It takes the lines of fast_log's batches (``emit_texts``) while it
+    the hub. It takes the lines of LineBatch (``emit_texts``) while it
     has a LineFormatter and no filter (``takes_text``).
     """
 
-    #: whether fast_log's batches may give it lines, kept up to date by the methods below
+    #: whether a LineBatch may give it lines, kept up to date by the methods below
     takes_text = False
 
     def __init__(self, level: int = logging.NOTSET) -> None:
@@ -249,7 +231,7 @@ class LineHandler(logging.Handler):
             self.loop.run_callback_threadsafe(self._emit_in_hub, text)
 
     def _emit_in_hub(self, text: str) -> None:
-        flush_lines()  # fast_log's lines logged before come first
+        flush_lines()  # the batched lines logged before come first
         self.emit_texts([text])
 
     def emit_texts(self, texts: list[str]) -> None:

@@ -33,7 +33,7 @@ from gcmd.connection import (
 from gcmd.loglines import FollowBuffer
 from gcmd.logsetup import line_run
 from gcmd.opening import Opening
-from gcmd.protocol import Close, Follow, escape, split_lines
+from gcmd.protocol import Close, Follow, split_lines
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Session(Opening):
         and before any slow command so that the client is not kept waiting."""
         server = self.server
         commands = server.commands
-        parse, run = commands.parse, commands.run  # once per batch, not per request
+        parse, run, shown = commands.parse, commands.run, commands.shown  # once per batch, not per request
         # a line per request, the lines of a batch made together
         heard = (line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
                  if log.isEnabledFor(self.log_level) else None)
@@ -141,7 +141,7 @@ class Session(Opening):
             handler, arg = parsed
             started = monotonic() if trace else 0.0
             if heard is not None:
-                heard.add(_LOGGABLE.get(line) or _loggable(line, handler))
+                heard.add(shown.get(line) or commands.loggable(line, handler))
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0
@@ -320,23 +320,3 @@ class Following:
         self.out: bytes | memoryview = b""
         #: a callback in the hub will tell the session that lines arrived
         self.scheduled = False
-
-
-#: requests as the log shows them, by line: most are a few words, said again and again
-_LOGGABLE: dict[bytes, str] = {}
-#: the requests _LOGGABLE keeps at most (emptied when full), and the longest it keeps (bytes)
-LOGGABLE_KEPT, LOGGABLE_LONGEST = 1024, 128
-
-
-def _loggable(line: bytes, handler) -> str:
-    """A request as the log shows it: escaped, without the ``\\r`` of a CRLF line
-    ending, and without the argument of a secret command (whose line is never kept)."""
-    if handler.secret:
-        return f"{handler.verb} ***"
-    text = escape(line[:-1] if line.endswith(b"\r") else line)
-    if len(line) <= LOGGABLE_LONGEST:
-        if len(_LOGGABLE) >= LOGGABLE_KEPT:
-            _LOGGABLE.clear()
-        _LOGGABLE[line] = text
-    return text
-

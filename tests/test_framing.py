@@ -12,7 +12,6 @@ from gcmd.protocol import (
     split_lines,
     split_request,
 )
-from gcmd.session import _LOGGABLE, _loggable
 from gcmd.stats import ServerStats
 
 
@@ -109,6 +108,6 @@ def test_block():
 def test_a_request_as_the_log_shows_it_and_a_secret_never_kept(line, shown):
     commands = Commands(Config(), None, None, ServerStats())
     handler, _ = commands.parse(line)
-    for _ in range(2):  # the second time, as remembered
-        assert (_LOGGABLE.get(line) or _loggable(line, handler)) == shown
-    assert (line in _LOGGABLE) is (b"s3cret" not in line)
+    assert commands.loggable(line, handler) == shown
+    assert commands.shown.get(line, shown) == shown  # as remembered
+    assert (line in commands.shown) is (b"s3cret" not in line)

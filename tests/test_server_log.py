@@ -28,7 +28,6 @@ from gcmd.config import Config
 from gcmd.logformat import JsonFormatter, LineFormatter, TextFormatter
 from gcmd.logoutput import LogOutput, line_chunks, write_whole_lines
 from gcmd.logsetup import (
-    fast_log,
     line_run,
     reopen_output,
     setup_logging,
@@ -141,10 +140,10 @@ def test_formatters_write_the_lines_of_before_from_a_record_or_its_parts(new, ol
                              record.context, record.getMessage(), None, client_cn) == expected
             if record.levelno in (logging.DEBUG, logging.INFO):
                 extra = {"context": record.context} | ({} if client_cn is None else {"client_cn": client_cn})
-                parts = [(record.created, record.levelno, record.msg, record.args, extra)] * 2
-                assert mine.batch_lines(record.name, parts) == [expected] * 2
                 # the lines of a LineRun: their start, and the rest of each
                 message = record.getMessage()
+                parts = [(record.created, record.levelno, "", [message], extra)] * 2
+                assert mine.batch_lines(record.name, parts) == [expected] * 2
                 head, tail = message[:len(message) // 2], message[len(message) // 2:]
                 run = (record.created, record.levelno, head, [tail, tail, tail], extra)
                 assert mine.batch_lines(record.name, [run]) == ["\n".join([expected] * 3)]
@@ -158,7 +157,7 @@ def log_tree(tmp_path):
     """Make a logger tree as gcmd's: an output (text) and a MemoryLog on ``gcmdtest``.
 
     Made by the test itself: pytest gives a logger that does not propagate
-    its own handler when a test begins, and fast_log would take the usual
+    its own handler when a test begins, and a LineRun would take the usual
     way to it (it is not a LineHandler).
     """
     tree = logging.getLogger("gcmdtest")
@@ -186,15 +185,16 @@ def log_tree(tmp_path):
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}"
 
 
-def test_fast_log_reaches_the_output_and_the_memory_log_with_the_line_of_a_record(log_tree):
+def test_a_run_reaches_the_output_and_the_memory_log_with_the_line_of_a_record(log_tree):
     _, output, memory, path = log_tree()
     session = logging.getLogger("gcmdtest.session")
     context = {"context": "Session,1,127.0.0.1"}
-    for request in ["ping", "auth ***", "hello \\x1b[2J é"]:
-        fast_log(session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", request, extra=context)
+    run = line_run(session, logging.INFO, "Cmd received from 127.0.0.1 : ", context)
+    for request in ["ping", "auth ***", "hello \\x1b[2J é 100%s"]:
+        run.add(request)
         session.info("Cmd received from %s : %s", "127.0.0.1", request, extra=context)
     session.warning("between")
-    fast_log(session, logging.INFO, "Cmd received from %s : %s", "::1", "stats", extra=context)
+    line_run(session, logging.INFO, "Cmd received from ::1 : ", context).add("stats")
     output.flush()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 8
@@ -221,7 +221,7 @@ def test_runs_of_lines_keep_the_order_logged_with_the_lines_between_them(log_tre
     run.add("a3")
     session.warning("between")
     run.add("a4")
-    fast_log(session, logging.INFO, "plain %s", "c1", extra=second)
+    line_run(session, logging.INFO, "plain ", second).add("c1")
     run.add("a5")
     gevent.sleep(0)  # the end of the event-loop iteration: the batch goes out
     run.add("a6")
@@ -265,7 +265,7 @@ def test_a_run_of_lines_takes_the_usual_way_when_a_handler_cannot_take_lines(log
     tree.removeHandler(tree.handlers[-1])
 
 
-def test_fast_log_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree):
+def test_lines_take_the_usual_way_when_a_handler_cannot_take_lines(log_tree):
     tree, output, memory, path = log_tree()
     seen: list[logging.LogRecord] = []
 
@@ -274,30 +274,31 @@ def test_fast_log_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree)
             seen.append(record)
 
     tree.addHandler(Keep())
-    fast_log(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "ping",
-              extra={"context": "Session,2,127.0.0.1"})
+    context = {"context": "Session,2,127.0.0.1"}
+    line_run(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from 127.0.0.1 : ", context).add("ping")
     output.flush()
     assert [record.getMessage() for record in seen] == ["Cmd received from 127.0.0.1 : ping"]
     assert path.read_text().endswith("[Session,2,127.0.0.1] Cmd received from 127.0.0.1 : ping\n")
     assert memory.lastlog(1)[0].endswith(b"Cmd received from 127.0.0.1 : ping")
     tree.removeHandler(seen and tree.handlers[-1])
     output.addFilter(lambda record: "secret" not in record.getMessage())
-    fast_log(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "secret",
-              extra={"context": "Session,2,127.0.0.1"})
+    line_run(logging.getLogger("gcmdtest.session"), logging.INFO, "Cmd received from 127.0.0.1 : ", context).add(
+        "secret")
     output.flush()
     assert "secret" not in path.read_text() and memory.lastlog(1)[0].endswith(b": secret")
 
 
-def test_fast_log_in_another_thread_takes_the_usual_way_to_the_same_handlers(log_tree):
+def test_a_run_in_another_thread_takes_the_usual_way_to_the_same_handlers(log_tree):
     _, output, memory, path = log_tree()
     session = logging.getLogger("gcmdtest.session")
     context = {"context": "Session,3,127.0.0.1"}
+    run = line_run(session, logging.INFO, "Cmd received from 127.0.0.1 : ", context)
     pool = ThreadPool(1)
     try:
-        fast_log(session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "first", extra=context)
-        pool.spawn(fast_log, session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "second",
-                   extra=context).get()
-        fast_log(session, logging.INFO, "Cmd received from %s : %s", "127.0.0.1", "third", extra=context)
+        run.add("first")
+        pool.spawn(lambda: line_run(session, logging.INFO, "Cmd received from 127.0.0.1 : ", context).add(
+            "second")).get()
+        run.add("third")
     finally:
         pool.kill()
     gevent.sleep(0)  # the other thread's line reaches the handlers through the hub

@@ -176,6 +176,18 @@ def test_queued_hash_of_a_client_that_left_is_never_done(make_server, connect):
     assert server.hashing.stats.hashed_bytes == 128 << 20
 
 
+def test_a_half_close_while_a_command_runs_cancels_nothing(make_server, connect):
+    server = make_server(hash_workers=1, hash_cache=0)
+    big = write_file(Path(server.config.root) / "big.bin", 64 << 20)
+    c = connect(server)
+    c.send("comphash big.bin\nping\n")
+    poll(lambda: server.hashing.pending == 1)
+    c.sock.shutdown(socket.SHUT_WR)  # the client is done asking, and waits for its replies
+    assert c.line() == f"File hash is : {sha1_of(big)}\n".encode()
+    assert c.line() == b"pong\n"
+    assert c.closed()
+
+
 def test_lastlog_of_a_fifo_times_out_with_one_reader_that_ends_with_the_server(make_server, connect,
                                                                                tmp_path):
     fifo = tmp_path / "fifo.log"
