@@ -216,6 +216,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     host that does not resolve, a file that cannot be read or used, an
     --output that cannot be appended to.
     """
+    if args.root == "":
+        raise SettingError("root", "--root is empty: give a directory (. for the current one)")
     root = os.path.abspath(args.root if args.root is not None else os.getcwd())
     if not os.path.isdir(root):
         raise SettingError("root", f"--root {root} is not a directory")

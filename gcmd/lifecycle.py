@@ -89,6 +89,12 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
         server.start()
     except OSError as exc:
         return cannot_listen(config.host, config.port, exc)
+    if metrics is not None:  # before the start-up lines: they say the server serves
+        try:
+            metrics.start()
+        except OSError as exc:
+            server.shutdown()
+            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
     signals: gevent.queue.Queue[int] = gevent.queue.Queue()
     for signum in (*_STOP, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)
@@ -97,12 +103,6 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     else:
         log.info("serving port %d, pid %d", server.port, os.getpid())
     announce_logs(config, server.logs.listing())
-    if metrics is not None:
-        try:
-            metrics.start()
-        except OSError as exc:
-            server.shutdown()
-            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
     if ready is not None:
         handler.flush()
         ready()

@@ -49,6 +49,7 @@ def test_help_documents_every_flag_with_its_default():
     (["--shutdown-timeout", "-3"], "--shutdown-timeout must be 0 seconds or more"),
     (["--max-pending", "-1"], "--max-pending must be at least 0"),
     (["--root", "/no/such/dir"], "--root /no/such/dir is not a directory"),
+    (["--root", ""], "--root is empty: give a directory (. for the current one)"),
     (["--token-file", "/no/such/token"], "cannot read --token-file /no/such/token"),
     (["--tls-cert", "/no/such/cert.pem", "--tls-key", "/no/such/key.pem"],
      "cannot read --tls-cert /no/such/cert.pem: no such file"),
@@ -120,10 +121,11 @@ def test_metrics_port_0_logs_the_chosen_port_under_quiet(tmp_path):
                              "--root", str(tmp_path), "--logfile", str(tmp_path / "app.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert "listening on 127.0.0.1 port" in proc.stdout.readline()
-        line = proc.stdout.readline()
-        assert "WARNING" not in line
-        port = int(re.search(r"\] metrics at http://127\.0\.0\.1:(\d+)/metrics$", line.rstrip()).group(1))
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        assert "WARNING" not in first + second
+        # the metrics first: "listening" says that all is up
+        assert "listening on 127.0.0.1 port" in second
+        port = int(re.search(r"\] metrics at http://127\.0\.0\.1:(\d+)/metrics$", first.rstrip()).group(1))
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             assert b"gcmd_clients" in reply.read()
     finally:

@@ -212,3 +212,4 @@ def test_metrics_port_in_use_exits_1(tmp_path):
                                 capture_output=True, text=True, timeout=20, check=False)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1 metrics port {port}: address already in use" in result.stderr
+    assert "listening on" not in result.stdout  # the log never said it served
