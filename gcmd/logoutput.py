@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 #: (a stopped reader, a slow disk); lines past it are dropped and counted
 OUTPUT_BUFFER = 4 << 20
 #: seconds the writer lets lines gather after a write, while more arrive
-WRITE_EVERY = 0.002
+WRITE_EVERY = 0.02
 #: seconds a flush (shutdown, a worker's exit) waits for the output to take the queued lines
 FLUSH_TIMEOUT = 5.0
 #: why a line that finds the queue full is dropped

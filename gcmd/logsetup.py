@@ -7,7 +7,7 @@ Only gcmd.lifecycle calls ``setup_logging``; the rest of gcmd logs through
 At the default level every request is a log line, so its way is kept short.
 ``LineRun`` (the line per request; the lines of a batch of requests
 together) makes no LogRecord: the parts of the
-lines logged in one event-loop iteration are handed together to the
+lines logged within a few milliseconds (FLUSH_AFTER) are handed together to the
 handlers (LineBatch), and each gets the line its formatter makes of them,
 with the code that formats a record. Every log line is handled in the hub's
 thread (LineHandler): another thread's line is passed to it, so each handler
@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 _INFO = logging.INFO
 
+#: seconds the lines of LineRuns wait to be handed to the handlers together: at a line
+#: per request, the handlers' work is done once for hundreds of requests, not for each
+FLUSH_AFTER = 0.005
+
 #: the batches of LineRun's lines, by logger name. Like the logging tree they follow, they are the
-#: process's; none holds a line past the event-loop iteration that logged it.
+#: process's; none holds a line more than FLUSH_AFTER seconds.
 _batches: dict[str, LineBatch] = {}
 
 
@@ -47,7 +51,7 @@ def line_run(logger: logging.Logger, level: int, head: str, extra: dict[str, str
     """Lines ``head + tail`` to log one after the other (``LineRun.add``), or None
     when ``logger`` does not log at ``level``: see LineRun. ``extra``: the
     ``context``, and the ``client_cn`` of a client that showed a certificate
-    (read when the lines are made, by the end of the event-loop iteration)."""
+    (read when the lines are made, within FLUSH_AFTER seconds)."""
     if not logger.isEnabledFor(level):
         return None
     return LineRun(_batches.get(logger.name) or _new_batch(logger), level, head, extra)
@@ -116,7 +120,7 @@ def flush_lines() -> None:
 
 class LineBatch:
     """LineRun's lines from one logger, in the hub's thread, handed to the handlers
-    together at the end of the event-loop iteration (or before any other line
+    together FLUSH_AFTER seconds after the first (or before any other line
     reaches them): the handlers the logger reaches then get the lines their
     formatters make, or, if one of them cannot take lines, the records.
     """
@@ -126,6 +130,8 @@ class LineBatch:
         #: the hub's thread and loop, those of the handlers the first line reached
         self.thread: int | None = None
         self.loop = None
+        #: the hub's timer that flushes
+        self.timer = None
         #: the lines waiting
         self.lines: list[Part] = []
         #: the lowest level among them (INFO when none is below)
@@ -139,7 +145,7 @@ class LineBatch:
         if level not in BATCHED_LEVELS or (threading.get_ident() != self.thread and not self._bind(level)):
             return False
         if not self.lines:
-            self.loop.run_callback(self.flush)
+            self.timer.start(self.flush)
         self.lowest = min(self.lowest, level)
         self.lines.append((time.time(), level, head, tails, extra))
         self.run = tails
@@ -153,10 +159,12 @@ class LineBatch:
         if handlers is None or handlers[0].hub_thread != threading.get_ident():
             return False
         self.thread, self.loop = handlers[0].hub_thread, handlers[0].loop
+        self.timer = self.loop.timer(FLUSH_AFTER)
         return True
 
     def flush(self) -> None:
         """Give the handlers the lines their formatters make (in the hub's thread)."""
+        self.timer.stop()
         lines, self.lines, self.run = self.lines, [], None
         lowest, self.lowest = self.lowest, _INFO
         if not lines:

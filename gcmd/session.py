@@ -50,7 +50,7 @@ FOLLOW_KEEPALIVE = (60, 10, 6)
 class Session(Opening):
     """One client: reads request lines, runs them in order, writes the replies."""
 
-    __slots__ = ("authenticated", "follow", "pending")
+    __slots__ = ("authenticated", "follow", "heard", "pending")
 
     def __init__(self, server, sock, ip: str, number: int) -> None:
         super().__init__(server, sock, ip, number)
@@ -59,6 +59,8 @@ class Session(Opening):
         self.pending = b""
         #: the log being followed, while the session follows one, else None
         self.follow: Following | None = None
+        #: its request lines' LineRun, made at the first request logged
+        self.heard = None
 
     def close(self, reason: str) -> None:
         if self.follow is not None:
@@ -128,9 +130,12 @@ class Session(Opening):
         server = self.server
         commands = server.commands
         parse, run, shown = commands.parse, commands.run, commands.shown  # once per batch, not per request
-        # a line per request, the lines of a batch made together
-        heard = (line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-                 if log.isEnabledFor(self.log_level) else None)
+        # a line per request, the lines of a batch made together (a run goes on
+        # from one batch to the next while nothing else was logged meanwhile)
+        heard = None
+        if log.isEnabledFor(self.log_level):
+            heard = self.heard or line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
+            self.heard = heard
         trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0

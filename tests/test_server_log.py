@@ -22,7 +22,7 @@ import gevent.socket
 import gevent.ssl
 import pytest
 from gevent.threadpool import ThreadPool
-from support import PONG, Client, free_port, make_certificate, wait_for
+from support import PONG, Client, free_port, make_certificate, poll, wait_for
 
 from gcmd.config import Config
 from gcmd.logformat import JsonFormatter, LineFormatter, TextFormatter
@@ -223,7 +223,7 @@ def test_runs_of_lines_keep_the_order_logged_with_the_lines_between_them(log_tre
     run.add("a4")
     line_run(session, logging.INFO, "plain ", second).add("c1")
     run.add("a5")
-    gevent.sleep(0)  # the end of the event-loop iteration: the batch goes out
+    poll(lambda: not run.batch.lines)  # the batch goes out by itself, within milliseconds
     run.add("a6")
     output.flush()
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -255,8 +255,8 @@ def test_a_run_of_lines_takes_the_usual_way_when_a_handler_cannot_take_lines(log
     run.add("before 100%")  # batched, then replayed as records
     assert run.tails == ["before 100%"]
     tree.addHandler(Keep())
-    run.add("after %s")  # the same part: records at the end of the iteration
-    gevent.sleep(0)
+    run.add("after %s")  # the same part: records when the batch goes out
+    poll(lambda: len(seen) == 2)
     output.flush()
     assert seen == ["Cmd received from 127.0.0.1 : before 100%", "Cmd received from 127.0.0.1 : after %s"]
     assert [line[25:] for line in path.read_text().splitlines()] == [
