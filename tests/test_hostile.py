@@ -415,7 +415,7 @@ def test_max_per_ip_refuses_the_third_connection_from_one_address(gcmd):
     newcomer = wait_for(lambda: served(server), timeout=5,
                         message="the address's freed place was not given back")
     assert newcomer.ask("ping") == PONG and b.ask("ping") == PONG
-    assert "Too many connections from 127.0.0.1" in server.log()
+    wait_for(lambda: "Too many connections from 127.0.0.1" in server.log())
 
 
 @pytest.mark.timeout(20)

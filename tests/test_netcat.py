@@ -4,7 +4,7 @@ import shutil
 import subprocess
 
 import pytest
-from support import LOG_LINES, sha1_of, write_file
+from support import LOG_LINES, sha1_of, wait_for, write_file
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,4 +24,5 @@ def test_netcat_session(gcmd):
         *[(line + "\n").encode() for line in LOG_LINES[-3:]],
         b"End lastlog\n",
     ])
-    assert "Cmd received from 127.0.0.1 : comphash notes.txt" in server.log()
+    # the log is written by a thread of its own, within tens of milliseconds
+    wait_for(lambda: "Cmd received from 127.0.0.1 : comphash notes.txt" in server.log())
