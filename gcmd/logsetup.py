@@ -64,12 +64,12 @@ class LineRun:
     ``add(tail)`` is ``logger.log(level, head + tail, extra=extra)``
     (``head`` and the tails used as they are: no ``%`` formatting) without
     a LogRecord, when it can. In the hub's thread, at INFO or DEBUG, the
-    line waits in the logger's LineBatch until the end of the event-loop
-    iteration; the lines added with nothing logged between them are one part
-    of it: the time of the first, and the start of the line made once for
-    all (the caller waits for nothing between two lines of a run: it spans
-    microseconds). In another thread, or at another level, the record goes
-    the usual way at once. A LineRun is used in the thread that made it.
+    line waits in the logger's LineBatch, at most FLUSH_AFTER seconds; the
+    lines added with nothing logged between them are one part of it: the
+    start of the line is made once for all, and the time stamp is that of
+    the first (the others were logged at most FLUSH_AFTER seconds later). In
+    another thread, or at another level, the record goes the usual way at
+    once. A LineRun is used in the thread that made it.
     """
 
     __slots__ = ("batch", "extra", "head", "level", "tails")
