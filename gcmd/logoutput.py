@@ -219,14 +219,7 @@ class LogOutput(LineHandler):
 
     def _write_text(self, text: str) -> tuple[int, Exception | None]:
         """Write ``text`` (whole lines); the lines not written, and why."""
-        if self.shared:
-            return write_whole_lines(self.stream, text)
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
-            return text.count("\n"), exc
-        return 0, None
+        return (write_whole_lines if self.shared else _write)(self.stream, text)
 
 
 class SharedStreamHandler(logging.StreamHandler):
@@ -255,9 +248,7 @@ def write_whole_lines(stream: TextIO, text: str) -> tuple[int, Exception | None]
     try:
         stream.flush()
         if _regular(stream) or codecs.lookup(stream.encoding or "ascii").name != "utf-8":
-            stream.write(text)
-            stream.flush()
-            return 0, None
+            return _write(stream, text)
         data = text.encode("utf-8", stream.errors or "strict")
         fd = stream.fileno()
     except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
@@ -271,6 +262,16 @@ def write_whole_lines(stream: TextIO, text: str) -> tuple[int, Exception | None]
         except OSError as exc:
             return data.count(b"\n", done), exc
         done += len(chunk)
+    return 0, None
+
+
+def _write(stream: TextIO, text: str) -> tuple[int, Exception | None]:
+    """Write ``text`` (whole lines) with the stream's own writes; the lines not written, and why."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except Exception as exc:  # noqa: BLE001 - any stream: count the lines, go on
+        return text.count("\n"), exc
     return 0, None
 
 

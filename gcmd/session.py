@@ -134,8 +134,9 @@ class Session(Opening):
         # from one batch to the next while nothing else was logged meanwhile)
         heard = None
         if log.isEnabledFor(self.log_level):
-            heard = self.heard or line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-            self.heard = heard
+            heard = self.heard
+            if heard is None:
+                heard = self.heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
         trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
