@@ -333,10 +333,6 @@ class Connection:
             if hasattr(socket, option):  # Linux; elsewhere the system's defaults
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
-    def _tls_pending(self) -> bool:
-        # TLS holds what it decrypted where the read watcher cannot see it
-        return self.tls and self.sock.pending() > 0
-
     def _send(self, data: bytes, patience: float | None = None) -> None:
         """Write all of ``data``; a client that accepts none of it for ``patience``
         seconds (the idle timeout) is cut."""

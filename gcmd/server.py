@@ -309,8 +309,17 @@ class GcmdServer(StreamServer):
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_read(self):
+        """Accept a connection as a socket of the standard library, non-blocking
+        once its Session is made. gevent's own ``do_read`` wraps it in a gevent
+        socket, whose cooperative waits a Session never uses (it waits with
+        Connection.wait): the wrapper would add a layer to every read and write,
+        and two watchers (about 300 bytes) to every connection. None: nothing to
+        accept now."""
+        listener = self.socket  # the listening socket, unwrapped by StreamServer.init_socket
         try:
-            return super().do_read()
+            fd, address = listener._accept()  # what socket.socket.accept does first
+        except BlockingIOError:
+            return None
         except OSError as exc:
             if exc.errno not in _OUT_OF_RESOURCES:
                 raise
@@ -325,6 +334,7 @@ class GcmdServer(StreamServer):
             self._accept_timer = self.loop.timer(ACCEPT_PAUSE)
             self._accept_timer.start(self._resume_accepting)
             return None
+        return socket.socket(listener.family, listener.type, listener.proto, fileno=fd), address
 
     def _resume_accepting(self) -> None:
         if not self.closing:

@@ -95,9 +95,10 @@ class Session(Opening):
             if lines:
                 self._answer(lines)
                 self._progress()
-                if len(lines) > 1 and self._tls_pending():
-                    # a pipelining TLS client always has input ready and would
-                    # never yield: let the others run between its batches
+                if self.tls and len(lines) > 1 and self.sock.pending():
+                    # a pipelining TLS client always has input ready (decrypted,
+                    # where the read watcher cannot see it) and would never
+                    # yield: let the others run between its batches
                     gevent.sleep(0)
             if too_long:
                 if self.follow is not None:  # the follow began in this batch
@@ -132,12 +133,12 @@ class Session(Opening):
         parse, run, shown = commands.parse, commands.run, commands.shown  # once per batch, not per request
         # a line per request, the lines of a batch made together (a run goes on
         # from one batch to the next while nothing else was logged meanwhile)
-        heard = None
-        if log.isEnabledFor(self.log_level):
+        heard, trace = None, False
+        if log.isEnabledFor(self.log_level):  # else not DEBUG either: one look under --quiet
             heard = self.heard
             if heard is None:
                 heard = self.heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-        trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
+            trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
         for index, line in enumerate(lines):

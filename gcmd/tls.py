@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ssl
 
-import gevent.ssl
-
 from gcmd import protocol
 from gcmd.config import Config, SettingError
 
@@ -22,7 +20,7 @@ def tls_context(config: Config) -> ssl.SSLContext:
     """The server side of TLS with the configured files: --tls-min-version or
     later, and with --tls-client-ca a client certificate required. SettingError
     names the file that cannot be used, and why."""
-    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = VERSIONS[config.tls_min_version]
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
