@@ -22,7 +22,6 @@ from typing import TextIO
 
 import gevent
 import gevent.queue
-import gevent.socket
 
 from gcmd import __version__
 from gcmd.config import Config, RunOptions, SettingError, read_token
@@ -58,8 +57,8 @@ def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
         gevent.reinit()  # a forked worker
         worker_handler = setup_logging(options.log_level, options.log_format, handler.stream,
                                        context=f"w{worker_config.worker}", shared=True)
-        return serve(worker_config, options, worker_handler,
-                     gevent.socket.socket(fileno=listener.detach()), ready)
+        listener.setblocking(False)  # the server accepts in the hub, when the socket is readable
+        return serve(worker_config, options, worker_handler, listener, ready)
 
     try:
         supervisor = Supervisor(config, serve_worker, lambda: reopen_output(handler, options.output))

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate, islice, repeat
 from operator import add
 
+from gcmd.protocol import LF
+
 #: a raw line is cut after this many bytes
 MAX_LINE = 65536
 #: a lastlog reply holds at most this many bytes of lines, newlines included
@@ -130,7 +132,7 @@ class LineSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes | None]:
         """The wire lines that ``chunk`` completes, oldest first."""
-        if b"\n" not in chunk:
+        if LF not in chunk:
             self._keep(chunk)
             return []
         parts = chunk.split(b"\n")

@@ -60,6 +60,11 @@ def block(name: bytes, lines: list[bytes]) -> bytes:
     return b"".join([b"Begin %s\n" % name, *(line + b"\n" for line in lines), b"End %s\n" % name])
 
 
+#: the end of a line, as an int: ``LF in data`` is one memchr, where ``b"\n" in data``
+#: first tries to read b"\n" as an int, and makes and drops a TypeError (CPython 3.11)
+LF = ord("\n")
+
+
 def split_lines(pending: bytes, data: bytes, max_line: int) -> tuple[list[bytes], bytes, bool]:
     """Frame requests: the complete lines of ``pending + data`` (without their
     ``\n``), the unterminated rest, and whether a line is over ``max_line``
@@ -71,7 +76,7 @@ def split_lines(pending: bytes, data: bytes, max_line: int) -> tuple[list[bytes]
     """
     if pending:
         data = pending + data
-    if b"\n" not in data:
+    if LF not in data:
         if len(data) > max_line:
             return [], b"", True
         return [], data, False

@@ -31,9 +31,9 @@ from gcmd.connection import (
     Ended,
 )
 from gcmd.loglines import FollowBuffer
-from gcmd.logsetup import line_run
+from gcmd.logsetup import LineRun, line_run
 from gcmd.opening import Opening
-from gcmd.protocol import Close, Follow, split_lines
+from gcmd.protocol import LF, Close, Follow, split_lines
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class Session(Opening):
     def _serve(self, data: bytes, ready: bool) -> str:
         """Answer requests until the client is done (Ended) or silent long enough
         to be parked (PARK)."""
-        server = self.server
-        max_line = server.config.max_line
+        max_line = self.server.config.max_line
+        heard, trace = self._request_log()
         while True:
             if self.follow is not None:
                 data = self._following(ready)
@@ -93,7 +93,7 @@ class Session(Opening):
             lines, self.pending, too_long = split_lines(self.pending, data, max_line)
             data = b""
             if lines:
-                self._answer(lines)
+                self._answer(lines, heard, trace)
                 self._progress()
                 if self.tls and len(lines) > 1 and self.sock.pending():
                     # a pipelining TLS client always has input ready (decrypted,
@@ -125,20 +125,25 @@ class Session(Opening):
                 return data
             raise Ended("Connection was closed cleanly.", None)
 
-    def _answer(self, lines: list[bytes]) -> None:
-        """Run the requests of one batch in order; their replies go out together,
-        and before any slow command so that the client is not kept waiting."""
+    def _request_log(self) -> tuple[LineRun | None, bool]:
+        """How this session logs its requests: the LineRun of its request lines
+        (None: not at this level), and whether the bytes and time of each are
+        traced (level debug). Looked up once per serve: levels are set at start."""
+        if not log.isEnabledFor(self.log_level):  # then not debug either
+            return None, False
+        if self.heard is None:
+            # a line per request, the lines of a batch made together (a run goes
+            # on from one batch to the next while nothing else was logged meanwhile)
+            self.heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
+        return self.heard, log.isEnabledFor(logging.DEBUG)
+
+    def _answer(self, lines: list[bytes], heard: LineRun | None, trace: bool) -> None:
+        """Run the requests of one batch in order, each logged to ``heard`` and,
+        with ``trace``, timed; their replies go out together, and before any
+        slow command so that the client is not kept waiting."""
         server = self.server
         commands = server.commands
         parse, run, shown = commands.parse, commands.run, commands.shown  # once per batch, not per request
-        # a line per request, the lines of a batch made together (a run goes on
-        # from one batch to the next while nothing else was logged meanwhile)
-        heard, trace = None, False
-        if log.isEnabledFor(self.log_level):  # else not DEBUG either: one look under --quiet
-            heard = self.heard
-            if heard is None:
-                heard = self.heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-            trace = log.isEnabledFor(logging.DEBUG)  # bytes and time of each request
         replies: list[bytes] = []
         size = 0
         for index, line in enumerate(lines):
@@ -218,7 +223,7 @@ class Session(Opening):
                     self.eof = True
                     self.reader.stop()
                 elif data is not None:
-                    if b"\n" in data or len(self.pending) + len(data) > self.server.config.max_line:
+                    if LF in data or len(self.pending) + len(data) > self.server.config.max_line:
                         self._end_following()
                         return data
                     self.pending += data

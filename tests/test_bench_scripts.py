@@ -2,6 +2,7 @@
 
 import importlib
 import itertools
+import json
 import re
 import shutil
 import subprocess
@@ -218,8 +219,9 @@ def test_bench_rows_that_log_get_their_share_of_gcmd_beside_what_is_asked(tmp_pa
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     own = result.stdout.split("the server's own log, for information (not checked)")[1]
     assert re.search(r"^cell\s+gcmd\+log / gcmd\s+gcmd\+json / gcmd$", own, re.MULTILINE)
-    for cell, log, json in (("ping 10c", "0.8", "0.7"), ("ping 100c", "0.8", None), ("ping 100c x16", "0.5", None)):
-        asked = rf"\(>= {json}x: (met|not met)\)" if json else r"\(-\)"
+    for cell, log, json_share in (("ping 10c", "0.8", "0.7"), ("ping 100c", "0.8", None),
+                                  ("ping 100c x16", "0.5", None)):
+        asked = rf"\(>= {json_share}x: (met|not met)\)" if json_share else r"\(-\)"
         assert re.search(rf"^{re.escape(cell)}\s+[\d.]+x \(>= {log}x: (met|not met)\)\s+[\d.]+x {asked}$",
                          own, re.MULTILINE), cell
     assert "follow (" not in result.stdout
@@ -294,3 +296,29 @@ def test_a_binned_percentile_is_its_bins_upper_edge(q, expected_bins):
 ])
 def test_round_ratio(mine, theirs, expected):
     assert scripts_module("bench_report").round_ratio(mine, theirs) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_instructions_counts_instructions_per_request(tmp_path):
+    if shutil.which("valgrind") is None:
+        pytest.skip("needs valgrind (apt-get install valgrind)")
+    figures = tmp_path / "instructions.json"
+    result = run_bench("--only", "gcmd", "--instructions", "--quick", "--json", figures, timeout=290)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"^ping 10 x 1: gcmd counted in \d+ s$", result.stdout, re.MULTILINE)
+    assert re.search(r"^ping 10 x 1\s+\d+$", result.stdout, re.MULTILINE)
+    per_request = json.loads(figures.read_text())["ping 10 x 1"]["gcmd"]
+    # a request costs thousands of instructions; start-up alone (left out) is hundreds of millions
+    assert 1_000 < per_request < 1_000_000
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ({"gcmd": 9000.0, "gcmd@base": 10000.0}, r"^ping 10 x 1\s+9000\s+10000\s+0\.900$"),
+    ({"gcmd": 7000.0}, r"^ping 10 x 1\s+7000$"),
+    ({"gcmd@base": 7000.0, "naive_gevent": 8000.0}, r"^ping 10 x 1\s+7000\s+8000$"),
+])
+def test_instructions_report_gives_the_ratio_to_the_baseline_when_both_ran(row, expected):
+    table = scripts_module("bench_instructions").report({"ping 10 x 1": row}, "gcmd@base")
+    assert re.search(expected, table, re.MULTILINE), table
+    assert ("gcmd/gcmd@base" in table) == ("gcmd" in row and "gcmd@base" in row)
