@@ -5,6 +5,8 @@ Who owns what:
 - A Connection owns its socket from accept to close: only ``close`` closes
   it, once, whatever the way out (the client left, a refusal, a farewell, an
   error, shutdown), and gives back the slot through ``GcmdServer.release``.
+  It is a non-blocking socket of the standard library (ssl.SSLSocket with
+  TLS), not a gevent socket: nothing blocks on it, every wait is ``wait()``.
 - Every wait (for a request, for room to write, for the TLS handshake, for the
   PROXY header, while saying goodbye) is ``wait()``: it returns why it ended
   (READABLE, WRITABLE, DEADLINE, PARK, SHUTDOWN, LINES).

@@ -309,15 +309,12 @@ class GcmdServer(StreamServer):
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_read(self):
-        """Accept a connection as a socket of the standard library, non-blocking
-        once its Session is made. gevent's own ``do_read`` wraps it in a gevent
-        socket, whose cooperative waits a Session never uses (it waits with
-        Connection.wait): the wrapper would add a layer to every read and write,
-        and two watchers (about 300 bytes) to every connection. None: nothing to
-        accept now."""
-        listener = self.socket  # the listening socket, unwrapped by StreamServer.init_socket
+        """(socket, address) of a new connection, or None. The socket is the standard
+        library's: a Session waits with Connection.wait, never on a gevent socket,
+        whose wrapper would cost every read and write a call, and every connection two watchers."""
+        listener = self.socket  # the standard library's too (StreamServer.init_socket)
         try:
-            fd, address = listener._accept()  # what socket.socket.accept does first
+            fd, address = listener._accept()  # as socket.socket.accept, then gevent's do_read
         except BlockingIOError:
             return None
         except OSError as exc:
