@@ -149,7 +149,9 @@ def raise_fd_limit() -> None:
 
 def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
     """Say why gcmd cannot listen on ``port`` (of ``what``: "" or "metrics "); the status, 1."""
-    why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+    # the system's words for the errno: gevent adds the address, as a tuple, to strerror
+    why = ("address already in use" if exc.errno == errno.EADDRINUSE
+           else os.strerror(exc.errno) if exc.errno else str(exc))
     print(f"gcmd: cannot listen on {host} {what}port {port}: {why}", file=sys.stderr)
     return 1
 

@@ -1,5 +1,6 @@
 """The gcmd command itself: flags, bad settings, start-up, the server log."""
 
+import errno
 import json
 import re
 import socket
@@ -11,6 +12,7 @@ import pytest
 from support import GcmdProcess, free_port, wait_for
 
 from gcmd import __version__
+from gcmd.lifecycle import cannot_listen
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -93,6 +95,18 @@ def test_port_in_use_exits_1_with_a_message(tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1 port {port}: address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (OSError(errno.EADDRINUSE, "Address already in use: ('192.0.2.1', 9)"), "address already in use"),
+    (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address: ('192.0.2.1', 9)"),
+     "Cannot assign requested address"),
+    (OSError(errno.EACCES, "Permission denied: ('192.0.2.1', 9)"), "Permission denied"),
+    (OSError("no errno"), "no errno"),
+])
+def test_cannot_listen_says_why_in_the_systems_words(capsys, exc, expected):
+    assert cannot_listen("192.0.2.1", 9, exc) == 1
+    assert capsys.readouterr().err == f"gcmd: cannot listen on 192.0.2.1 port 9: {expected}\n"
 
 
 @pytest.mark.parametrize("quiet", [[], ["--quiet"], ["--log-level", "error"], ["--quiet", "--workers", "2"]])
