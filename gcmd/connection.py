@@ -339,15 +339,18 @@ class Connection:
         """Write all of ``data``; a client that accepts none of it for ``patience``
         seconds (the idle timeout) is cut."""
         while data:
+            room = WRITE
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, ssl.SSLWantWriteError):
                 sent = 0
+            except ssl.SSLWantReadError:  # TLS must hear from the client first (renegotiation: refused)
+                sent, room = 0, READ
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
             self._progress(patience)
-            if self.wait(WRITE) is DEADLINE:
+            if self.wait(room) is DEADLINE:
                 raise Ended("the client accepted no reply bytes in time", None)
 
     def _farewell(self, line: bytes | None) -> None:

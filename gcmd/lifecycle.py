@@ -57,7 +57,6 @@ def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
         gevent.reinit()  # a forked worker
         worker_handler = setup_logging(options.log_level, options.log_format, handler.stream,
                                        context=f"w{worker_config.worker}", shared=True)
-        listener.setblocking(False)  # the server accepts in the hub, when the socket is readable
         return serve(worker_config, options, worker_handler, listener, ready)
 
     try:

@@ -84,6 +84,16 @@ def log_sources(args: list[str]) -> list[tuple[str, str]]:
     return sources
 
 
+def served_sources(args: list[str]) -> list[tuple[str, str]]:
+    """The (name, source) of the logs ``--logfile`` gives (``log_sources``); without
+    it the default log of PROTOCOL.md, when one can serve (gcmd's own log always can)."""
+    sources = log_sources(args)
+    if not sources:
+        default = default_source()
+        sources = [default] if default is not None else []
+    return sources
+
+
 def default_source(files: tuple[str, ...] = DEFAULT_FILES) -> tuple[str, str] | None:
     """The log served without ``--logfile``: the first that can serve, or None for ``gcmd``.
 

@@ -66,9 +66,9 @@ class Opening(Connection):
         if refusal is not None:
             raise refusal
         self._count_handshake()
-        self._wrap(context)
-        self._progress(min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
-        try:
+        try:  # the count goes down whatever happens, a reset before the wrap too
+            self._wrap(context)
+            self._progress(min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
             self._handshake()
         except (ssl.SSLError, Ended) as exc:
             why = exc.reason if isinstance(exc, Ended) else tls.handshake_failure(exc)

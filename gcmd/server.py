@@ -33,6 +33,7 @@ import errno
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -61,7 +62,7 @@ from gcmd.connection import (
 )
 from gcmd.hashing import HashService
 from gcmd.logformat import TextFormatter
-from gcmd.logs import Logs, default_source, log_sources
+from gcmd.logs import Logs, served_sources
 from gcmd.memorylog import MemoryLog
 from gcmd.proxy import canonical
 from gcmd.session import Session
@@ -111,7 +112,7 @@ class GcmdServer(StreamServer):
         #: the server's own log, the lines it writes at its level in the text format
         self.memory_log = MemoryLog()
         self.memory_log.setFormatter(TextFormatter())
-        self.logs = Logs(_served_logs(config), self.memory_log, self.metadata_pool,
+        self.logs = Logs(served_sources(list(config.logfiles)), self.memory_log, self.metadata_pool,
                          config.command_timeout)
         self.commands = Commands(config, self.hashing, self.logs, self.stats)
         self.hub = gevent.get_hub()
@@ -305,6 +306,7 @@ class GcmdServer(StreamServer):
 
     def init_socket(self) -> None:
         super().init_socket()
+        self.socket.setblocking(False)  # do_read accepts in the hub: another worker may take the client
         if _NODELAY_INHERITED:
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -331,7 +333,11 @@ class GcmdServer(StreamServer):
             self._accept_timer = self.loop.timer(ACCEPT_PAUSE)
             self._accept_timer.start(self._resume_accepting)
             return None
-        return socket.socket(listener.family, listener.type, listener.proto, fileno=fd), address
+        try:
+            return socket.socket(listener.family, listener.type, listener.proto, fileno=fd), address
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _resume_accepting(self) -> None:
         if not self.closing:
@@ -370,16 +376,6 @@ class GcmdServer(StreamServer):
         log.info("Server stopped")
         logging.getLogger("gcmd").removeHandler(self.memory_log)
         self.metadata_pool.kill()
-
-
-def _served_logs(config: Config) -> list[tuple[str, str]]:
-    """(name, source) of the logs --logfile gives; without it the default log
-    of PROTOCOL.md, when one can serve (gcmd's own log always can)."""
-    sources = log_sources(list(config.logfiles))
-    if not sources:
-        default = default_source()
-        sources = [default] if default is not None else []
-    return sources
 
 
 def _allowed(ip: str, networks) -> bool:

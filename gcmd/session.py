@@ -255,8 +255,8 @@ class Session(Opening):
                 self._progress()  # the clock for this chunk starts now
             try:
                 sent = self.sock.send(follow.out)
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                return
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return  # want read: TLS renegotiation, which gcmd.tls refuses
             if sent:
                 self._progress()
             follow.out = memoryview(follow.out)[sent:]

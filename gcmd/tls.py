@@ -3,6 +3,9 @@
 The context keeps the standard library's defaults (ciphers, options) and only
 sets what gcmd's settings say: the oldest version, the certificate and key,
 and the CA that client certificates must be signed by (--tls-client-ca).
+It also refuses TLS 1.2 renegotiation (OpenSSL 3 refuses a client's by
+default, older versions do not): a client could make the server's TLS do a
+handshake's work on demand, and make a reply wait for a read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def tls_context(config: Config) -> ssl.SSLContext:
     names the file that cannot be used, and why."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = VERSIONS[config.tls_min_version]
+    context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except (ssl.SSLError, OSError) as exc:

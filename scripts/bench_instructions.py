@@ -79,7 +79,10 @@ def counted(command: list[str], env: dict | None, workdir: Path, port: int, load
                 time.sleep(0.2)
         load(port)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(STOP_TIMEOUT)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{command[0]} did not stop within {STOP_TIMEOUT} s of SIGTERM") from None
     finally:
         if proc.poll() is None:
             proc.kill()

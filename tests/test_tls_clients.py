@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -189,6 +190,20 @@ def test_handshakes_under_way_from_one_address_are_capped_by_max_per_ip(gcmd, pk
     other = Client(server.port, sock=context.wrap_socket(raw, server_hostname="localhost"))
     assert other.ask("ping") == PONG
     stalled.close()
+
+
+def test_a_client_reset_before_its_handshake_does_not_hold_a_handshake_count(gcmd, pki):
+    server = gcmd(*tls_args(pki, "--max-per-ip", 1, client_ca=pki.ca[0]))
+    os.kill(server.proc.pid, signal.SIGSTOP)  # so that the reset comes before the server wraps the socket
+    try:
+        reset = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()  # RST
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    # that address may still begin a handshake: its count went back to 0
+    wait_for(lambda: not refused(server.port, pki.alice), timeout=5, message="alice refused")
+    assert "too many handshakes under way" not in server.log()
 
 
 def test_a_good_certificate_is_served_and_its_cn_is_on_the_connection_line(gcmd, pki):
@@ -402,6 +417,7 @@ def test_the_context_keeps_the_standard_librarys_ciphers_and_options(pki):
         default = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         assert [c["name"] for c in context.get_ciphers()] == [c["name"] for c in default.get_ciphers()]
         assert context.options & default.options == default.options
+        assert context.options & ssl.OP_NO_RENEGOTIATION
         assert context.minimum_version == {"1.2": ssl.TLSVersion.TLSv1_2,
                                            "1.3": ssl.TLSVersion.TLSv1_3}[minimum]
         assert context.verify_mode == (ssl.CERT_NONE if client_ca is None else ssl.CERT_REQUIRED)
