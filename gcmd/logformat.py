@@ -91,7 +91,8 @@ class TextFormatter(LineFormatter):
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
             start = f"{stamp} [{extra['context']}] {head}"
-            lines.append(start + ("\n" + start).join(tails))
+            # one line (the others logged in between): no separator to make
+            lines.append(start + tails[0] if len(tails) == 1 else start + ("\n" + start).join(tails))
         return lines
 
 
@@ -124,18 +125,35 @@ class JsonFormatter(LineFormatter):
         second, stamp = self._stamp
         logger = _quote(name)
         levels = _JSON_LEVELS
+        #: (start, end) of a part's lines, by level, head and extra (a session's parts
+        #: alternate with the others': made once a batch, and a second)
+        ends: dict[tuple, tuple[str, str]] = {}
         for created, levelno, head, tails, extra in parts:
             if int(created) != second:
                 second, stamp = int(created), self.stamp(created)
-            client_cn = extra.get("client_cn")
-            end = "}" if client_cn is None else f', "client_cn": {_quote(client_cn)}}}'
-            start = (f'{{"time": {stamp}, "level": {levels[levelno]}, "context": {_quote(extra["context"])}, '
-                     f'"logger": {logger}, "message": {_quote(head)[:-1]}')
-            lines.append("\n".join([f"{start}{_quote(tail)[1:]}{end}" for tail in tails]))
+                ends = {}
+            key = (levelno, head, id(extra))  # the parts hold their extra: no id is reused meanwhile
+            made = ends.get(key)
+            if made is None:
+                made = ends[key] = _part_ends(stamp, levels[levelno], logger, head, extra)
+            start, end = made
+            if len(tails) == 1:  # one line (the others logged in between)
+                lines.append(f"{start}{_quote(tails[0])[1:]}{end}")
+            else:
+                lines.append("\n".join([f"{start}{_quote(tail)[1:]}{end}" for tail in tails]))
         return lines
 
     def written_stamp(self, stamp: str) -> str:
         return _quote(stamp)
+
+
+def _part_ends(stamp: str, level: str, logger: str, head: str, extra: dict[str, str]) -> tuple[str, str]:
+    """What each JSON line of a part starts with (up to its message's quote: the rest
+    of the message follows) and ends with (the CN of a client's certificate, if any)."""
+    client_cn = extra.get("client_cn")
+    start = (f'{{"time": {stamp}, "level": {level}, "context": {_quote(extra["context"])}, '
+             f'"logger": {logger}, "message": {_quote(head)[:-1]}')
+    return start, "}" if client_cn is None else f', "client_cn": {_quote(client_cn)}}}'
 
 
 #: the levels whose lines are batched (gcmd.logsetup.LineRun), and their names

@@ -150,6 +150,24 @@ def test_formatters_write_the_lines_of_before_from_a_record_or_its_parts(new, ol
                 assert LineFormatter.batch_lines(mine, record.name, [run]) == ["\n".join([expected] * 3)]
 
 
+@pytest.mark.parametrize("formatter", [TextFormatter, JsonFormatter])
+def test_a_batch_of_sessions_parts_in_turn_gives_each_line_as_made_alone(formatter):
+    mine = formatter("-")
+    alice = {"context": "Session,1,127.0.0.1", "client_cn": "alice"}
+    other = {"context": "Session,2,127.0.0.1"}
+    heard = "Cmd received from 127.0.0.1 : "
+    parts = [(NOW, logging.INFO, heard, ["ping"], alice),
+             (NOW, logging.INFO, heard, ["help", "stats"], other),
+             (NOW + 0.5, logging.DEBUG, "ping: ", ["5 bytes in"], alice),  # the same extra, another start
+             (NOW + 0.7, logging.INFO, heard, ["quit"], alice),
+             (NOW + 0.8, logging.INFO, heard, ["ping", "ping"], other),
+             (NOW + 1.2, logging.INFO, heard, ["ping"], alice)]  # the next second
+    expected = ["\n".join(mine.line(created, level, logging.getLevelName(level), "gcmd.session", extra["context"],
+                                    head + tail, None, extra.get("client_cn")) for tail in tails)
+                for created, level, head, tails, extra in parts]
+    assert mine.batch_lines("gcmd.session", parts) == expected
+
+
 # --- both ways in reach every handler with the same line --------------------------------
 
 @pytest.fixture
