@@ -10,7 +10,6 @@ the workers.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import resource
@@ -148,9 +147,10 @@ def raise_fd_limit() -> None:
 
 def cannot_listen(host: str, port: int, exc: OSError, what: str = "") -> int:
     """Say why gcmd cannot listen on ``port`` (of ``what``: "" or "metrics "); the status, 1."""
-    # the system's words for the errno: gevent adds the address, as a tuple, to strerror
-    why = ("address already in use" if exc.errno == errno.EADDRINUSE
-           else os.strerror(exc.errno) if exc.errno else str(exc))
+    # the system's words for the errno (gevent adds the address, as a tuple, to
+    # strerror), in lower case after the colon: "address already in use"
+    why = os.strerror(exc.errno) if exc.errno else str(exc)
+    why = why[:1].lower() + why[1:]
     print(f"gcmd: cannot listen on {host} {what}port {port}: {why}", file=sys.stderr)
     return 1
 

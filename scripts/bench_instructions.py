@@ -124,7 +124,8 @@ def report(results: dict[str, dict[str, float]], baseline: str) -> str:
     """The table of ``measure``'s results, with the ratio of gcmd to ``baseline`` when measured."""
     names = list(next(iter(results.values())))
     ratio = "gcmd" in names and baseline in names
-    lines = ["instructions per request (callgrind, user space; lockstep load)",
+    lines = ["instructions per request (callgrind, user space; lockstep load)"
+             + ("; the ratio: below 1, gcmd runs fewer" if ratio else ""),
              f"{'shape':16s}" + "".join(f"{name:>14s}" for name in names)
              + (f"{'gcmd/' + baseline:>18s}" if ratio else "")]
     for shape, row in results.items():

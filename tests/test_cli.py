@@ -100,8 +100,8 @@ def test_port_in_use_exits_1_with_a_message(tmp_path):
 @pytest.mark.parametrize(("exc", "expected"), [
     (OSError(errno.EADDRINUSE, "Address already in use: ('192.0.2.1', 9)"), "address already in use"),
     (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address: ('192.0.2.1', 9)"),
-     "Cannot assign requested address"),
-    (OSError(errno.EACCES, "Permission denied: ('192.0.2.1', 9)"), "Permission denied"),
+     "cannot assign requested address"),
+    (OSError(errno.EACCES, "Permission denied: ('192.0.2.1', 9)"), "permission denied"),
     (OSError("no errno"), "no errno"),
 ])
 def test_cannot_listen_says_why_in_the_systems_words(capsys, exc, expected):
