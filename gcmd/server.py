@@ -316,7 +316,7 @@ class GcmdServer(StreamServer):
         whose wrapper would cost every read and write a call, and every connection two watchers."""
         listener = self.socket  # the standard library's too (StreamServer.init_socket)
         try:
-            fd, address = listener._accept()  # as socket.socket.accept, then gevent's do_read
+            fd, address = listener._accept()  # the first step of socket.socket.accept, and of gevent's do_read
         except BlockingIOError:
             return None
         except OSError as exc:
