@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # Python before 3.11
     import tomli as tomllib
 
-from gcmd import __version__, lifecycle
+from gcmd import __version__
 from gcmd.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -35,6 +35,7 @@ from gcmd.config import (
     parse_networks,
     read_token,
 )
+from gcmd.process import run as lifecycle
 
 
 class FlagGroup(Protocol):

@@ -1,7 +1,7 @@
 """The commands: one ``do_<verb>`` method each, its help text in its docstring.
 
 Commands return their reply as bytes and never touch the socket; a
-:class:`~gcmd.protocol.Close` reply asks the session to close afterwards.
+:class:`~gcmd.wire.Close` reply asks the session to close afterwards.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import re
 from collections.abc import Callable
 from time import monotonic
 
-from gcmd import protocol
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
-from gcmd.logs import Logs
-from gcmd.protocol import (
+from gcmd.logs.sources import Logs
+from gcmd.net import wire
+from gcmd.net.wire import (
     Close,
     CommandError,
     Follow,
@@ -26,7 +26,7 @@ from gcmd.protocol import (
     escape,
     split_request,
 )
-from gcmd.stats import ServerStats
+from gcmd.observe.stats import ServerStats
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Commands:
         figures = self.figures[handler]
         if self.config.token is not None and not session.authenticated and not handler.public:
             figures.denied += 1
-            return protocol.AUTH_REQUIRED
+            return wire.AUTH_REQUIRED
         try:
             reply = handler(session, arg)
         except CommandError as exc:
@@ -130,7 +130,7 @@ class Commands:
         except Exception:
             figures.internal_error += 1
             log.exception("internal error in %r from %s", handler.__name__, session.ip)
-            return error_line(protocol.INTERNAL_ERROR)
+            return error_line(wire.INTERNAL_ERROR)
         except BaseException:  # the client left, or the server stops: no reply
             figures.cancelled += 1
             raise
@@ -150,7 +150,7 @@ class Commands:
 
     @command()
     def default(self, session, arg: bytes) -> bytes:
-        return protocol.NOT_FOUND
+        return wire.NOT_FOUND
 
     @command(slow=True)
     def do_lastlog(self, session, arg: bytes) -> bytes:
@@ -160,7 +160,7 @@ class Commands:
         if words and _NUMBER(words[0]):
             count = _count(words.pop(0))
         if len(words) > 1 or not 1 <= count <= MAX_LASTLOG_LINES:
-            return protocol.LASTLOG_USAGE
+            return wire.LASTLOG_USAGE
         log = self.logs.get(words[0] if words else None)
         return block(b"lastlog", log.lastlog(count))
 
@@ -169,10 +169,10 @@ class Commands:
         """follow [LOG] - the new lines of a log as they are written, until you send a line"""
         words = _words(arg)
         if len(words) > 1:
-            return protocol.FOLLOW_USAGE
+            return wire.FOLLOW_USAGE
         log = self.logs.get(words[0] if words else None)
         session.start_following(log)
-        return Follow(protocol.BEGIN_FOLLOW)
+        return Follow(wire.BEGIN_FOLLOW)
 
     @command()
     def do_logs(self, session, arg: bytes) -> bytes:
@@ -184,7 +184,7 @@ class Commands:
     def do_comphash(self, session, arg: bytes) -> bytes:
         """comphash PATH - the SHA-1 of a file under the served root"""
         if not arg:
-            return protocol.NEED_PATH
+            return wire.NEED_PATH
         return self._digest(session, "sha1", arg)
 
     @command(slow=True)
@@ -192,13 +192,13 @@ class Commands:
         """hash ALGO PATH - the digest of a file with sha256, sha512, blake2b, md5, ..."""
         algorithm, path = split_request(arg)
         if not algorithm:
-            return protocol.HASH_USAGE
+            return wire.HASH_USAGE
         name = algorithm.decode("ascii", "replace").lower()
         if name not in ALGORITHMS:
-            raise CommandError(f"unknown algorithm '{protocol.escape(algorithm)[:64]}' "
+            raise CommandError(f"unknown algorithm '{wire.escape(algorithm)[:64]}' "
                                f"(choose from {', '.join(ALGORITHMS)})")
         if not path:
-            return protocol.NEED_PATH
+            return wire.NEED_PATH
         return self._digest(session, name, path)
 
     def _digest(self, session, algorithm: str, path: bytes) -> bytes:
@@ -206,14 +206,14 @@ class Commands:
             digest = self.hashing.digest(algorithm, path)
         except OutsideRoot:
             log.warning("Refused a path outside the served root from %s: %s", session.ip,
-                        protocol.echo_path(path), extra=session.context)
+                        wire.echo_path(path), extra=session.context)
             raise
         return b"File hash is : %s\n" % digest.encode()
 
     @command()
     def do_ping(self, session, arg: bytes) -> bytes:
         """ping - answer pong"""
-        return protocol.PONG
+        return wire.PONG
 
     @command()
     def do_stats(self, session, arg: bytes) -> bytes:
@@ -256,14 +256,14 @@ class Commands:
         """auth TOKEN - authenticate, when the server asks for a token"""
         token = self.config.token
         if token is None:
-            return protocol.AUTH_DISABLED
+            return wire.AUTH_DISABLED
         if hmac.compare_digest(arg, token):
             self.stats.authenticated += not session.authenticated
             session.authenticated = True
-            return protocol.AUTH_OK
+            return wire.AUTH_OK
         self.stats.auth_failures += 1
         log.warning("Authentication failed from %s", session.ip, extra=session.context)
-        return Close(protocol.AUTH_FAILED, "closed by the server after a failed auth")
+        return Close(wire.AUTH_FAILED, "closed by the server after a failed auth")
 
     @command(public=True)
     def do_exit(self, session, arg: bytes) -> bytes:

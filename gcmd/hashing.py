@@ -18,7 +18,7 @@ from functools import partial
 from gevent.threadpool import ThreadPool
 
 from gcmd.flight import LRU, SingleFlight, outcome, unwrap
-from gcmd.protocol import BUSY, CommandError, echo_path
+from gcmd.net.wire import BUSY, CommandError, echo_path
 
 #: bytes read per system call; hashlib releases the GIL for each update
 CHUNK = 1 << 20

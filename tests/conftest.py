@@ -12,10 +12,10 @@ from support import LOG_LINES, Client, GcmdProcess, make_certificate
 from gcmd.commands import Commands
 from gcmd.config import Config
 from gcmd.hashing import HashService
-from gcmd.logs import Logs, log_sources
-from gcmd.memorylog import MemoryLog
-from gcmd.server import GcmdServer
-from gcmd.stats import ServerStats
+from gcmd.logs.memory import MemoryLog
+from gcmd.logs.sources import Logs, log_sources
+from gcmd.net.server import GcmdServer
+from gcmd.observe.stats import ServerStats
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from support import GcmdProcess, free_port, wait_for
 
 from gcmd import __version__
-from gcmd.lifecycle import cannot_listen
+from gcmd.process.run import cannot_listen
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,7 +4,7 @@ import pytest
 
 from gcmd.commands import Commands
 from gcmd.config import Config
-from gcmd.protocol import (
+from gcmd.net.wire import (
     block,
     echo_path,
     error_line,
@@ -12,7 +12,7 @@ from gcmd.protocol import (
     split_lines,
     split_request,
 )
-from gcmd.stats import ServerStats
+from gcmd.observe.stats import ServerStats
 
 
 @pytest.mark.parametrize(("line", "expected"), [

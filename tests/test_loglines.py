@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gcmd.loglines import (
+from gcmd.logs.lines import (
     FOLLOW_BUFFER,
     MAX_LINE,
     MAX_REPLY,

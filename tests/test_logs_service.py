@@ -18,11 +18,11 @@ import pytest
 from gevent.threadpool import ThreadPool
 from support import poll
 
-from gcmd.loglines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
-from gcmd.logreader import FileLog, JournalLog
-from gcmd.logs import Logs, default_source, log_sources, parse_logfile
-from gcmd.memorylog import MemoryLog
-from gcmd.protocol import CommandError
+from gcmd.logs.lines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
+from gcmd.logs.memory import MemoryLog
+from gcmd.logs.readers import FileLog, JournalLog
+from gcmd.logs.sources import Logs, default_source, log_sources, parse_logfile
+from gcmd.net.wire import CommandError
 
 JOURNAL_REMOTE = shutil.which("systemd-journal-remote") or next(
     (p for p in ("/lib/systemd/systemd-journal-remote", "/usr/lib/systemd/systemd-journal-remote")

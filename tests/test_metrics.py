@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, wait_for, write_file
 
 from gcmd import __version__ as gcmd_version
-from gcmd.metrics import MetricsServer
+from gcmd.observe.metrics import MetricsServer
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,7 +9,7 @@ import gevent
 import pytest
 from support import poll, wait_for
 
-from gcmd.proxy import V2_SIGNATURE, ProxyError, parse
+from gcmd.net.proxy import V2_SIGNATURE, ProxyError, parse
 
 pytestmark = pytest.mark.timeout(30)
 

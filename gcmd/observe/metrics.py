@@ -23,11 +23,11 @@ from prometheus_client.core import (
 )
 
 from gcmd import __version__
-from gcmd.logsetup import info_line
-from gcmd.stats import LATENCY_BUCKETS
+from gcmd.observe.stats import LATENCY_BUCKETS
+from gcmd.serverlog.setup import info_line
 
 if TYPE_CHECKING:
-    from gcmd.server import GcmdServer
+    from gcmd.net.server import GcmdServer
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import re
 from gevent import subprocess
 from gevent.threadpool import ThreadPool
 
-from gcmd.logreader import FileLog, JournalLog, LogStats
-from gcmd.memorylog import MemoryLog
-from gcmd.protocol import CommandError, escape
+from gcmd.logs.memory import MemoryLog
+from gcmd.logs.readers import FileLog, JournalLog, LogStats
+from gcmd.net.wire import CommandError, escape
 
 #: the name of the server's own log
 RESERVED = "gcmd"

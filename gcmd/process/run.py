@@ -3,7 +3,7 @@
 Signal handlers only record the signal in a queue; the main greenlet takes
 them from it one at a time and acts: SIGHUP reopens --output and re-reads
 --token-file and the TLS files, SIGTERM or SIGINT stops. With ``--workers``
-the parent's loop does the same in gcmd.workers and passes the signals on to
+the parent's loop does the same in gcmd.process.workers and passes the signals on to
 the workers.
 """
 
@@ -24,8 +24,8 @@ import gevent.queue
 
 from gcmd import __version__
 from gcmd.config import Config, RunOptions, SettingError, read_token
-from gcmd.logsetup import info_line, open_output, reopen_output, setup_logging
-from gcmd.tls import tls_context, tls_mode
+from gcmd.net.tls import tls_context, tls_mode
+from gcmd.serverlog.setup import info_line, open_output, reopen_output, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run(config: Config, options: RunOptions) -> int:
 
 def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
     """``--workers N``: fork the workers, supervise them; the exit status."""
-    from gcmd.workers import Supervisor
+    from gcmd.process.workers import Supervisor
 
     # the parent never runs a gevent hub: its log lines are written at once
     handler = setup_logging(options.log_level, options.log_format, output, batched=False, shared=True)
@@ -70,16 +70,16 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status.
 
     ``listener`` and ``ready``: a worker's listening socket, and what it calls
-    once it serves (see gcmd.workers).
+    once it serves (see gcmd.process.workers).
     """
-    from gcmd.server import GcmdServer  # after logging is set up
+    from gcmd.net.server import GcmdServer  # after logging is set up
 
     log.debug("settings: %s", describe(config, options))
     server = GcmdServer(config, tls_context(config) if config.tls else None, listener)
     server.stats.log_output = handler
     metrics = None
     if config.metrics_port is not None:
-        from gcmd.metrics import MetricsServer
+        from gcmd.observe.metrics import MetricsServer
 
         metrics = MetricsServer(server, config.host, config.metrics_port + config.worker)
     try:

@@ -1,4 +1,4 @@
-"""The logs gcmd reads with processes: a file and the systemd journal (its own log: gcmd.memorylog).
+"""The logs gcmd reads with processes: a file and the systemd journal (its own log: gcmd.logs.memory).
 
 lastlog of a regular file reads the file itself for each request, in the
 thread pool it is given (requests for the same number of lines that arrive
@@ -47,9 +47,9 @@ import gevent.lock
 from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
-from gcmd.logio import Children, Job, Reader, identify, locate, read_last_lines
-from gcmd.loglines import RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.protocol import CommandError
+from gcmd.logs.lines import RECENT_LINES, Batch, LineSplitter, Recent
+from gcmd.logs.tailing import Children, Job, Reader, identify, locate, read_last_lines
+from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
 

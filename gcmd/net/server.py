@@ -47,10 +47,13 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 from gevent.threadpool import ThreadPool
 
-from gcmd import protocol
 from gcmd.commands import Commands
 from gcmd.config import Config
-from gcmd.connection import (
+from gcmd.hashing import HashService
+from gcmd.logs.memory import MemoryLog
+from gcmd.logs.sources import Logs, served_sources
+from gcmd.net import wire
+from gcmd.net.connection import (
     FAREWELL_TIMEOUT,
     LINGER,
     OPEN,
@@ -60,13 +63,10 @@ from gcmd.connection import (
     Ended,
     Shutdown,
 )
-from gcmd.hashing import HashService
-from gcmd.logformat import TextFormatter
-from gcmd.logs import Logs, served_sources
-from gcmd.memorylog import MemoryLog
-from gcmd.proxy import canonical
-from gcmd.session import Session
-from gcmd.stats import ServerStats
+from gcmd.net.proxy import canonical
+from gcmd.net.session import Session
+from gcmd.observe.stats import ServerStats
+from gcmd.serverlog.formats import TextFormatter
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +216,15 @@ class GcmdServer(StreamServer):
                     extra=context)
         if self.closing:
             self.stats.refuse("shutting_down")
-            return Ended("refused: shutting down", protocol.SHUTTING_DOWN)
+            return Ended("refused: shutting down", wire.SHUTTING_DOWN)
         if self.config.max_per_ip and self.per_ip[ip] >= self.config.max_per_ip:
             self.stats.refuse("max_per_ip")
             log.warning("Too many connections from %s. bye !", ip, extra=context)
-            return Ended("refused: too many from the address", protocol.TOO_MANY_FROM_ADDRESS)
+            return Ended("refused: too many from the address", wire.TOO_MANY_FROM_ADDRESS)
         if not self.slots.acquire(blocking=False):
             self.stats.refuse("max_clients")
             log.warning("Too many connections. bye !", extra=context)
-            return Ended("refused: too many", protocol.TOO_MANY)
+            return Ended("refused: too many", wire.TOO_MANY)
         self.per_ip[ip] += 1
         self.stats.clients += 1
         session.admitted = True

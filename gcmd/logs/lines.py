@@ -1,7 +1,7 @@
 """Log lines as the protocol sends them: escaping, cutting, the lastlog cap, follow buffers.
 
 Pure functions and small containers, no I/O: the readers in
-:mod:`gcmd.logreader` feed them bytes, the session sends what they return.
+:mod:`gcmd.logs.readers` feed them bytes, the session sends what they return.
 A *raw* line is the bytes of one log line without its ``\\n``; a *wire* line
 is what is sent for it, also without ``\\n``; ``None`` stands for a line the
 protocol drops (see PROTOCOL.md, "What a log line looks like on the wire").
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate, islice, repeat
 from operator import add
 
-from gcmd.protocol import LF
+from gcmd.net.wire import LF
 
 #: a raw line is cut after this many bytes
 MAX_LINE = 65536

@@ -14,8 +14,9 @@ from time import monotonic
 
 import gevent
 
-from gcmd import protocol
-from gcmd.connection import (
+from gcmd.logs.lines import FollowBuffer
+from gcmd.net import wire
+from gcmd.net.connection import (
     DEADLINE,
     FOLLOWING,
     LINES,
@@ -30,10 +31,9 @@ from gcmd.connection import (
     WRITE,
     Ended,
 )
-from gcmd.loglines import FollowBuffer
-from gcmd.logsetup import LineRun, line_run
-from gcmd.opening import Opening
-from gcmd.protocol import LF, Close, Follow, split_lines
+from gcmd.net.opening import Opening
+from gcmd.net.wire import LF, Close, Follow, split_lines
+from gcmd.serverlog.setup import LineRun, line_run
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ class Session(Opening):
         super().close(reason)
 
     def _goodbye(self) -> Ended:
-        line = protocol.SHUTTING_DOWN
+        line = wire.SHUTTING_DOWN
         if self.follow is not None:  # the rest of a line begun, then End follow on a line of its own
-            line = bytes(self.follow.out) + protocol.END_FOLLOW + line
+            line = bytes(self.follow.out) + wire.END_FOLLOW + line
         return Ended("server shutting down", line)
 
     # --- serving requests --------------------------------------------------------------
@@ -103,7 +103,7 @@ class Session(Opening):
             if too_long:
                 if self.follow is not None:  # the follow began in this batch
                     self._end_following()
-                raise Ended("line too long", protocol.LINE_TOO_LONG)
+                raise Ended("line too long", wire.LINE_TOO_LONG)
 
     def _read_request(self, ready: bool) -> bytes | None:
         """The client's next bytes; None when it has been silent long enough to park."""
@@ -114,7 +114,7 @@ class Session(Opening):
                     if reason is PARK and not self.server.closing:
                         return None
                     if reason is DEADLINE:
-                        raise Ended("idle timeout", protocol.IDLE_TIMEOUT)
+                        raise Ended("idle timeout", wire.IDLE_TIMEOUT)
                     raise self._goodbye()  # SHUTDOWN, or PARK once shutdown has begun
             ready = False
             try:
@@ -256,7 +256,7 @@ class Session(Opening):
             try:
                 sent = self.sock.send(follow.out)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                return  # want read: TLS renegotiation, which gcmd.tls refuses
+                return  # want read: TLS renegotiation, which gcmd.net.tls refuses
             if sent:
                 self._progress()
             follow.out = memoryview(follow.out)[sent:]
@@ -269,7 +269,7 @@ class Session(Opening):
         rest = [bytes(follow.out)]
         while chunk := follow.buffer.take():
             rest.append(chunk)
-        rest.append(protocol.END_FOLLOW)
+        rest.append(wire.END_FOLLOW)
         self._send(b"".join(rest))
 
     def _deliver(self, lines: list[bytes]) -> None:

@@ -1,6 +1,6 @@
 """The server log: how its lines reach the handlers, and --output.
 
-Only gcmd.lifecycle calls ``setup_logging``; the rest of gcmd logs through
+Only gcmd.process.run calls ``setup_logging``; the rest of gcmd logs through
 ``logging.getLogger(__name__)`` and names what a line is about in the
 ``context`` extra (``Session,42,127.0.0.1``).
 
@@ -12,8 +12,8 @@ handlers (LineBatch), and each gets the line its formatter makes of them,
 with the code that formats a record. Every log line is handled in the hub's
 thread (LineHandler): another thread's line is passed to it, so each handler
 sees the lines in the order the hub logged them. The lines themselves are
-made by the formatters of gcmd.logformat; the output is a LogOutput
-(gcmd.logoutput), written by a thread of its own.
+made by the formatters of gcmd.serverlog.formats; the output is a LogOutput
+(gcmd.serverlog.output), written by a thread of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TextIO
 
 import gevent
 
-from gcmd.logformat import (
+from gcmd.serverlog.formats import (
     BATCHED_LEVELS,
     JsonFormatter,
     LineFormatter,
@@ -281,7 +281,7 @@ def setup_logging(level: str, fmt: str, output: TextIO | None = None, *, batched
     # (the logging HOWTO's "Optimization" section)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
-    from gcmd import logoutput  # it builds on this module
+    from gcmd.serverlog import output as logoutput  # it builds on this module
 
     output = output or sys.stdout
     if batched:
@@ -310,7 +310,7 @@ def reopen_output(handler: logging.Handler, path: str | None) -> None:
         log.error("SIGHUP: cannot reopen --output %s: %s; still writing to the old file",
                   path, exc.strerror)
         return
-    from gcmd.logoutput import LogOutput
+    from gcmd.serverlog.output import LogOutput
 
     if isinstance(handler, LogOutput):
         handler.switch_to(output)

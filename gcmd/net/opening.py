@@ -16,8 +16,15 @@ from time import monotonic
 
 import gevent
 
-from gcmd import proxy, tls
-from gcmd.connection import DEADLINE, FAREWELL_TIMEOUT, READ, WRITE, Connection, Ended
+from gcmd.net import proxy, tls
+from gcmd.net.connection import (
+    DEADLINE,
+    FAREWELL_TIMEOUT,
+    READ,
+    WRITE,
+    Connection,
+    Ended,
+)
 
 log = logging.getLogger(__name__)
 

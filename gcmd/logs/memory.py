@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from gcmd.loglines import MAX_LINE, RECENT_LINES, LineSplitter
-from gcmd.logreader import Broadcast, Subscriber
-from gcmd.logsetup import LineHandler, flush_lines
+from gcmd.logs.lines import MAX_LINE, RECENT_LINES, LineSplitter
+from gcmd.logs.readers import Broadcast, Subscriber
+from gcmd.serverlog.setup import LineHandler, flush_lines
 
 #: the lines Recent keeps track of: those it keeps and as many pushed out before them
 _NEEDED_LINES = 2 * RECENT_LINES

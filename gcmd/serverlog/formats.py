@@ -1,7 +1,7 @@
 """The server log's lines: text (as the tutorial's Twisted log) and JSON.
 
 A formatter makes a line from a record (``format``) or, for the line per
-request that gcmd.logsetup batches without a LogRecord, from its parts
+request that gcmd.serverlog.setup batches without a LogRecord, from its parts
 (``batch_lines``): the same line either way.
 """
 

@@ -1,6 +1,6 @@
 """The log service's input: the end of a file read in a thread, and reader processes.
 
-Used by :mod:`gcmd.logreader`, whose docstring tells the design. Functions
+Used by :mod:`gcmd.logs.readers`, whose docstring tells the design. Functions
 that take a :class:`Job` run in pool threads and raise OSError; a
 :class:`Reader` runs in the hub and reports to its owner, a log.
 """
@@ -20,7 +20,7 @@ import gevent.event
 from gevent import subprocess
 
 from gcmd.flight import outcome, unwrap
-from gcmd.loglines import (
+from gcmd.logs.lines import (
     DECIDING_BYTES,
     MAX_LINE,
     MAX_REPLY,
@@ -29,7 +29,7 @@ from gcmd.loglines import (
     dropped,
     wire_line,
 )
-from gcmd.protocol import CommandError
+from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
 

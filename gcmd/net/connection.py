@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING
 
 from gevent import GreenletExit, getcurrent
 
-from gcmd import protocol
+from gcmd.net import wire
 
 if TYPE_CHECKING:
-    from gcmd.server import GcmdServer
+    from gcmd.net.server import GcmdServer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Connection:
         elif start is REFUSED:
             raise Ended("refused", data)
         elif start is DEADLINE:
-            raise Ended("idle timeout", protocol.IDLE_TIMEOUT)
+            raise Ended("idle timeout", wire.IDLE_TIMEOUT)
         elif start is SHUTDOWN:
             raise self._goodbye()
         return self._serve(data, start is READABLE)
@@ -204,12 +204,12 @@ class Connection:
         raise NotImplementedError
 
     def _open(self) -> None:
-        """Open a TLS or PROXY connection (see gcmd.opening): raise Ended to refuse it."""
+        """Open a TLS or PROXY connection (see gcmd.net.opening): raise Ended to refuse it."""
         raise NotImplementedError
 
     def _goodbye(self) -> Ended:
         """How the connection ends when the server shuts down."""
-        return Ended("server shutting down", protocol.SHUTTING_DOWN)
+        return Ended("server shutting down", wire.SHUTTING_DOWN)
 
     def close(self, reason: str) -> None:
         """Close the socket and give back what the connection holds; the one way out."""

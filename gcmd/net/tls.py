@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ssl
 
-from gcmd import protocol
 from gcmd.config import Config, SettingError
+from gcmd.net import wire
 
 #: the values of --tls-min-version
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -65,5 +65,5 @@ def common_name(certificate: dict) -> str:
     for rdn in certificate.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
-                return protocol.escape(value.encode(errors="replace"))
+                return wire.escape(value.encode(errors="replace"))
     return ""

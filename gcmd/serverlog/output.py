@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TextIO
 
-from gcmd.logsetup import LineHandler, flush_lines
+from gcmd.serverlog.setup import LineHandler, flush_lines
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Observability: the server's figures (stats) and their Prometheus export (metrics)."""

@@ -1,0 +1,1 @@
+"""The process: start-up, signals, reload and stop (run), and --workers."""
