@@ -120,8 +120,8 @@ def records() -> list[logging.LogRecord]:
         extra = None if context is None else {"context": context}
         if client_cn:
             extra["client_cn"] = client_cn[0]
-        record = logging.getLogger("gcmd.net.session").makeRecord(
-            "gcmd.net.session", level, __file__, 1, msg, args, _failure() if failed else None, extra=extra)
+        record = logging.getLogger("gcmd.net.client").makeRecord(
+            "gcmd.net.client", level, __file__, 1, msg, args, _failure() if failed else None, extra=extra)
         record.created = NOW + offset
         made.append(record)
     return made
@@ -162,10 +162,10 @@ def test_a_batch_of_sessions_parts_in_turn_gives_each_line_as_made_alone(formatt
              (NOW + 0.7, logging.INFO, heard, ["quit"], alice),
              (NOW + 0.8, logging.INFO, heard, ["ping", "ping"], other),
              (NOW + 1.2, logging.INFO, heard, ["ping"], alice)]  # the next second
-    expected = ["\n".join(mine.line(created, level, logging.getLevelName(level), "gcmd.net.session", extra["context"],
+    expected = ["\n".join(mine.line(created, level, logging.getLevelName(level), "gcmd.net.client", extra["context"],
                                     head + tail, None, extra.get("client_cn")) for tail in tails)
                 for created, level, head, tails, extra in parts]
-    assert mine.batch_lines("gcmd.net.session", parts) == expected
+    assert mine.batch_lines("gcmd.net.client", parts) == expected
 
 
 # --- both ways in reach every handler with the same line --------------------------------
@@ -517,7 +517,7 @@ def test_a_client_certificates_cn_is_on_its_json_request_lines_by_the_fast_way(l
     assert [event["message"][-4:] for event in commands] == ["ping", "ping", "exit"]
     for event in commands:
         assert event == {"time": event["time"], "level": "info", "context": event["context"],
-                         "logger": "gcmd.net.session", "message": event["message"], "client_cn": "alice"}
+                         "logger": "gcmd.net.client", "message": event["message"], "client_cn": "alice"}
         assert re.fullmatch(r"Session,\d+,127\.0\.0\.1", event["context"])
     connection = next(e for e in events if e["message"].startswith("Client connection from"))
     assert connection["client_cn"] == "alice" and connection["context"] == commands[0]["context"]

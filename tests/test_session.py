@@ -224,23 +224,23 @@ def test_lastlogs_of_a_file_start_no_process(server, connect):
     assert own_children() == []
 
 
-def test_silent_clients_wait_parked_without_a_greenlet(server, connect):
+def test_silent_clients_each_wait_in_their_own_greenlet_and_are_served_when_they_speak(server, connect):
     clients = [connect(server) for _ in range(20)]
-    poll(lambda: server.stats.clients == 20 and server.stats.parked == 20 and server.stats.greenlets == 0)
+    poll(lambda: server.stats.clients == 20 and len(server.pool) == 20)
     for c in clients:
         assert c.ask("ping") == b"pong\n"
 
 
-def test_parked_client_is_cut_at_its_idle_deadline(make_server, connect):
+def test_silent_client_is_cut_at_its_idle_deadline(make_server, connect):
     server = make_server(idle_timeout=0.3)
     c = connect(server)
     assert c.line() == b"Idle timeout. bye !\n" and c.closed()
     poll(lambda: server.stats.clients == 0)
 
 
-def test_parked_clients_get_the_shutdown_goodbye(server, connect):
+def test_silent_clients_get_the_shutdown_goodbye(server, connect):
     clients = [connect(server) for _ in range(5)]
-    poll(lambda: server.stats.clients == 5 and server.stats.parked == 5 and server.stats.greenlets == 0)
+    poll(lambda: server.stats.clients == 5)
     server.shutdown()
     for c in clients:
         assert c.line() == b"Server shutting down. bye !\n" and c.closed()
@@ -280,39 +280,14 @@ def test_client_gone_before_it_is_accepted_frees_its_slot(make_server, connect, 
     assert connect(server).ask("ping") == b"pong\n"  # no slot was kept
 
 
-def test_one_greenlet_serves_clients_one_after_another(server, connect):
-    for _ in range(20):
-        c = connect(server)
-        assert c.ask("ping") == b"pong\n"
-        c.close()
-        poll(lambda: server.stats.clients == 0)
-    assert server.stats.greenlets == 1  # it waits for the next client
-    server.shutdown()
-    assert server.stats.greenlets == 0
-
-
-def test_greenlets_kept_waiting_for_clients_are_capped(server, connect):
-    clients = [connect(server) for _ in range(99)]
+def test_each_client_has_a_greenlet_of_its_own_that_ends_with_it(server, connect):
+    clients = [connect(server) for _ in range(50)]
     for c in clients:
         c.send("ping\n")
     for c in clients:
         assert c.line() == b"pong\n"
-    assert server.stats.greenlets == len(clients)  # each one is served at once
+    assert len(server.pool) == len(clients)
     for c in clients:
         c.close()
-    poll(lambda: server.stats.clients == 0)
-    kept = server.stats.greenlets
-    assert 0 < kept < len(clients)
-
-
-def test_a_greenlet_killed_while_it_waits_for_a_client_is_given_none(server, connect):
-    c = connect(server)
-    assert c.ask("ping") == b"pong\n"
-    c.close()
-    poll(lambda: server.stats.clients == 0)
-    (idle,) = list(server.handlers)
-    idle.kill()
-    for _ in range(3):
-        c = connect(server)
-        assert c.ask("ping") == b"pong\n"
-        c.close()
+    poll(lambda: server.stats.clients == 0 and len(server.pool) == 0,
+         message="a greenlet outlives its client")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ssl
 
+import gevent.ssl
+
 from gcmd.config import Config, SettingError
 from gcmd.net import wire
 
@@ -23,7 +25,7 @@ def tls_context(config: Config) -> ssl.SSLContext:
     """The server side of TLS with the configured files: --tls-min-version or
     later, and with --tls-client-ca a client certificate required. SettingError
     names the file that cannot be used, and why."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # its sockets are cooperative
     context.minimum_version = VERSIONS[config.tls_min_version]
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:

@@ -45,10 +45,6 @@ class ServerStats:
     clients: int = 0
     #: clients that passed what the server asks (a client certificate, a token, or both) now
     authenticated: int = 0
-    #: clients waiting without a greenlet (parked) now
-    parked: int = 0
-    #: greenlets serving clients or waiting for the next one, now
-    greenlets: int = 0
     #: connections accepted since start, refused or not
     connections: int = 0
     #: connections refused, by reason (REFUSALS); every reason there from the start, at 0,

@@ -1,0 +1,28 @@
+"""How a client's life ends: Ended, raised in its own greenlet, and the
+exceptions the server raises into that greenlet (gevent's ``Greenlet.kill``)."""
+
+from __future__ import annotations
+
+from gevent import GreenletExit
+
+
+class Ended(Exception):
+    """The client's life is over: why, for the log, and the last line for the
+    client (b"": none, but close gently; None: just close)."""
+
+    def __init__(self, reason: str, line: bytes | None = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.line = line
+
+
+class Deadline(GreenletExit):
+    """The client is past its deadline (raised by the server's sweeper)."""
+
+
+class Shutdown(GreenletExit):
+    """The server shuts down."""
+
+
+class ClientGone(GreenletExit):
+    """The connection was reset."""
