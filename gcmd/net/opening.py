@@ -76,7 +76,7 @@ def _open_verified(client, context: ssl.SSLContext) -> None:
     server.handshakes[ip] += 1
     try:
         _handshake(client, context, min(server.config.idle_timeout, CERTIFICATE_TIMEOUT))
-    except (ssl.SSLError) as exc:
+    except (ssl.SSLError, Ended) as exc:
         why = exc.reason if isinstance(exc, Ended) else tls.handshake_failure(exc)
         server.stats.refuse("tls_handshake")
         log.warning("Refused TLS connection from %s: %s", ip, why, extra=client.context)
