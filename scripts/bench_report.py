@@ -11,7 +11,7 @@ from __future__ import annotations
 from bench_logs import FOLLOW
 
 #: the targets of a full run, on the medians (the worst round for the
-#: follow cell's misses): (cell, what must hold, as the README's table says
+#: follow cell's misses): (cell, what must hold, as docs/benchmarks.md says
 #: it), what being ("ratio", server, least ratio), ("below" or "at most",
 #: figure, bound) or ("none", figure, 0). A ratio is round_ratio: more
 #: requests, less memory, or a shorter p99. "ping 1c" has none: at one
@@ -149,7 +149,7 @@ def report_own_log(results: dict, rounds: dict) -> None:
 
 
 def describe(target: tuple) -> str:
-    """A target as the README's table states it: ``>= 1.25x naive_gevent``, ``p99 < 10 ms``."""
+    """A target as docs/benchmarks.md states it: ``>= 1.25x naive_gevent``, ``p99 < 10 ms``."""
     kind, what, bound = target
     if kind == "ratio":
         return f">= {bound}x {what}"
@@ -160,7 +160,7 @@ def describe(target: tuple) -> str:
 
 
 def targets_table() -> str:
-    """The targets as the Markdown table of the README."""
+    """The targets as the Markdown table of docs/benchmarks.md."""
     rows: dict[str, list[str]] = {}
     for cell, target in TARGETS:
         rows.setdefault(cell, []).append(describe(target))

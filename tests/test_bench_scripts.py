@@ -15,20 +15,22 @@ import pytest
 HERE = Path(__file__).resolve().parent.parent
 SCRIPTS = HERE / "scripts"
 BENCH = SCRIPTS / "bench"
+#: the page that shows the targets and the figures of a full run
+PAGE = HERE / "docs" / "benchmarks.md"
 
-#: the README's figures table: its rows and columns as scripts/bench names them
-README_ROWS = {"ping, 1 connection": "ping 1c", "ping, 10 connections": "ping 10c",
+#: the page's figures table: its rows and columns as scripts/bench names them
+TABLE_ROWS = {"ping, 1 connection": "ping 1c", "ping, 10 connections": "ping 10c",
                "ping, 100 connections": "ping 100c", "ping, 100 x 16 in flight": "ping 100c x16",
                "comphash 1 MiB, 10 conn.": "comphash 1MiB 10c", "lastlog, 10 connections": "lastlog 10c",
                "lastlog, 10 conn., log +500 lines/s": "lastlog 10c +500/s",
                "ping p99 beside it (ms)": "ping beside lastlog",
                "memory per idle connection": "idle KiB/conn", "slowest of 10,000 connects": "idle KiB/conn",
                "connect, ping, close": "churn"}
-README_COLUMNS = {"gcmd": "gcmd", "gcmd@base": "gcmd@base", "gcmd+log": "gcmd+log", "gcmd+json": "gcmd+json",
+TABLE_COLUMNS = {"gcmd": "gcmd", "gcmd@base": "gcmd@base", "gcmd+log": "gcmd+log", "gcmd+json": "gcmd+json",
                   "gcmd-w2": "gcmd-w2", "naive gevent": "naive_gevent", "Twisted": "twisted", "asyncio": "asyncio",
                   "uvloop": "uvloop"}
-#: the README's follow table: the rows that targets bound, as the follow cell names their figures
-README_FOLLOW = {"followers that missed a line or got one out of order": "incomplete",
+#: the page's follow table: the rows that targets bound, as the follow cell names their figures
+TABLE_FOLLOW = {"followers that missed a line or got one out of order": "incomplete",
                  "delivery p99": "delivery_p99_ms", "ping p99 of another client": "ping_p99_ms"}
 
 
@@ -44,21 +46,20 @@ def run_bench(*args, timeout: float = 55) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)
 
 
-def readme_table(start: str) -> list[list[str]]:
-    """The cells of the README's table whose first line starts with ``start``, its header first."""
-    readme = (HERE / "README.md").read_text()
-    table = start + readme.split("\n" + start)[1].split("\n\n")[0]
+def page_table(start: str) -> list[list[str]]:
+    """The cells of the page's table whose first line starts with ``start``, its header first."""
+    table = start + PAGE.read_text().split("\n" + start)[1].split("\n\n")[0]
     rows = [[c.strip() for c in line.strip(" |").split("|")] for line in table.splitlines()]
     return [rows[0], *rows[2:]]
 
 
-def readme_figures() -> dict:
-    """The README's tables of figures as scripts/bench's results: {server: {cell: figures}}."""
-    header, *rows = readme_table("| cell | gcmd | gcmd@base |")
-    results = {README_COLUMNS[name]: {} for name in header[1:]}
+def page_figures() -> dict:
+    """The page's tables of figures as scripts/bench's results: {server: {cell: figures}}."""
+    header, *rows = page_table("| cell | gcmd | gcmd@base |")
+    results = {TABLE_COLUMNS[name]: {} for name in header[1:]}
     for label, *cells in rows:
         for name, text in zip(header[1:], cells):
-            figures = results[README_COLUMNS[name]].setdefault(README_ROWS[label], {})
+            figures = results[TABLE_COLUMNS[name]].setdefault(TABLE_ROWS[label], {})
             number = float(text.split(" ")[0].rstrip(",").replace(",", ""))
             if text.endswith(" KiB"):
                 figures["kib"] = number
@@ -70,18 +71,18 @@ def readme_figures() -> dict:
                 figures["rps"] = number
                 if " p99 " in text:
                     figures["p99_ms"] = float(text.split(" p99 ")[1])
-    _, *rows = readme_table("| follow, gcmd:")
-    results["gcmd"]["follow"] = {README_FOLLOW[label]: float(median.split(" ")[0])
-                                 for label, median, *_ in rows if label in README_FOLLOW}
+    _, *rows = page_table("| follow, gcmd:")
+    results["gcmd"]["follow"] = {TABLE_FOLLOW[label]: float(median.split(" ")[0])
+                                 for label, median, *_ in rows if label in TABLE_FOLLOW}
     return results
 
 
-def readme_missed() -> set[tuple[str, str]]:
-    """The targets the README says its figures miss: (cell, target as --targets states it)."""
-    readme = (HERE / "README.md").read_text()
-    if "That run met every target." in readme:
+def page_missed() -> set[tuple[str, str]]:
+    """The targets the page says its figures miss: (cell, target as --targets states it)."""
+    page = PAGE.read_text()
+    if "That run met every target." in page:
         return set()
-    listed = readme.split("The run above missed these targets")[1].split("\n\n")[1]
+    listed = page.split("The run above missed these targets")[1].split("\n\n")[1]
     return {tuple(line.removeprefix("- ").replace("`", "").split(": ", 1)) for line in listed.splitlines()}
 
 
@@ -122,19 +123,19 @@ def test_bench_report_of_one_server_says_there_is_nothing_to_compare(capsys):
                                             "compare it with (add one: --only gcmd,naive_gevent, or --baseline DIR)")
 
 
-def test_bench_targets_are_the_readmes_table():
+def test_bench_targets_are_the_table_of_the_benchmarks_page():
     result = run_bench("--targets", timeout=20)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("| cell | target of a full run |\n")
-    assert "\n" + result.stdout in (HERE / "README.md").read_text()
+    assert "\n" + result.stdout in PAGE.read_text()
 
 
-def test_readme_figures_meet_the_targets_but_those_it_lists_as_missed(capsys):
-    results = readme_figures()
-    assert set(results["gcmd"]) == {*README_ROWS.values(), "follow"}
+def test_documented_figures_meet_the_targets_but_those_listed_as_missed(capsys):
+    results = page_figures()
+    assert set(results["gcmd"]) == {*TABLE_ROWS.values(), "follow"}
     report = scripts_module("bench_report")
     missed = {re.fullmatch(r"(.+?): .+ \((.+)\)", text).groups() for text in report.check(results)}
-    assert missed == readme_missed()
+    assert missed == page_missed()
     # every target was judged: none is about a cell or a server the tables lack
     out = capsys.readouterr().out
     assert out.count("PASS") + out.count("FAIL") == len(report.TARGETS)
