@@ -228,9 +228,7 @@ class GcmdServer(StreamServer):
         self.per_ip[ip] += 1
         self.stats.clients += 1
         session.admitted = True
-        if session.client_cn is not None and self.config.token is None:
-            session.authenticated = True  # the certificate is all this server asks for
-            self.stats.authenticated += 1
+        self.commands.admitted(session)
         return None
 
     def release(self, session: Session, reason: str) -> None:

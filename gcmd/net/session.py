@@ -50,11 +50,13 @@ FOLLOW_KEEPALIVE = (60, 10, 6)
 class Session(Opening):
     """One client: reads request lines, runs them in order, writes the replies."""
 
-    __slots__ = ("authenticated", "follow", "heard", "pending")
+    __slots__ = ("authenticated", "follow", "heard", "pending", "user")
 
     def __init__(self, server, sock, ip: str, number: int) -> None:
         super().__init__(server, sock, ip, number)
         self.authenticated = False
+        #: the gcmd.users.User this connection is, set by gcmd.commands; None: none (yet)
+        self.user = None
         #: the start of a request line whose end has not arrived
         self.pending = b""
         #: the log being followed, while the session follows one, else None
