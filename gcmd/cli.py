@@ -75,7 +75,8 @@ class HashToken(argparse.Action):
         token = sys.stdin.buffer.read().strip()
         if not token or any(c in token for c in b" \t\r\n"):
             parser.error("--hash-token reads one token, without spaces, from standard input")
-        parser.exit(0, hash_token(token) + "\n")
+        sys.stdout.write(hash_token(token) + "\n")
+        parser.exit(0)
 
 
 class ReplaceDefault(argparse.Action):

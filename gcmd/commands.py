@@ -32,6 +32,7 @@ from gcmd.net.wire import (
     split_request,
 )
 from gcmd.observe.stats import ServerStats
+from gcmd.serverlog.setup import flush_lines
 from gcmd.users import User, Users
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,9 @@ class Commands:
         if not session.authenticated:
             session.authenticated = True
             self.stats.authenticated += 1
+        # the lines logged so far, batched a few milliseconds, are made now: the
+        # dict they hold changes, and they came before the user was known
+        flush_lines()
         context = session.context
         if session.user is not None:  # it was another user: its name goes
             context["context"] = context["context"].removesuffix(f",{session.user.name}")
