@@ -297,8 +297,9 @@ class Commands:
         try:
             digest = self.hashing.digest(algorithm, path, None if session.user is None else session.user.root)
         except OutsideRoot:
-            log.warning("Refused a path outside the served root from %s: %s", session.ip,
-                        wire.echo_path(path), extra=session.context)
+            log.warning("Refused a path outside the %s from %s: %s",
+                        "served root" if session.user is None else f"root of user {session.user.name}",
+                        session.ip, wire.echo_path(path), extra=session.context)
             raise
         return b"File hash is : %s\n" % digest.encode()
 
