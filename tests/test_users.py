@@ -566,3 +566,35 @@ def test_the_json_server_log_has_a_user_key(gcmd, tmp_path):
     assert lines[0]["user"] == "alice" and lines[0]["context"].endswith(",alice")
     connection = next(json.loads(line) for line in server.log().splitlines() if "Client connection" in line)
     assert "user" not in connection
+
+
+# --- deploy/gcmd.toml ------------------------------------------------------------------------
+
+DEPLOYED = Path(__file__).resolve().parent.parent / "deploy" / "gcmd.toml"
+
+
+def test_the_deployed_users_file_is_refused_until_its_digests_are_given(tmp_path):
+    result = run_gcmd(tmp_path, DEPLOYED.read_text())
+    assert result.returncode == 2
+    assert "user 'ops': 'token_sha256' must be 64 hex digits" in result.stderr
+
+
+def test_the_deployed_users_file_serves_its_three_users(gcmd, tmp_path):
+    text = DEPLOYED.read_text()
+    for name in ("ops", "app", "monitor"):
+        text = text.replace(f"REPLACE with the digest of the {name} token", sha256(f"{name}-token"))
+    config = tmp_path / "gcmd.toml"
+    config.write_text(text)
+    (tmp_path / "root" / "app").mkdir(parents=True)
+    (tmp_path / "root" / "app" / "build.txt").write_text("build 7\n")
+    (tmp_path / "app.log").write_text("started\n")
+    server = gcmd("--config", config, logfile=tmp_path / "app.log")
+    ops, app, monitor = (sign_in(server, name) for name in ("ops", "app", "monitor"))
+    assert [line.split()[0] for line in listed(ops, "logs", b"End logs\n")[1:-1]] == [b"app", b"gcmd"]
+    assert listed(app, "logs", b"End logs\n")[1:-1] == [f"app {tmp_path / 'app.log'}\n".encode()]
+    assert app.ask("comphash build.txt") == f"File hash is : {sha1_of(tmp_path / 'root/app/build.txt')}\n".encode()
+    assert app.ask("stats") == b"An error occured : Permission denied: app may not use stats\n"
+    assert monitor.ask("ping") == PONG
+    assert monitor.ask("stats") == b"Begin stats\n"
+    assert monitor.block(b"End stats\n")[-1] == b"End stats\n"
+    assert monitor.ask("lastlog") == b"An error occured : Permission denied: monitor may not use lastlog\n"
