@@ -169,7 +169,7 @@ class Commands:
         is closed (its pipelined requests are dropped)."""
         user = session.user
         if user is not None:
-            if self.users.named(user.name) is not user:
+            if self.revoked(session):
                 return Close(AUTH_REQUIRED_BYE, f"user {user.name} was removed or changed on SIGHUP")
             if handler.verb in ALWAYS_GRANTED or user.may_use(handler.verb):
                 return None
@@ -179,6 +179,13 @@ class Commands:
         if self.config.token is None and not self.users:
             return None  # SIGHUP removed every user and no token is asked: as without users
         return wire.AUTH_REQUIRED
+
+    def revoked(self, session) -> bool:
+        """Whether ``session`` is a user that SIGHUP removed or changed since it
+        authenticated: its next request closes it (``run``). A follow under way
+        is no request; the core may end it on this too."""
+        user = session.user
+        return user is not None and self.users.named(user.name) is not user
 
     def admitted(self, session) -> None:
         """A connection was admitted, the CN of its verified certificate known

@@ -496,6 +496,17 @@ def test_sighup_that_removes_a_user_closes_its_connection_at_its_next_request(gc
     assert newcomer.ask("auth alice alice-token") == AUTH_FAILED
 
 
+def test_a_removed_users_follow_ends_at_its_next_line_which_closes_it(gcmd, tmp_path):
+    config = tmp_path / "gcmd.toml"
+    config.write_text(user_table("alice", commands='["follow"]'))
+    server = gcmd("--config", config)
+    alice = sign_in(server, "alice")
+    assert alice.ask("follow") == BEGIN_FOLLOW
+    hup(server, config, user_table("bob"), "re-read the users")
+    assert alice.ask("ping") == END_FOLLOW
+    assert alice.line() == BYE and alice.closed()
+
+
 def test_sighup_that_changes_a_users_grants_closes_its_connection_and_no_other(gcmd, tmp_path):
     config = tmp_path / "gcmd.toml"
     bob_table = user_table("bob", commands='["lastlog", "follow"]')
