@@ -9,6 +9,7 @@ bad one exits with status 2 and one line (``Parser.error``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -36,6 +37,7 @@ from gcmd.config import (
     read_token,
 )
 from gcmd.process import run as lifecycle
+from gcmd.users import USER_TABLE, Users, UsersError, hash_token, read_users
 
 
 class FlagGroup(Protocol):
@@ -64,6 +66,19 @@ class Parser(argparse.ArgumentParser):
 UNSET = object()
 
 
+class HashToken(argparse.Action):
+    """``--hash-token``: print the hex SHA-256 of the token on standard input, for a
+    user's ``token_sha256``, and exit (as ``printf %s TOKEN | sha256sum`` does)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        # what a client sends after ``auth USER`` is one word: spaces around it are not part of it
+        token = sys.stdin.buffer.read().strip()
+        if not token or any(c in token for c in b" \t\r\n"):
+            parser.error("--hash-token reads one token, without spaces, from standard input")
+        sys.stdout.write(hash_token(token) + "\n")
+        parser.exit(0)
+
+
 class ReplaceDefault(argparse.Action):
     """Like ``action="append"``, except that the first value on the command line
     replaces the default (a tuple: the --config file's) instead of extending it."""
@@ -81,10 +96,15 @@ def build_parser() -> Parser:
         description="A line-command server: lastlog, comphash, hash, ping, stats over TCP.",
         epilog="Try it: gcmd --port 9999, then: printf 'ping\\nexit\\n' | nc 127.0.0.1 9999")
     p.add_argument("--version", action="version", version=f"gcmd {__version__}")
+    p.add_argument("--hash-token", action=HashToken, nargs=0,
+                   help="print the token_sha256 of a [[user]] table of --config for the token read "
+                        "from standard input (e.g. openssl rand -hex 32 | tee token | gcmd --hash-token), "
+                        "and exit")
     p.add_argument("--config", metavar="FILE",
                    help="read settings from a TOML file whose keys are these long flag names "
-                        "(port = 9999, max-clients = 50, allow = [\"10.0.0.0/8\"]); "
-                        "flags on the command line win (default: none)")
+                        "(port = 9999, max-clients = 50, allow = [\"10.0.0.0/8\"]), and its "
+                        "[[user]] tables (users and their grants: docs/users.md; SIGHUP reads "
+                        "them again); flags on the command line win (default: none)")
     d = Config(root=".")
     _add_network_flags(p, d)
     _add_served_flags(p, d)
@@ -233,6 +253,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
                        "quiet_from": parse_networks(args.quiet_from, "quiet_from"),
                        "logfiles": tuple(args.logfile)})
+    if args.config is not None:
+        config = dataclasses.replace(config, users=config_users(args.config, config))
     if config.tls:
         lifecycle.tls_context(config)
     if args.output is not None:
@@ -240,6 +262,22 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     options = RunOptions(log_level=args.log_level, log_format=args.log_format, output=args.output,
                          token_file=args.token_file, config_file=args.config)
     return config, options
+
+
+def config_users(path: str, config: Config) -> Users:
+    """The users of the --config file ``path`` (gcmd.users), checked against the
+    served root and logs of ``config``; SettingError names the user and the key."""
+    with open(path, "rb") as f:  # read by read_config_file a moment ago
+        if not tomllib.load(f).get(USER_TABLE):
+            return Users()  # no user: the logs served need not be looked for
+    from gcmd.commands import command_words
+    from gcmd.logs.sources import RESERVED, served_sources
+
+    names = [name for name, _ in served_sources(list(config.logfiles))] + [RESERVED]
+    try:
+        return read_users(path, config.root, names, command_words())
+    except UsersError as exc:
+        raise SettingError("users", str(exc)) from None
 
 
 def check_output(path: str) -> None:
@@ -279,6 +317,8 @@ def read_config_file(parser: Parser, path: str) -> dict[str, object]:
     values: dict[str, object] = {}
     keys: dict[str, str] = {}  # destination -> the key that set it
     for key, value in table.items():
+        if key == USER_TABLE:
+            continue  # the users, read by config_users
         action = parser.keys.get(key)
         if action is None:
             parser.error(f"--config {path}: unknown setting '{key}' "

@@ -2,6 +2,11 @@
 
 Commands return their reply as bytes and never touch the socket; a
 :class:`~gcmd.wire.Close` reply asks the session to close afterwards.
+
+Who may run what (``run``): a --token-file token, and the users and grants
+of gcmd.users. The state of a connection kept here is on its session:
+``authenticated`` (the token, a certificate, or a user), and ``user`` (the
+gcmd.users.User it is, else None), which also names it in ``context``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from gcmd.net.wire import (
     split_request,
 )
 from gcmd.observe.stats import ServerStats
+from gcmd.serverlog.setup import flush_lines
+from gcmd.users import User, Users
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,18 @@ def command(*, slow: bool = False, public: bool = False, secret: bool = False) -
     return mark
 
 
+#: the commands every connection may use, whatever its grants (PROTOCOL.md, "Users
+#: and grants"); ``unknown`` is a word that is no command: it gets "Command not found."
+ALWAYS_GRANTED = frozenset({"ping", "help", "version", "whoami", "format", "auth", "exit", "quit", "unknown"})
+#: the reply to the next request of a connection whose user SIGHUP removed or changed
+AUTH_REQUIRED_BYE = b"Authentication required. bye !\n"
+
+
+def command_words() -> list[str]:
+    """The words of every command, as a user's ``commands`` grants them."""
+    return sorted([name.removeprefix("do_") for name in dir(Commands) if name.startswith("do_")] + ["quit"])
+
+
 #: the requests Commands.shown keeps at most (emptied when full), and the longest it keeps (bytes)
 SHOWN_KEPT, SHOWN_LONGEST = 1024, 128
 
@@ -79,6 +98,11 @@ class Commands:
         self.hashing = hashing
         self.logs = logs
         self.stats = stats
+        #: the users and their grants; SIGHUP replaces them (set_users)
+        self.users: Users = config.users
+        #: whether requests are checked at all (``_refusal``): a token is asked, or users
+        #: were declared (SIGHUP may remove them all: their connections are closed still)
+        self.guarded = config.token is not None or bool(self.users)
         self.table: dict[bytes, Callable] = {
             name[3:].encode(): getattr(self, name) for name in dir(self) if name.startswith("do_")}
         self.table[b"quit"] = self.do_exit
@@ -119,9 +143,11 @@ class Commands:
         """The reply of ``handler``; any failure becomes one error line."""
         self.stats.commands += 1
         figures = self.figures[handler]
-        if self.config.token is not None and not session.authenticated and not handler.public:
-            figures.denied += 1
-            return wire.AUTH_REQUIRED
+        if self.guarded:
+            refusal = self._refusal(handler, session)
+            if refusal is not None:
+                figures.denied += 1
+                return refusal
         try:
             reply = handler(session, arg)
         except CommandError as exc:
@@ -136,6 +162,79 @@ class Commands:
             raise
         figures.ok += 1
         return reply
+
+    def _refusal(self, handler: Callable, session) -> bytes | None:
+        """What a request gets instead of running when the connection may not run
+        it; None when it may. A connection whose user SIGHUP removed or changed
+        is closed (its pipelined requests are dropped)."""
+        user = session.user
+        if user is not None:
+            if self.revoked(session):
+                return Close(AUTH_REQUIRED_BYE, f"user {user.name} was removed or changed on SIGHUP")
+            if handler.verb in ALWAYS_GRANTED or user.may_use(handler.verb):
+                return None
+            return error_line(f"Permission denied: {user.name} may not use {handler.verb}")
+        if session.authenticated or handler.public:
+            return None
+        if self.config.token is None and not self.users:
+            return None  # SIGHUP removed every user and no token is asked: as without users
+        return wire.AUTH_REQUIRED
+
+    def revoked(self, session) -> bool:
+        """Whether ``session`` is a user that SIGHUP removed or changed since it
+        authenticated: its next request closes it (``run``). A follow under way
+        is no request; the core may end it on this too."""
+        user = session.user
+        return user is not None and self.users.named(user.name) is not user
+
+    def admitted(self, session) -> None:
+        """A connection was admitted, the CN of its verified certificate known
+        (``client_cn``; None: none shown); called once per connection.
+
+        With users, a CN that is a user's ``cn`` makes the connection that
+        user; without, a certificate is all that a server without
+        --token-file asks.
+        """
+        cn = session.client_cn
+        if cn is None:
+            return
+        if self.users:
+            user = self.users.with_cn(cn)
+            if user is not None:
+                self._become(session, user)
+        elif self.config.token is None:
+            session.authenticated = True
+            self.stats.authenticated += 1
+
+    def _become(self, session, user: User | None) -> None:
+        """Authenticate ``session`` as ``user`` (None: with the --token-file token),
+        and name the user in its log lines' context (``Session,4,10.0.0.7,alice``,
+        and a ``user`` key: gcmd.serverlog.formats), updated in place."""
+        if not session.authenticated:
+            session.authenticated = True
+            self.stats.authenticated += 1
+        # the lines logged so far, batched a few milliseconds, are made now: the
+        # dict they hold changes, and they came before the user was known
+        flush_lines()
+        context = session.context
+        if session.user is not None:  # it was another user: its name goes
+            context["context"] = context["context"].removesuffix(f",{session.user.name}")
+            del context["user"]
+        session.user = user
+        if user is not None:
+            context["context"] = f"{context['context']},{user.name}"
+            context["user"] = user.name
+
+    def set_users(self, users: Users) -> None:
+        """The users from now on (SIGHUP). A connection keeps its user while that
+        user is unchanged; one whose user is gone or changed is closed at its next request."""
+        self.users = users.keeping(self.users)
+        self.guarded = self.guarded or bool(users)
+
+    def _logs_of(self, session):
+        """The names of the logs that exist for ``session``: None for every one."""
+        user = session.user
+        return None if user is None else user.logs
 
     def run_slow(self, handler: Callable, session, arg: bytes) -> bytes:
         """``run`` a slow command, timed for the latency histogram.
@@ -161,7 +260,7 @@ class Commands:
             count = _count(words.pop(0))
         if len(words) > 1 or not 1 <= count <= MAX_LASTLOG_LINES:
             return wire.LASTLOG_USAGE
-        log = self.logs.get(words[0] if words else None)
+        log = self.logs.get(words[0] if words else None, self._logs_of(session))
         return block(b"lastlog", log.lastlog(count))
 
     @command(slow=True)
@@ -170,7 +269,7 @@ class Commands:
         words = _words(arg)
         if len(words) > 1:
             return wire.FOLLOW_USAGE
-        log = self.logs.get(words[0] if words else None)
+        log = self.logs.get(words[0] if words else None, self._logs_of(session))
         session.start_following(log)
         return Follow(wire.BEGIN_FOLLOW)
 
@@ -178,7 +277,7 @@ class Commands:
     def do_logs(self, session, arg: bytes) -> bytes:
         """logs - the logs lastlog and follow serve, the default first: NAME SOURCE"""
         return block(b"logs", [f"{name} {source}".encode("utf-8", "surrogateescape")
-                               for name, source in self.logs.listing()])
+                               for name, source in self.logs.listing(self._logs_of(session))])
 
     @command(slow=True)
     def do_comphash(self, session, arg: bytes) -> bytes:
@@ -203,10 +302,11 @@ class Commands:
 
     def _digest(self, session, algorithm: str, path: bytes) -> bytes:
         try:
-            digest = self.hashing.digest(algorithm, path)
+            digest = self.hashing.digest(algorithm, path, None if session.user is None else session.user.root)
         except OutsideRoot:
-            log.warning("Refused a path outside the served root from %s: %s", session.ip,
-                        wire.echo_path(path), extra=session.context)
+            log.warning("Refused a path outside the %s from %s: %s",
+                        "served root" if session.user is None else f"root of user {session.user.name}",
+                        session.ip, wire.echo_path(path), extra=session.context)
             raise
         return b"File hash is : %s\n" % digest.encode()
 
@@ -231,6 +331,7 @@ class Commands:
             "internal_errors": stats.internal_errors,
             "rejected": stats.rejected,
             "auth_failures": stats.auth_failures,
+            **{f"auth_failures_{reason}": count for reason, count in stats.auth_failed.items()},
             "hash_pending": self.hashing.pending,
             "hash_bytes": hashing.hashed_bytes,
             "hash_runs": hashing.hashes,
@@ -251,17 +352,41 @@ class Commands:
 
     @command(public=True, secret=True)
     def do_auth(self, session, arg: bytes) -> bytes:
-        """auth TOKEN - authenticate, when the server asks for a token"""
+        """auth [USER] TOKEN - authenticate as USER, or with the server's token"""
         token = self.config.token
-        if token is None:
+        if self.users:
+            words = _words(arg)
+            if len(words) == 2:
+                user, reason = self.users.authenticate(*words)
+                if user is None:
+                    return self._auth_failed(session, reason, words[0] if reason == "bad_user_token" else None)
+                self._become(session, user)
+                return wire.AUTH_OK
+        elif token is None:
             return wire.AUTH_DISABLED
-        if hmac.compare_digest(arg, token):
-            self.stats.authenticated += not session.authenticated
-            session.authenticated = True
+        if token is not None and hmac.compare_digest(arg, token):
+            self._become(session, None)
             return wire.AUTH_OK
-        self.stats.auth_failures += 1
-        log.warning("Authentication failed from %s", session.ip, extra=session.context)
+        return self._auth_failed(session, "bad_token")
+
+    def _auth_failed(self, session, reason: str, name: bytes | None = None) -> Close:
+        """The reply to a failed auth, the same whatever the ``reason`` (one of
+        gcmd.users.AUTH_FAILURES, counted in stats: the operator's, never the
+        client's); the log names the user when it exists (``name``)."""
+        self.stats.auth_failed[reason] += 1
+        if name is not None:
+            log.warning("Authentication failed from %s: a wrong token for user %s", session.ip,
+                        escape(name), extra=session.context)
+        else:  # an unknown user's name is not written: it may be a token typed in the wrong place
+            log.warning("Authentication failed from %s%s", session.ip,
+                        ": no such user" if reason == "unknown_user" else "", extra=session.context)
         return Close(wire.AUTH_FAILED, "closed by the server after a failed auth")
+
+    @command(public=True)
+    def do_whoami(self, session, arg: bytes) -> bytes:
+        """whoami - the user this connection is, or anonymous"""
+        user = session.user
+        return b"anonymous\n" if user is None else f"{user.name}\n".encode()
 
     @command(public=True)
     def do_exit(self, session, arg: bytes) -> bytes:

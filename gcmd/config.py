@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gcmd.logs.sources import log_sources
+from gcmd.users import Users
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -129,6 +130,9 @@ class Config:
     shutdown_timeout: float = _ranged(0, MAX_SECONDS, "seconds", default=10.0)
     #: the shared secret of ``auth TOKEN``; None disables authentication
     token: bytes | None = None
+    #: the users of the --config file's [[user]] tables, as at start (SIGHUP gives
+    #: Commands.set_users the table read again); empty: none declared
+    users: Users = field(default_factory=Users)
     #: PEM certificate and key; both set means TLS
     tls_cert: str | None = None
     tls_key: str | None = None

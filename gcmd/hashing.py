@@ -89,11 +89,17 @@ class HashService:
         """Jobs in the pool: running or waiting for a worker."""
         return self.in_pool
 
-    def digest(self, algorithm: str, path: bytes) -> str:
-        """The hex digest of the regular file at ``path`` (relative to the root)."""
+    def digest(self, algorithm: str, path: bytes, root: str | None = None) -> str:
+        """The hex digest of the regular file at ``path`` (relative to the root).
+
+        ``root``: a directory inside the served root that confines this request
+        (a user's, gcmd.users), a real path; None: the served root. A path
+        outside it is refused as one outside the served root is (OutsideRoot).
+        """
         if b"\0" in path:
             raise CommandError("Invalid path: it contains a NUL byte")
-        opened = self.metadata_pool.spawn(outcome, self._open, path)
+        confined = self.served_root if root is None else os.fsencode(root)
+        opened = self.metadata_pool.spawn(outcome, self._open, path, confined)
         try:
             fd, st = unwrap(opened.get())
         except BaseException:
@@ -153,10 +159,10 @@ class HashService:
 
     # --- in threads ---------------------------------------------------------------
 
-    def _open(self, path: bytes) -> tuple[int, os.stat_result]:
-        """Resolve ``path`` inside the root and open it without following a late swap."""
-        real = os.path.realpath(os.path.join(self.served_root, path))
-        if not self._inside(real):
+    def _open(self, path: bytes, root: bytes) -> tuple[int, os.stat_result]:
+        """Resolve ``path`` inside ``root`` and open it without following a late swap."""
+        real = os.path.realpath(os.path.join(root, path))
+        if not _inside(real, root):
             raise OutsideRoot(OUTSIDE_ROOT)
         try:
             # decide before opening, so that a FIFO or a device is never opened
@@ -171,16 +177,12 @@ class HashService:
                 raise CommandError(f"Not a regular file: '{echo_path(path)}'")
             # what was opened decides, not what the path named a moment before:
             # a directory swapped for a symlink after the check is caught here
-            if not self._inside(_opened_path(fd, real, st)):
+            if not _inside(_opened_path(fd, real, st), root):
                 raise OutsideRoot(OUTSIDE_ROOT)
         except BaseException:
             os.close(fd)
             raise
         return fd, st
-
-    def _inside(self, real: bytes) -> bool:
-        root = self.served_root
-        return root == b"/" or real == root or real.startswith(root + b"/")
 
     def _hash_fd(self, fd: int, algorithm: str, job: _Job) -> str | None:
         try:
@@ -204,6 +206,11 @@ class HashService:
             raise CommandError(f"[Errno {exc.errno}] {exc.strerror} while reading") from None
         finally:
             os.close(fd)
+
+
+def _inside(real: bytes, root: bytes) -> bool:
+    """Whether the real path ``real`` is ``root`` or lies under it."""
+    return root == b"/" or real == root or real.startswith(root + b"/")
 
 
 def _lower_priority() -> None:

@@ -67,6 +67,8 @@ class PlainSession:
         self.ip = "127.0.0.1"
         self.context = {"context": "Session,0,127.0.0.1"}
         self.authenticated = False
+        self.client_cn = None
+        self.user = None
         self.following = None
 
     def start_following(self, log) -> None:

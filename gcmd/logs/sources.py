@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 
 from gevent import subprocess
 from gevent.threadpool import ThreadPool
@@ -139,24 +140,34 @@ class Logs:
         """The name of the default log."""
         return next(iter(self._logs))
 
-    def listing(self) -> list[tuple[str, str]]:
-        """(name, source) of every log: the default first, ``gcmd`` (``memory``) last."""
-        return [(name, log.source) for name, log in self._logs.items()]
+    def listing(self, among: Collection[str] | None = None) -> list[tuple[str, str]]:
+        """(name, source) of every log: the default first, ``gcmd`` (``memory``) last.
 
-    def get(self, name: bytes | str | None) -> Log:
-        """The log named ``name`` (None: the default); CommandError for an unknown name."""
+        ``among``: the names that exist for the client (a user's logs, gcmd.users);
+        None: every log. The others are left out, in ``get`` too."""
+        return [(name, log.source) for name, log in self._logs.items() if among is None or name in among]
+
+    def get(self, name: bytes | str | None, among: Collection[str] | None = None) -> Log:
+        """The log named ``name`` (None: the default); CommandError for an unknown name.
+
+        ``among``: as for ``listing``: a log not among them is unknown, the
+        choices the error lists are those among them, and the default is the
+        first of them."""
+        logs = self._logs if among is None else {key: log for key, log in self._logs.items() if key in among}
         if name is None:
-            return self._logs[self.default]
+            if not logs:
+                raise CommandError("no log is granted to you")
+            return next(iter(logs.values()))
         if isinstance(name, bytes):
             key = name.decode("ascii", "replace")
             shown = escape(name)
         else:
             key, shown = name, escape(name.encode("utf-8", "surrogateescape"))
-        log = self._logs.get(key)
+        log = logs.get(key)
         if log is None:
             if len(shown) > MAX_ECHOED_NAME:
                 shown = shown[:MAX_ECHOED_NAME] + "..."
-            raise CommandError(f"unknown log '{shown}' (choose from {', '.join(self._logs)})")
+            raise CommandError(f"unknown log '{shown}' (choose from {', '.join(logs) or 'none'})")
         return log
 
     def start(self) -> None:

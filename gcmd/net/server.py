@@ -157,9 +157,7 @@ class GcmdServer(StreamServer):
         self.per_ip[ip] += 1
         self.stats.clients += 1
         client.admitted = True
-        if client.client_cn is not None and self.config.token is None:
-            client.authenticated = True  # the certificate is all this server asks for
-            self.stats.authenticated += 1
+        self.commands.admitted(client)
         return None
 
     def release(self, client: Client, reason: str) -> None:

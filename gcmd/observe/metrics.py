@@ -64,6 +64,12 @@ class GcmdCollector:
         yield from _command_families(server)
         yield CounterMetricFamily("gcmd_auth_failures", "Failed auth attempts",
                                   value=stats.auth_failures)
+        failed = CounterMetricFamily("gcmd_auth_failures_by_reason", "Failed auth attempts, by reason: "
+                                     "bad_token (the --token-file token), bad_user_token, unknown_user",
+                                     labels=["reason"])
+        for reason, count in sorted(stats.auth_failed.items()):
+            failed.add_metric([reason], count)
+        yield failed
         yield CounterMetricFamily("gcmd_hash_bytes", "Bytes read and hashed",
                                   value=hashing.hashed_bytes)
         yield CounterMetricFamily("gcmd_hash_runs", "Files read and hashed", value=hashing.hashes)

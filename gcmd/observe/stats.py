@@ -7,6 +7,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from gcmd.users import AUTH_FAILURES
+
 #: why a connection is refused: over a cap, not allowed, no PROXY header, shutting
 #: down, a failed TLS handshake (with --tls-client-ca)
 REFUSALS = ("max_clients", "max_per_ip", "not_allowed", "proxy_header", "shutting_down", "tls_handshake")
@@ -32,7 +34,8 @@ class CommandStats:
 
     @property
     def outcomes(self) -> dict[str, int]:
-        """ok, error (an error line), internal_error, denied (no auth), cancelled (no
+        """ok, error (an error line), internal_error, denied (not authenticated, or
+        not granted to the user), cancelled (no
         reply: the client left or the server stopped): every one, zeros included."""
         return {"ok": self.ok, "error": self.error, "internal_error": self.internal_error,
                 "denied": self.denied, "cancelled": self.cancelled}
@@ -52,7 +55,8 @@ class ServerStats:
     refused: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(REFUSALS, 0)))
     #: requests answered (blank lines are not requests)
     commands: int = 0
-    auth_failures: int = 0
+    #: failed ``auth`` requests, by reason (gcmd.users.AUTH_FAILURES), every one there from the start
+    auth_failed: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(AUTH_FAILURES, 0)))
     #: answers and their latency, by command name
     by_command: dict[str, CommandStats] = field(default_factory=dict)
     #: the server log's output, whose ``dropped`` counts the lines it dropped (gcmd.logoutput.LogOutput)
@@ -66,6 +70,11 @@ class ServerStats:
     def rejected(self) -> int:
         """Connections refused."""
         return sum(self.refused.values())
+
+    @property
+    def auth_failures(self) -> int:
+        """Failed ``auth`` requests, whatever the reason."""
+        return sum(self.auth_failed.values())
 
     @property
     def errors(self) -> int:

@@ -2,7 +2,7 @@
 
 Signal handlers only record the signal in a queue; the main greenlet takes
 them from it one at a time and acts: SIGHUP reopens --output and re-reads
---token-file and the TLS files, SIGTERM or SIGINT stops. With ``--workers``
+--token-file, the TLS files and the users of --config, SIGTERM or SIGINT stops. With ``--workers``
 the parent's loop does the same in gcmd.process.workers and passes the signals on to
 the workers.
 """
@@ -133,6 +133,25 @@ def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:
     if context is not None:
         server.ssl_context = context
     log.info("SIGHUP: reopened the log output%s", f" and re-read {reread}" if reread else "")
+    if options.config_file is not None:
+        reload_users(server, options.config_file)
+
+
+def reload_users(server, path: str) -> None:
+    """SIGHUP: read the users of the --config file ``path`` again (gcmd.users); a
+    table that cannot be used is logged, and the one in force kept."""
+    from gcmd.commands import command_words
+    from gcmd.users import UsersError, read_users
+
+    names = [name for name, _ in server.logs.listing()]
+    try:
+        users = read_users(path, server.config.root, names, command_words())
+    except UsersError as exc:
+        log.warning("SIGHUP: %s; the users in force stay", exc)
+        return
+    server.commands.set_users(users)
+    log.info("SIGHUP: re-read the users of --config %s: %d user%s", path, len(users),
+             "" if len(users) == 1 else "s")
 
 
 def raise_fd_limit() -> None:

@@ -35,9 +35,13 @@ class LineFormatter(logging.Formatter):
         self._stamp = (None, "")  # (second, its time stamp): one attribute, set at once
 
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
-             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+             message: str, traceback: str | None = None, client_cn: str | None = None,
+             user: str | None = None) -> str:
         """The line of a record logged at ``created`` (seconds since the epoch);
-        ``client_cn``: the CN of the client's certificate, if it showed one."""
+        ``client_cn``: the CN of the client's certificate, if it showed one;
+        ``user``: the user the connection is (gcmd.users), once known. The text
+        line names the user in its context (``Session,4,10.0.0.7,alice``), as
+        gcmd.commands writes it there."""
         raise NotImplementedError
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
@@ -46,14 +50,14 @@ class LineFormatter(logging.Formatter):
         joined."""
         line = self.line
         return ["\n".join([line(created, levelno, BATCHED_LEVELS[levelno], name, extra["context"], head + tail,
-                                None, extra.get("client_cn")) for tail in tails])
+                                None, extra.get("client_cn"), extra.get("user")) for tail in tails])
                 for created, levelno, head, tails, extra in parts]
 
     def format(self, record: logging.LogRecord) -> str:
         return self.line(record.created, record.levelno, record.levelname, record.name,
                          getattr(record, "context", self.context), record.getMessage(),
                          self.formatException(record.exc_info) if record.exc_info else None,
-                         getattr(record, "client_cn", None))
+                         getattr(record, "client_cn", None), getattr(record, "user", None))
 
     def stamp(self, created: float) -> str:
         """The time stamp of a line logged at ``created``, made once a second."""
@@ -73,7 +77,8 @@ class TextFormatter(LineFormatter):
     time_format = "%Y-%m-%d %H:%M:%S%z"
 
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
-             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+             message: str, traceback: str | None = None, client_cn: str | None = None,
+             user: str | None = None) -> str:
         if levelno >= logging.WARNING:
             message = f"{levelname}: {message}"
         second, stamp = self._stamp  # most lines need no call
@@ -100,13 +105,15 @@ class JsonFormatter(LineFormatter):
     """One JSON object per line, as json.dumps writes it; whatever a client sent
     stays inside one string.
 
-    The lines of a client that showed a certificate carry its CN as ``client_cn``.
+    The lines of a client that showed a certificate carry its CN as ``client_cn``,
+    and those of a connection that is a user its name as ``user``.
     """
 
     time_format = "%Y-%m-%dT%H:%M:%S%z"
 
     def line(self, created: float, levelno: int, levelname: str, name: str, context: str,
-             message: str, traceback: str | None = None, client_cn: str | None = None) -> str:
+             message: str, traceback: str | None = None, client_cn: str | None = None,
+             user: str | None = None) -> str:
         second, stamp = self._stamp
         if int(created) != second:
             stamp = self.stamp(created)
@@ -114,6 +121,8 @@ class JsonFormatter(LineFormatter):
                 f'"logger": {_quote(name)}, "message": {_quote(message)}')
         if client_cn is not None:
             line += f', "client_cn": {_quote(client_cn)}'
+        if user is not None:
+            line += f', "user": {_quote(user)}'
         return line + ("}" if traceback is None else f', "traceback": {_quote(traceback)}}}')
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
@@ -149,11 +158,15 @@ class JsonFormatter(LineFormatter):
 
 def _part_ends(stamp: str, level: str, logger: str, head: str, extra: dict[str, str]) -> tuple[str, str]:
     """What each JSON line of a part starts with (up to its message's quote: the rest
-    of the message follows) and ends with (the CN of a client's certificate, if any)."""
-    client_cn = extra.get("client_cn")
+    of the message follows) and ends with (the CN of a client's certificate, and the
+    user, if any)."""
+    client_cn, user = extra.get("client_cn"), extra.get("user")
     start = (f'{{"time": {stamp}, "level": {level}, "context": {_quote(extra["context"])}, '
              f'"logger": {logger}, "message": {_quote(head)[:-1]}')
-    return start, "}" if client_cn is None else f', "client_cn": {_quote(client_cn)}}}'
+    end = "" if client_cn is None else f', "client_cn": {_quote(client_cn)}'
+    if user is not None:
+        end += f', "user": {_quote(user)}'
+    return start, end + "}"
 
 
 #: the levels whose lines are batched (gcmd.logsetup.LineRun), and their names
