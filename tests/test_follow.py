@@ -14,7 +14,6 @@ from support import (
     PONG,
     SHUTTING_DOWN,
     Client,
-    poll,
     wait_for,
 )
 

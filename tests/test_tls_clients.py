@@ -243,7 +243,8 @@ def test_verified_clients_are_counted_as_authenticated(gcmd, pki):
     server = gcmd(*tls_args(pki, "--metrics-port", metrics_port, client_ca=pki.ca[0]))
     alice, bob = connect(server.port, pki.alice), connect(server.port, pki.bob)
     # each is admitted in its own greenlet once its handshake is over: soon after the connect
-    wait_for(lambda: (lambda figures: (figures["clients"], figures["authenticated"]))(stats(alice)) == (2, 2))
+    wait_for(lambda: stats(alice)["clients"] == 2)
+    assert stats(alice)["authenticated"] == 2
     bob.send("exit\n")
     assert bob.closed()
     wait_for(lambda: stats(alice)["authenticated"] == 1)
