@@ -47,6 +47,9 @@ FAREWELL_TIMEOUT = 2.0
 #: not answer it with a reset that destroys the last reply in flight; a client
 #: that sends nothing for LINGER_QUIET seconds is not waited for
 LINGER, LINGER_QUIET = 1.0, 0.2
+#: seconds a slow command runs before a reset of its connection is watched for:
+#: most (lastlog of a file) are over by then and never pay for the watch
+GUARD_AFTER = 0.005
 #: Linux tcpi_state of a connection that is over (reset, or its keepalive went unanswered)
 TCP_CLOSE = 7
 NEVER = float("inf")
@@ -211,7 +214,7 @@ class Client:
     def _run_slow(self, handler, arg: bytes) -> bytes:
         """RUNNING a command that waits (a thread, a process); a reset of the
         connection meanwhile cancels it (ClientGone), as soon as it is seen."""
-        guard = gevent.spawn(self._guard)
+        guard = gevent.spawn_later(GUARD_AFTER, self._guard)
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
