@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from time import monotonic
 
+from gcmd import __version__
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
 from gcmd.logs.sources import Logs
@@ -250,6 +251,11 @@ class Commands:
     def do_help(self, session, arg: bytes) -> bytes:
         """help - list the commands"""
         return self._help
+
+    @command(public=True)
+    def do_version(self, session, arg: bytes) -> bytes:
+        """version - the server's version and the protocol version it speaks"""
+        return b"gcmd %s protocol %s\n" % (__version__.encode(), wire.PROTOCOL_VERSION.encode())
 
     @command(public=True, secret=True)
     def do_auth(self, session, arg: bytes) -> bytes:

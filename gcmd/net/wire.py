@@ -142,3 +142,9 @@ def echo_path(path: bytes) -> str:
     if len(text) > MAX_ECHOED_PATH:
         text = text[:MAX_ECHOED_PATH] + "..."
     return text
+
+
+
+# --- 1.2 ---------------------------------------------------------------------------------
+#: the version of the protocol this server speaks, in the reply to ``version``
+PROTOCOL_VERSION = "1.2"
