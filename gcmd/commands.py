@@ -16,6 +16,8 @@ from time import monotonic
 from gcmd import __version__
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
+from gcmd.logs.lines import MAX_REPLY
+from gcmd.logs.queries import JSON, TEXT, Pattern, Shape, Usage, header, parse_query
 from gcmd.logs.sources import Logs
 from gcmd.net import wire
 from gcmd.net.wire import (
@@ -31,26 +33,12 @@ from gcmd.observe.stats import ServerStats
 
 log = logging.getLogger(__name__)
 
-#: most lines ``lastlog N`` returns
-MAX_LASTLOG_LINES = 1000
-
-#: a lastlog argument that is a number of lines (PROTOCOL.md: digits, optionally signed)
-_NUMBER = re.compile(rb"[+-]?[0-9]+").fullmatch
 _SPACES = re.compile(rb"[ \t]+")
 
 
 def _words(arg: bytes) -> list[bytes]:
     """The words of an argument, split on spaces and tabs only."""
     return _SPACES.split(arg) if arg else []
-
-
-def _count(word: bytes) -> int:
-    """The number of lines a lastlog argument asks for; 0 when out of any range."""
-    if word.startswith(b"-"):
-        return 0
-    digits = word.lstrip(b"+").lstrip(b"0")
-    # int() of thousands of digits is slow, and refused beyond 4300
-    return int(digits or b"0") if len(digits) <= 4 else 0
 
 
 def command(*, slow: bool = False, public: bool = False, secret: bool = False) -> Callable:
@@ -155,15 +143,27 @@ class Commands:
 
     @command(slow=True)
     def do_lastlog(self, session, arg: bytes) -> bytes:
-        """lastlog [LINES] [LOG] - the last LINES lines of a log (default 10, at most 1000; LOG: see logs)"""
-        words = _words(arg)
-        count = 10
-        if words and _NUMBER(words[0]):
-            count = _count(words.pop(0))
-        if len(words) > 1 or not 1 <= count <= MAX_LASTLOG_LINES:
-            return wire.LASTLOG_USAGE
-        log = self.logs.get(words[0] if words else None)
-        return block(b"lastlog", log.lastlog(count))
+        """lastlog [LINES] [LOGS] [grep PATTERN] - the last LINES lines (default 10, at most 1000) of each log of LOGS (a,b: see logs), or the last that match PATTERN (RE2)"""
+        try:
+            query = parse_query(arg)
+        except Usage:
+            return wire.LASTLOG_QUERY_USAGE
+        count = 10 if query.count is None else query.count
+        names = [name.decode("ascii", "replace") for name in query.logs] or [self.logs.default]
+        logs = [self.logs.get(name) for name in query.logs] or [self.logs.get(None)]
+        pattern = None if query.pattern is None else Pattern(query.pattern)
+        format = getattr(session, "format", TEXT)
+        if len(logs) == 1 and pattern is None and format == TEXT:
+            return block(b"lastlog", logs[0].lastlog(count))  # 1.1, and its shared reads
+        several = len(logs) > 1 and format == TEXT
+        # the 8 MiB of a reply, shared by the logs (headers included)
+        limit = MAX_REPLY // len(logs) - (len(header(max(names, key=len))) + 1 if several else 0)
+        lines: list[bytes] = []
+        for name, log in zip(names, logs):
+            if several:
+                lines.append(header(name))
+            lines += log.query(count, pattern, Shape(format, name), limit)
+        return block(b"lastlog", lines)
 
     @command(slow=True)
     def do_follow(self, session, arg: bytes) -> bytes:
@@ -174,6 +174,18 @@ class Commands:
         log = self.logs.get(words[0] if words else None)
         session.start_following(log)
         return Follow(wire.BEGIN_FOLLOW)
+
+    @command()
+    def do_format(self, session, arg: bytes) -> bytes:
+        """format text|json - the lines of lastlog and follow on this connection: as text (default) or JSON objects"""
+        formats = {b"text": TEXT, b"json": JSON}
+        if arg not in formats:
+            return wire.FORMAT_USAGE
+        try:
+            session.format = formats[arg]
+        except AttributeError:  # a session with fixed slots (gcmd.net before the session rewrite)
+            raise CommandError("format is not available on this server") from None
+        return wire.OK
 
     @command()
     def do_logs(self, session, arg: bytes) -> bytes:

@@ -1,16 +1,106 @@
-"""Log queries (PROTOCOL.md, "Log queries (1.2)") and ``version``.
+"""Log queries (PROTOCOL.md, "Log queries (1.2)"), ``version`` and ``format``.
 
-Black-box through a real server.
+Black-box through a real server (in-process on port 0, or a ``python -m
+gcmd`` process) where a connection matters; the commands over real files
+without a socket where the per-connection format is needed (the session of
+gcmd.net before its rewrite keeps no settings: see test_format_is_per_connection);
+tables for the pure functions (grammar, cursors, JSON lines).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import pytest
+from conftest import CommandTable
+from support import ERROR, LOG_LINES
 
 from gcmd import __version__
+from gcmd.config import Config
+from gcmd.logs.lines import MAX_LINE, MAX_REPLY
+from gcmd.logs.queries import (
+    FileCursor,
+    JournalCursor,
+    MemoryCursor,
+    Pattern,
+    Query,
+    Usage,
+    file_cursor,
+    json_line,
+    matching_lines,
+    memory_cursor,
+    parse_cursor,
+    parse_query,
+)
+from gcmd.net.session import Session
+from gcmd.net.wire import CommandError
 
 pytestmark = pytest.mark.timeout(30)
 
+LASTLOG_USAGE = b"Usage: lastlog [LINES] [LOGS] [grep PATTERN]\n"
+FORMAT_USAGE = b"Usage: format text|json\n"
+BEGIN, END = b"Begin lastlog\n", b"End lastlog\n"
+
+
+def _session_keeps_format() -> bool:
+    probe = object.__new__(Session)
+    try:
+        probe.format = "text"
+    except AttributeError:
+        return False
+    return True
+
+
+#: the session of gcmd.net before its rewrite has fixed slots: ``format`` answers an error there
+needs_session_settings = pytest.mark.skipif(
+    not _session_keeps_format(), reason="gcmd.net.session.Session keeps no per-connection settings yet")
+
+
+def lines_of(reply: bytes) -> list[bytes]:
+    """The lines of a lastlog block, without Begin/End and newlines."""
+    assert reply.startswith(BEGIN) and reply.endswith(END), reply[:200]
+    return reply[len(BEGIN):-len(END)].splitlines()
+
+
+def ask_block(client, request: str) -> list[bytes]:
+    client.send(request + "\n")
+    return lines_of(b"".join(client.block(END)))
+
+
+@pytest.fixture
+def logs(tmp_path):
+    """Three log files: syslog (LOG_LINES), auth, app."""
+    syslog = tmp_path / "syslog"
+    syslog.write_text("\n".join(LOG_LINES) + "\n")
+    auth = tmp_path / "auth.log"
+    auth.write_text("".join(f"Nov 25 10:00:{i:02d} lab sshd[{i}]: {'Accepted' if i % 3 else 'Failed'} key\n"
+                            for i in range(20)))
+    app = tmp_path / "app.log"
+    app.write_text("p1\np2\np3\n")
+    return syslog, auth, app
+
+
+@pytest.fixture
+def several(make_server, connect, logs):
+    """A client of a server of the three logs of ``logs``."""
+    return connect(make_server(logfiles=tuple(map(str, logs))))
+
+
+@pytest.fixture
+def table(logs, tmp_path):
+    """The commands over the three logs of ``logs``, without a socket (a PlainSession)."""
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    made = CommandTable(Config(host="127.0.0.1", port=0, root=str(root), logfiles=tuple(map(str, logs))))
+    yield made
+    made.close()
+
+
+# --- version and format ----------------------------------------------------------------
 
 def test_version_answers_the_version_and_protocol_1_2_without_authentication(gcmd, tmp_path):
     token = tmp_path / "token"
@@ -18,3 +108,347 @@ def test_version_answers_the_version_and_protocol_1_2_without_authentication(gcm
     client = gcmd("--token-file", token).client()
     assert client.ask("version") == f"gcmd {__version__} protocol 1.2\n".encode()
     assert client.ask("ping") == b"Authentication required.\n"
+
+
+@pytest.mark.parametrize(("request_line", "reply"), [
+    ("format text", b"OK\n"),
+    ("format json", b"OK\n"),
+    ("format", FORMAT_USAGE),
+    ("format xml", FORMAT_USAGE),
+    ("format JSON", FORMAT_USAGE),
+    ("format json text", FORMAT_USAGE),
+])
+def test_format_text_or_json_answers_ok_anything_else_usage(commands, request_line, reply):
+    assert commands.ask(request_line) == reply
+
+
+@needs_session_settings
+def test_format_is_per_connection(several, make_server, connect, logs):
+    other = connect(make_server(logfiles=tuple(map(str, logs))))
+    assert several.ask("format json") == b"OK\n"
+    assert json.loads(ask_block(several, "lastlog 1")[0])["line"] == LOG_LINES[-1]
+    assert ask_block(other, "lastlog 1") == [LOG_LINES[-1].encode()]
+
+
+# --- the grammar -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("arg", "query"), [
+    (b"", Query()),
+    (b"5", Query(5)),
+    (b"+7", Query(7)),
+    (b"auth", Query(None, (b"auth",))),
+    (b"5 auth,syslog", Query(5, (b"auth", b"syslog"))),
+    (b"grep a b  c", Query(pattern=b"a b  c")),
+    (b"3 auth grep sshd.*Accepted", Query(3, (b"auth",), pattern=b"sshd.*Accepted")),
+    (b"grep grep", Query(pattern=b"grep")),
+    (b"grep\t x", Query(pattern=b"x")),
+    (b"1000", Query(1000)),
+])
+def test_lastlog_grammar(arg, query):
+    assert parse_query(arg) == query
+
+
+@pytest.mark.parametrize("arg", [
+    b"0", b"1001", b"-5", b"+2000", b"00000000000000000000000000000000005000",
+    b"1 syslog x", b"abc 5", b"grep", b"5 grep", b"a,,b", b"a,", b",a", b"a,a", b"a,b,a",
+    b",".join(b"l%d" % i for i in range(17)), b"from", b"5 a from c1", b"a b",
+])
+def test_lastlog_grammar_refuses(arg):
+    with pytest.raises(Usage):
+        parse_query(arg)
+
+
+@pytest.mark.parametrize(("arg", "query"), [
+    (b"", Query()),
+    (b"0", Query(0)),
+    (b"20 auth,syslog from f1.1.2.3.0000abcd grep x", Query(20, (b"auth", b"syslog"), (b"f1.1.2.3.0000abcd",),
+                                                          b"x")),
+    (b"from c1,c2", Query(cursors=(b"c1", b"c2"))),
+])
+def test_follow_grammar(arg, query):
+    assert parse_query(arg, follow=True) == query
+
+
+@pytest.mark.parametrize("arg", [b"-1", b"1001", b"from", b"from grep x", b"a from c1,c1", b"grep", b"a from c b"])
+def test_follow_grammar_refuses(arg):
+    with pytest.raises(Usage):
+        parse_query(arg, follow=True)
+
+
+@pytest.mark.parametrize("bad", ["lastlog 0", "lastlog 1001", "lastlog -5", "lastlog 1 syslog x", "lastlog grep",
+                                 "lastlog 2 syslog,syslog", "lastlog 2 auth,app,auth",
+                                 "lastlog " + ",".join(f"l{i}" for i in range(17))])
+def test_a_name_given_twice_more_than_16_logs_or_another_shape_get_the_usage_line(several, bad):
+    assert several.ask(bad) == LASTLOG_USAGE
+
+
+def test_an_unknown_name_in_logs_gets_the_unknown_log_error(several):
+    reply = several.ask("lastlog 2 auth,nosuch")
+    assert reply.startswith(ERROR) and b"unknown log 'nosuch' (choose from syslog, auth, app, gcmd)" in reply
+
+
+@pytest.mark.parametrize("name", ["grep", "from"])
+def test_grep_and_from_are_reserved_as_log_names(tmp_path, name):
+    log = tmp_path / f"{name}.log"
+    log.write_text("x\n")
+    for arg in (f"--logfile={log}", f"--logfile={name}={log}"):
+        proc = subprocess.run([sys.executable, "-m", "gcmd", "--port", "0", "--root", str(tmp_path), arg],
+                              check=False, capture_output=True, text=True, timeout=20,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 2, (proc.returncode, proc.stderr)
+        assert f"--logfile: the log name '{name}' is reserved" in proc.stderr
+
+
+def test_pattern_is_the_rest_of_the_line_spaces_inside_kept_around_stripped(several, logs):
+    with open(logs[2], "a") as f:
+        f.write("two  spaces here\ntwo spaces here\n")
+    assert ask_block(several, "lastlog 5 app grep   two  spaces \t") == [b"two  spaces here"]
+
+
+# --- several logs ------------------------------------------------------------------------
+
+def test_lastlog_n_a_b_gives_the_last_n_of_each_log_under_its_header_in_the_order_of_logs(several):
+    assert ask_block(several, "lastlog 2 app,syslog") == [
+        b"==> app <==", b"p2", b"p3", b"==> syslog <==", *(line.encode() for line in LOG_LINES[-2:])]
+
+
+def test_logs_omitted_is_the_default_log_and_one_log_has_no_header(several):
+    assert ask_block(several, "lastlog 2") == [line.encode() for line in LOG_LINES[-2:]]
+    assert ask_block(several, "lastlog 2 app") == [b"p2", b"p3"]
+    assert ask_block(several, "lastlog 1 app grep p") == [b"p3"]
+
+
+def test_several_logs_share_the_8_mib_of_a_reply(make_server, connect, tmp_path):
+    big = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.log"
+        path.write_bytes((b"x" * 60000 + b"\n") * 200)  # 12 MB each
+        big.append(f"{name}={path}")
+    client = connect(make_server(logfiles=tuple(big)))
+    client.send("lastlog 1000 a,b\n")
+    reply = b"".join(client.block(END))
+    assert len(reply) <= MAX_REPLY + len(BEGIN) + len(END)
+    lines = lines_of(reply)
+    assert lines[0] == b"==> a <==" and lines[1].startswith(b"== ") and lines[1].endswith(b"older lines left out ==")
+    assert b"==> b <==" in lines
+
+
+# --- grep --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("pattern", "matched"), [
+    ("accepted", 13),   # no upper-case letter: case-insensitive, as journalctl
+    ("Accepted", 13),
+    ("ACCEPTED", 0),    # an upper-case letter: case-sensitive
+    ("Failed key$", 7),  # $ anchors at the line's end
+    ("^Nov 25 10:00:1", 10),
+    (r"sshd\[1[0-9]\]", 10),
+    ("(a+)+$", 0),
+])
+def test_only_lines_that_match_are_sent_re2_syntax_smart_case(several, pattern, matched):
+    lines = ask_block(several, f"lastlog 1000 auth grep {pattern}")
+    assert len(lines) == matched, lines
+
+
+def test_lastlog_n_grep_gives_the_last_n_lines_that_match(several):
+    assert ask_block(several, "lastlog 2 auth grep failed") == [
+        b"Nov 25 10:00:15 lab sshd[15]: Failed key", b"Nov 25 10:00:18 lab sshd[18]: Failed key"]
+
+
+def test_grep_matches_the_line_as_written_before_escaping(several, logs):
+    with open(logs[2], "ab") as f:
+        f.write(b"esc \x1b[31m red\nbackslash \\x1b plain\n")
+    assert ask_block(several, r"lastlog 5 app grep \x1b\[31m") == [b"esc \\x1b[31m red"]
+    assert ask_block(several, r"lastlog 5 app grep \\x1b") == [b"backslash \\x1b plain"]
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    ("(", b"bad pattern: missing ): ("),
+    ("a{2,1}", b"bad pattern: invalid repetition size: {2,1}"),
+    ("(?<=x)y", b"bad pattern: invalid perl operator: (?<="),
+    ("x" * 1025, b"bad pattern: longer than 1024 bytes"),
+])
+def test_a_pattern_not_valid_re2_or_longer_than_1024_bytes_gets_bad_pattern(several, pattern, why):
+    assert several.ask(f"lastlog auth grep {pattern}") == ERROR + why + b"\n"
+    assert several.ask("ping") == b"pong\n"
+
+
+def test_a_catastrophic_pattern_answers_at_once_while_ping_stays_fast(gcmd, tmp_path):
+    log = tmp_path / "aaa.log"
+    log.write_bytes(b"start\n" + b"a" * 100_000 + b"!\n" + (b"a" * 100_000 + b"\n") * 20)
+    server = gcmd(logfile=log)
+    greedy, other = server.client(), server.client()
+    started = time.monotonic()
+    greedy.send("lastlog 1000 grep (a+)+$\n")
+    pings = []
+    for _ in range(20):
+        sent = time.monotonic()
+        assert other.ask("ping") == b"pong\n"
+        pings.append(time.monotonic() - sent)
+    lines = lines_of(b"".join(greedy.block(END)))
+    assert time.monotonic() - started < 2.0
+    assert len(lines) == 20 and all(line == b"a" * MAX_LINE + b" [+34464 bytes]" for line in lines)
+    assert max(pings) < 0.5, pings
+
+
+def test_grep_looks_back_through_the_last_64_mib_and_says_so(make_server, connect, tmp_path):
+    log = tmp_path / "big.log"
+    filler = b"a filler line that does not match, about a hundred bytes long, padded out with words..\n"
+    with open(log, "wb") as f:
+        f.write(b"needle old\n")
+        f.write(filler * ((64 << 20) // len(filler) + 1))
+        f.write(b"needle new\n")
+    client = connect(make_server(logfiles=(str(log),)))
+    assert ask_block(client, "lastlog 5 grep needle") == [b"== searched the last 64 MiB only ==", b"needle new"]
+    assert ask_block(client, "lastlog 1 grep needle") == [b"needle new"]  # found N: no note
+
+
+def test_grep_searches_the_gcmd_log_it_keeps(gcmd):
+    client = gcmd().client()
+    everything = ask_block(client, "lastlog 1000 gcmd")
+    lines = ask_block(client, "lastlog 1000 gcmd grep LISTENING|listening on")
+    # the request itself is logged before it runs, and matches
+    assert lines[:-1] == [line for line in everything if b"listening on" in line] and lines[:-1]
+    assert lines[-1].endswith(b": lastlog 1000 gcmd grep LISTENING|listening on")
+
+
+@pytest.mark.parametrize(("run", "pattern", "found"), [
+    (b"ab\ncd\nab", b"ab", [(0, 2), (6, 8)]),
+    (b"a\nb", br"a\sb", []),          # a match across lines is not a line's
+    (b"xa\nb\nab", br"a\s*b", [(5, 7)]),
+    (b"one\ntwo", b"^two$", [(4, 7)]),
+    (b"one\ntwo", rb"\Atwo", [(4, 7)]),       # \A: each line on its own
+    (b"", b"x", []),
+    (b"x\n\nx", b"^$", [(2, 2)]),
+])
+def test_matching_lines_table(run, pattern, found):
+    assert matching_lines(run, Pattern(pattern)) == found
+
+
+# --- JSON lines --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "cut", "line"), [
+    (b"plain", 0, '{"log":"a","cursor":"C","line":"plain"}'),
+    (b"\x1b[31m\xc3\xa9\x7f\xc2\x9b", 0, '{"log":"a","cursor":"C","line":"\\u001b[31m\\u00e9\\u007f\\u009b"}'),
+    (b"\xff\xfe", 0, '{"log":"a","cursor":"C","line":[255,254]}'),
+    (b"== x", 0, '{"log":"a","cursor":"C","line":"== x"}'),
+    (b"x" * (MAX_LINE + 5), 0, '{"log":"a","cursor":"C","line":"%s","cut":5}' % ("x" * MAX_LINE)),
+    (b"x" * (MAX_LINE - 1) + b"\xc3", 7, '{"log":"a","cursor":"C","line":"%s","cut":8}' % ("x" * (MAX_LINE - 1))),
+])
+def test_json_line_table(raw, cut, line):
+    assert json_line("a", "C", raw, cut) == line.encode()
+
+
+def test_format_json_lines_are_json_objects_the_begin_and_end_lines_and_errors_stay(table):
+    assert table.ask("format json") == b"OK\n"
+    lines = lines_of(table.ask("lastlog 3"))
+    objects = [json.loads(line) for line in lines]
+    assert [o["line"] for o in objects] == LOG_LINES[-3:]
+    assert all(o["log"] == "syslog" and set(o) == {"log", "cursor", "line"} for o in objects)
+    assert table.ask("lastlog 2 nosuch").startswith(ERROR)
+    assert table.ask("lastlog 0") == LASTLOG_USAGE
+
+
+def test_json_line_is_the_line_as_written_and_not_utf_8_comes_back_byte_for_byte(table, logs):
+    written = [b"esc \x1b[31m and \\x1b", b"\xff\xfe not utf-8 \xc3(", b"== starts like a note", b"End lastlog",
+               b"Begin lastlog", b"End follow", "é ü 漢字".encode()]
+    with open(logs[2], "ab") as f:
+        f.write(b"\n".join(written) + b"\n")
+    table.ask("format json")
+    got = []
+    for line in lines_of(table.ask(f"lastlog {len(written)} app")):
+        assert line.isascii()  # nothing reaches a terminal raw
+        value = json.loads(line)["line"]
+        got.append(bytes(value) if isinstance(value, list) else value.encode())
+    assert got == written
+
+
+def test_json_line_over_65536_bytes_is_cut_with_cut(table, logs):
+    with open(logs[2], "ab") as f:
+        f.write(b"y" * 70000 + b"\n")
+    table.ask("format json")
+    line = json.loads(lines_of(table.ask("lastlog 1 app"))[0])
+    assert line["line"] == "y" * MAX_LINE and line["cut"] == 70000 - MAX_LINE
+
+
+def test_json_cursor_is_ascii_without_spaces_or_commas_at_most_256_bytes(table):
+    table.ask("format json")
+    for request in ("lastlog 1000", "lastlog 5 auth grep failed", "lastlog 10 gcmd"):
+        for line in lines_of(table.ask(request)):
+            cursor = json.loads(line)["cursor"]
+            assert cursor.isascii() and " " not in cursor and "," not in cursor and len(cursor) <= 256
+            parse_cursor(cursor.encode())
+
+
+def test_json_several_logs_have_no_header_each_line_names_its_log(table):
+    table.ask("format json")
+    objects = [json.loads(line) for line in lines_of(table.ask("lastlog 2 app,syslog"))]
+    assert [(o["log"], o["line"]) for o in objects] == [("app", "p2"), ("app", "p3"),
+                                                       ("syslog", LOG_LINES[-2]), ("syslog", LOG_LINES[-1])]
+
+
+def test_json_the_8_mib_cap_counts_json_lines_left_out_note(table, logs):
+    with open(logs[2], "ab") as f:
+        f.write((b"\x01" * 60000 + b"\n") * 100)  # 60 kB a line, 360 kB as JSON
+    table.ask("format json")
+    reply = table.ask("lastlog 1000 app")
+    lines = lines_of(reply)
+    assert len(reply) <= MAX_REPLY + len(BEGIN) + len(END)
+    note = json.loads(lines[0])
+    kept = len(lines) - 1
+    assert note == {"note": "left_out", "lines": 103 - kept} and kept > 0
+
+
+def test_json_searched_note(tmp_path):
+    log = tmp_path / "big.log"
+    with open(log, "wb") as f:
+        f.write(b"needle old\n")
+        f.write((b"-" * 99 + b"\n") * ((64 << 20) // 100 + 1))
+        f.write(b"needle new\n")
+    made = CommandTable(Config(host="127.0.0.1", port=0, root=str(tmp_path), logfiles=(f"big={log}",)))
+    try:
+        made.ask("format json")
+        lines = [json.loads(line) for line in lines_of(made.ask("lastlog 3 grep needle"))]
+    finally:
+        made.close()
+    assert lines[0] == {"note": "searched", "bytes": 64 << 20, "log": "big"}
+    assert [o["line"] for o in lines[1:]] == ["needle new"]
+
+
+# --- cursors -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "cursor"), [
+    (b"f1.fe00.20c995.12.82a9010a", FileCursor(0xFE00, 0x20C995, 0x12, "82a9010a")),
+    (b"f1.0.0.0.00000000", FileCursor(0, 0, 0, "00000000")),
+    (b"m1.0123456789abcdef.1f", MemoryCursor("0123456789abcdef", 0x1F)),
+    (b"j1.s=" + b"a" * 32 + b";i=1a;b=" + b"b" * 32 + b";m=3f;t=5e;x=77",
+     JournalCursor("s=" + "a" * 32 + ";i=1a;b=" + "b" * 32 + ";m=3f;t=5e;x=77")),
+])
+def test_parse_cursor_table(text, cursor):
+    assert parse_cursor(text) == cursor
+
+
+@pytest.mark.parametrize("text", [
+    b"", b"f1", b"f2.1.2.3.82a9010a", b"F1.1.2.3.82a9010a", b"f1.01.2.3.82a9010a", b"f1.1.2.3.82a9010",
+    b"f1.1.2.3.82A9010A", b"f1.1.2.3.82a9010a.", b"f1.1.2.-3.82a9010a", b"f1.1.2.3.82a9010a\n",
+    b"f1.11111111111111111.2.3.82a9010a", b"m1.0123.1", b"m1.0123456789abcdef.", b"j1.s=1;i=2",
+    b"j1.s=" + b"a" * 32 + b";i=1a;b=" + b"b" * 32 + b";m=3f;t=5e;x=77;y=1", b"x" * 300, "f1.١.2.3.82a9010a".encode(),
+])
+def test_parse_cursor_refuses_what_gcmd_did_not_make(text):
+    with pytest.raises(CommandError, match="^bad cursor$"):
+        parse_cursor(text)
+
+
+def test_cursors_parse_back_to_what_they_name():
+    cursor = parse_cursor(file_cursor((2049, 77), 1234, b"line", 0).encode())
+    assert (cursor.device, cursor.inode, cursor.end) == (2049, 77, 1234)
+    assert parse_cursor(memory_cursor("00ff00ff00ff00ff", 4096).encode()) == MemoryCursor("00ff00ff00ff00ff", 4096)
+
+
+def test_a_file_cursor_names_the_file_the_line_end_and_the_line(table, logs):
+    table.ask("format json")
+    first = json.loads(lines_of(table.ask("lastlog 1 app"))[0])["cursor"]
+    cursor = parse_cursor(first.encode())
+    st = os.stat(logs[2])
+    assert (cursor.device, cursor.inode, cursor.end) == (st.st_dev, st.st_ino, st.st_size - 1)
+    logs[2].write_text("p1\np2\nq3\n")  # rewritten in place: same file, same offsets, another line
+    assert json.loads(lines_of(table.ask("lastlog 1 app"))[0])["cursor"] != first

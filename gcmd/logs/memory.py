@@ -7,9 +7,11 @@ gcmd.logreader.Broadcast.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import deque
 
-from gcmd.logs.lines import MAX_LINE, RECENT_LINES, LineSplitter
+from gcmd.logs.lines import MAX_LINE, MAX_REPLY, RECENT_LINES, LineSplitter
+from gcmd.logs.queries import Pattern, Shape, memory_cursor, recent_block
 from gcmd.logs.readers import Broadcast, Subscriber
 from gcmd.serverlog.setup import LineHandler, flush_lines
 
@@ -41,6 +43,8 @@ class MemoryLog(Broadcast, LineHandler):
         self._arrived: deque[tuple[str, int]] = deque()
         self._arrived_lines = 0
         self._scheduled = False
+        #: tells this process's lines from those of another (cursors): a restart loses them
+        self.process = secrets.token_hex(8)
 
     def emit_texts(self, texts: list[str]) -> None:
         text = "\n".join(texts)
@@ -92,3 +96,10 @@ class MemoryLog(Broadcast, LineHandler):
         flush_lines()
         self._remember()
         return self.recent.last(count)
+
+    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
+        """The lines of this log in a lastlog block of a query (in the hub's thread)."""
+        flush_lines()
+        self._remember()
+        return recent_block(self.recent, count, pattern, shape, limit,
+                            lambda number: memory_cursor(self.process, number))

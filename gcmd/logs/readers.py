@@ -47,8 +47,17 @@ import gevent.lock
 from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
-from gcmd.logs.lines import RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.logs.tailing import Children, Job, Reader, identify, locate, read_last_lines
+from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, Batch, LineSplitter, Recent
+from gcmd.logs.queries import Pattern, Shape, recent_block
+from gcmd.logs.tailing import (
+    Children,
+    Job,
+    Reader,
+    identify,
+    locate,
+    query_last_lines,
+    read_last_lines,
+)
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
@@ -220,6 +229,11 @@ class _ProcessLog(Broadcast):
         self._check_reader("lastlog")
         return self.recent.last(count)
 
+    def _query_memory(self, count: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
+        """A query's lines from what the reader read (no cursors: see JournalLog)."""
+        self._check_reader("lastlog")
+        return recent_block(self.recent, count, pattern, shape, limit)
+
     def _check_reader(self, command: str) -> None:
         """Wait until the reader has read something; CommandError if it failed
         first, or took more than the command timeout (``command``: for the message)."""
@@ -260,6 +274,15 @@ class FileLog(_ProcessLog):
             return lines
         self._follow_path()  # not a regular file: what its reader read
         return self._from_memory(count)
+
+    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
+        """The lines of this log in a lastlog block of a query (see query_last_lines),
+        read in the pool; CommandError when the file cannot be read."""
+        lines = self._call(query_last_lines, "lastlog", count, pattern, shape, limit)
+        if lines is not None:
+            return lines
+        self._follow_path()  # not a regular file: what its reader read
+        return self._query_memory(count, pattern, shape, limit)
 
     def subscribe(self, callback: Subscriber) -> None:
         """Follow the file; CommandError when it cannot be read or followed now."""
@@ -364,6 +387,15 @@ class JournalLog(_ProcessLog):
         """The lastlog block of the last ``count`` entries; CommandError when unreadable or slow."""
         self._ensure_reader()
         return self._from_memory(count)
+
+    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
+        """The lines of the journal in a lastlog block of a query, from its last 1000 entries.
+
+        Its JSON lines have no cursor yet: the reader prints the ``short`` format,
+        which does not carry journald's cursor.
+        """
+        self._ensure_reader()
+        return self._query_memory(count, pattern, shape, limit)
 
     def subscribe(self, callback: Subscriber) -> None:
         """Follow the journal from the end of its backlog; CommandError when its

@@ -29,12 +29,15 @@ from gcmd.logs.lines import (
     dropped,
     wire_line,
 )
+from gcmd.logs.queries import SEARCH_WINDOW, Pattern, Shape, file_cursor, matching_lines
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
 
 #: bytes per read: of a file backwards, of a reader's output
 CHUNK = 65536
+#: bytes per read of a search (``lastlog ... grep``): RE2 scans them in one call
+SEARCH_CHUNK = 1 << 20
 #: lastlog takes its lines from the chunks it scanned while they hold at most this much
 SCANNED_KEPT = 1 << 20
 #: seconds before a reader that exited is started again: doubling from first to most
@@ -146,6 +149,112 @@ def _read_lines(fd: int, spans: list[tuple[int, int]], job: Job):
             yield line
         else:  # capped() leaves it out: any bytes stand for it
             yield None if dropped(os.pread(fd, min(length, DECIDING_BYTES), start)) else b""
+
+
+def query_last_lines(path: str, count: int, pattern: Pattern | None, shape: Shape, limit: int,
+                     job: Job) -> list[bytes] | None:
+    """The lines of one log in a lastlog block of a query: the last ``count``
+    lines of the file at ``path`` (with ``pattern``: that match, within its
+    last SEARCH_WINDOW bytes), shaped by ``shape``, at most ``limit`` bytes as
+    sent; None if the path is not a regular file.
+
+    Raises OSError when the path cannot be opened or read.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            identity = (st.st_dev, st.st_ino)
+            if pattern is None:
+                spans = _last_spans(fd, size, count, job)[0]
+                block = capped(_shaped_lines(fd, identity, spans, shape, job), 0, limit, shape.left_out)
+            else:
+                block = _search_block(fd, identity, size, count, pattern, shape, limit, job)
+            st = os.fstat(fd)
+            # shorter now: truncated while it was read, what was read may mix contents
+            if st.st_size >= size:
+                return block
+    finally:
+        os.close(fd)
+
+
+def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], shape: Shape, job: Job):
+    """The lines of ``spans`` as ``shape`` sends them, newest first; past a full reply only
+    whether each is dropped (as _read_lines)."""
+    room = MAX_REPLY
+    for start, end in spans:
+        job.check()
+        length = end - start
+        if room >= 0:
+            raw, cut = os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)
+            line = shape.line(raw, cut, file_cursor(identity, end, raw, cut) if shape.json else None)
+            if line is not None:
+                room -= len(line) + 1
+            yield line
+        elif shape.json:
+            yield b""  # nothing is dropped in JSON: left out
+        else:
+            yield None if dropped(os.pread(fd, min(length, DECIDING_BYTES), start)) else b""
+
+
+def _search_block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: Pattern,
+                  shape: Shape, limit: int, job: Job) -> list[bytes]:
+    """The last ``count`` lines that match among the first ``size`` bytes, looking back
+    SEARCH_WINDOW bytes at most; led by the ``searched`` note when that stopped it."""
+    found, stopped = _search_back(fd, size, count, pattern, job)
+    lines = []
+    for end, line in found:
+        raw, cut = line[:MAX_LINE], max(0, len(line) - MAX_LINE)
+        lines.append(shape.line(raw, cut, file_cursor(identity, end, raw, cut) if shape.json else None))
+    if not stopped:
+        return capped(lines, 0, limit, shape.left_out)
+    note = shape.searched()
+    return [note, *capped(lines, 0, limit - len(note) - 1, shape.left_out)]
+
+
+def _search_back(fd: int, size: int, count: int, pattern: Pattern, job: Job,
+                 window: int = SEARCH_WINDOW) -> tuple[list[tuple[int, bytes]], bool]:
+    """The (end offset, line) of the last ``count`` lines of the first ``size`` bytes
+    that match, newest first, and whether the search stopped at ``window``
+    bytes from the end with fewer (a line that begins before that is not searched).
+
+    Read backwards in SEARCH_CHUNK runs; each run is searched at once (see
+    matching_lines), so a rare match costs RE2's scan of the bytes, not a
+    Python step per line.
+    """
+    if size == 0 or count <= 0:
+        return [], False
+    end = size - 1 if os.pread(fd, 1, size - 1) == b"\n" else size
+    floor = max(0, size - window)
+    found: list[tuple[int, bytes]] = []
+    position = end
+    # the start of the line that ends the run read before (it began before that run),
+    # newest piece first: a long line is joined once, not once per chunk
+    carry: list[bytes] = []
+    while position > floor and len(found) < count:
+        job.check()
+        n = min(SEARCH_CHUNK, position - floor)
+        position -= n
+        piece = os.pread(fd, n, position)
+        if position > 0 and b"\n" not in piece:  # all of it inside one line
+            carry.append(piece)
+            continue
+        data = piece + b"".join(reversed(carry))
+        if position == 0:
+            first, carry = 0, []
+        else:
+            first = data.find(b"\n") + 1
+            carry = [data[:first - 1]]
+        run = data[first:]
+        base = position + first
+        for start, stop in reversed(matching_lines(run, pattern)):
+            found.append((base + stop, run[start:stop]))
+            if len(found) == count:
+                break
+    return found, len(found) < count and floor > 0
 
 
 def locate(path: str, job: Job) -> tuple[tuple[int, int], bool, int]:

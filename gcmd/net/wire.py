@@ -148,3 +148,6 @@ def echo_path(path: bytes) -> str:
 # --- 1.2 ---------------------------------------------------------------------------------
 #: the version of the protocol this server speaks, in the reply to ``version``
 PROTOCOL_VERSION = "1.2"
+OK = b"OK\n"
+FORMAT_USAGE = b"Usage: format text|json\n"
+LASTLOG_QUERY_USAGE = b"Usage: lastlog [LINES] [LOGS] [grep PATTERN]\n"
