@@ -30,7 +30,9 @@ from gcmd.logs.queries import (
     Query,
     Usage,
     file_cursor,
+    journal_cursor,
     json_line,
+    line_hash,
     matching_lines,
     memory_cursor,
     parse_cursor,
@@ -416,22 +418,25 @@ def test_json_searched_note(tmp_path):
 
 # --- cursors -----------------------------------------------------------------------------
 
+JOURNALD = "s=" + "a" * 32 + ";i=1a;b=" + "b" * 32 + ";m=3f;t=5e;x=77"
+
+
 @pytest.mark.parametrize(("text", "cursor"), [
-    (b"f1.fe00.20c995.12.82a9010a", FileCursor(0xFE00, 0x20C995, 0x12, "82a9010a")),
-    (b"f1.0.0.0.00000000", FileCursor(0, 0, 0, "00000000")),
-    (b"m1.0123456789abcdef.1f", MemoryCursor("0123456789abcdef", 0x1F)),
-    (b"j1.s=" + b"a" * 32 + b";i=1a;b=" + b"b" * 32 + b";m=3f;t=5e;x=77",
-     JournalCursor("s=" + "a" * 32 + ";i=1a;b=" + "b" * 32 + ";m=3f;t=5e;x=77")),
+    (b"f1:auth:fe00:20c995:12:82a9010a", FileCursor("auth", 0xFE00, 0x20C995, 0x12, "82a9010a")),
+    (b"f1:a.b-c_d:0:0:0:00000000", FileCursor("a.b-c_d", 0, 0, 0, "00000000")),
+    (b"m1:gcmd:0123456789abcdef:1f", MemoryCursor("gcmd", "0123456789abcdef", 0x1F)),
+    (f"j1:journal:{JOURNALD}".encode(), JournalCursor("journal", JOURNALD)),
 ])
 def test_parse_cursor_table(text, cursor):
     assert parse_cursor(text) == cursor
 
 
 @pytest.mark.parametrize("text", [
-    b"", b"f1", b"f2.1.2.3.82a9010a", b"F1.1.2.3.82a9010a", b"f1.01.2.3.82a9010a", b"f1.1.2.3.82a9010",
-    b"f1.1.2.3.82A9010A", b"f1.1.2.3.82a9010a.", b"f1.1.2.-3.82a9010a", b"f1.1.2.3.82a9010a\n",
-    b"f1.11111111111111111.2.3.82a9010a", b"m1.0123.1", b"m1.0123456789abcdef.", b"j1.s=1;i=2",
-    b"j1.s=" + b"a" * 32 + b";i=1a;b=" + b"b" * 32 + b";m=3f;t=5e;x=77;y=1", b"x" * 300, "f1.١.2.3.82a9010a".encode(),
+    b"", b"f1", b"f2:a:1:2:3:82a9010a", b"F1:a:1:2:3:82a9010a", b"f1:a:01:2:3:82a9010a", b"f1:a:1:2:3:82a9010",
+    b"f1:a:1:2:3:82A9010A", b"f1:a:1:2:3:82a9010a:", b"f1:a:1:2:-3:82a9010a", b"f1:a:1:2:3:82a9010a\n",
+    b"f1::1:2:3:82a9010a", b"f1:-a:1:2:3:82a9010a", b"f1:a b:1:2:3:82a9010a", b"f1:a:11111111111111111:2:3:82a9010a",
+    b"m1:gcmd:0123:1", b"m1:gcmd:0123456789abcdef:", b"j1:journal:s=1;i=2", f"j1:journal:{JOURNALD};y=1".encode(),
+    b"x" * 300, "f1:a:١:2:3:82a9010a".encode(),
 ])
 def test_parse_cursor_refuses_what_gcmd_did_not_make(text):
     with pytest.raises(CommandError, match="^bad cursor$"):
@@ -439,9 +444,11 @@ def test_parse_cursor_refuses_what_gcmd_did_not_make(text):
 
 
 def test_cursors_parse_back_to_what_they_name():
-    cursor = parse_cursor(file_cursor((2049, 77), 1234, b"line", 0).encode())
-    assert (cursor.device, cursor.inode, cursor.end) == (2049, 77, 1234)
-    assert parse_cursor(memory_cursor("00ff00ff00ff00ff", 4096).encode()) == MemoryCursor("00ff00ff00ff00ff", 4096)
+    assert parse_cursor(file_cursor("auth", (2049, 77), 1234, b"line", 0).encode()) == FileCursor(
+        "auth", 2049, 77, 1234, line_hash(b"line", 0))
+    assert parse_cursor(memory_cursor("gcmd", "00ff00ff00ff00ff", 4096).encode()) == MemoryCursor(
+        "gcmd", "00ff00ff00ff00ff", 4096)
+    assert parse_cursor(journal_cursor("journal", JOURNALD).encode()) == JournalCursor("journal", JOURNALD)
 
 
 def test_a_file_cursor_names_the_file_the_line_end_and_the_line(table, logs):
@@ -449,6 +456,6 @@ def test_a_file_cursor_names_the_file_the_line_end_and_the_line(table, logs):
     first = json.loads(lines_of(table.ask("lastlog 1 app"))[0])["cursor"]
     cursor = parse_cursor(first.encode())
     st = os.stat(logs[2])
-    assert (cursor.device, cursor.inode, cursor.end) == (st.st_dev, st.st_ino, st.st_size - 1)
+    assert (cursor.log, cursor.device, cursor.inode, cursor.end) == ("app", st.st_dev, st.st_ino, st.st_size - 1)
     logs[2].write_text("p1\np2\nq3\n")  # rewritten in place: same file, same offsets, another line
     assert json.loads(lines_of(table.ask("lastlog 1 app"))[0])["cursor"] != first

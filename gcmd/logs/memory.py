@@ -102,4 +102,4 @@ class MemoryLog(Broadcast, LineHandler):
         flush_lines()
         self._remember()
         return recent_block(self.recent, count, pattern, shape, limit,
-                            lambda number: memory_cursor(self.process, number))
+                            lambda number: memory_cursor(shape.name, self.process, number))

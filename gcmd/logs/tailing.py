@@ -190,7 +190,7 @@ def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int
         length = end - start
         if room >= 0:
             raw, cut = os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)
-            line = shape.line(raw, cut, file_cursor(identity, end, raw, cut) if shape.json else None)
+            line = shape.line(raw, cut, file_cursor(shape.name, identity, end, raw, cut) if shape.json else None)
             if line is not None:
                 room -= len(line) + 1
             yield line
@@ -208,7 +208,7 @@ def _search_block(fd: int, identity: tuple[int, int], size: int, count: int, pat
     lines = []
     for end, line in found:
         raw, cut = line[:MAX_LINE], max(0, len(line) - MAX_LINE)
-        lines.append(shape.line(raw, cut, file_cursor(identity, end, raw, cut) if shape.json else None))
+        lines.append(shape.line(raw, cut, file_cursor(shape.name, identity, end, raw, cut) if shape.json else None))
     if not stopped:
         return capped(lines, 0, limit, shape.left_out)
     note = shape.searched()
