@@ -9,15 +9,25 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import re
 from collections.abc import Callable
 from time import monotonic
 
 from gcmd import __version__
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
+from gcmd.logs.feed import Feed
 from gcmd.logs.lines import MAX_REPLY
-from gcmd.logs.queries import JSON, TEXT, Pattern, Shape, Usage, header, parse_query
+from gcmd.logs.queries import (
+    JSON,
+    TEXT,
+    Pattern,
+    Query,
+    Shape,
+    Usage,
+    header,
+    parse_cursor,
+    parse_query,
+)
 from gcmd.logs.sources import Logs
 from gcmd.net import wire
 from gcmd.net.wire import (
@@ -32,14 +42,6 @@ from gcmd.net.wire import (
 from gcmd.observe.stats import ServerStats
 
 log = logging.getLogger(__name__)
-
-_SPACES = re.compile(rb"[ \t]+")
-
-
-def _words(arg: bytes) -> list[bytes]:
-    """The words of an argument, split on spaces and tabs only."""
-    return _SPACES.split(arg) if arg else []
-
 
 def command(*, slow: bool = False, public: bool = False, secret: bool = False) -> Callable:
     """Mark a ``do_`` method: ``slow`` ones wait on a thread or a process, so the
@@ -149,8 +151,7 @@ class Commands:
         except Usage:
             return wire.LASTLOG_QUERY_USAGE
         count = 10 if query.count is None else query.count
-        names = [name.decode("ascii", "replace") for name in query.logs] or [self.logs.default]
-        logs = [self.logs.get(name) for name in query.logs] or [self.logs.get(None)]
+        names, logs = self._logs_of(query)
         pattern = None if query.pattern is None else Pattern(query.pattern)
         format = getattr(session, "format", TEXT)
         if len(logs) == 1 and pattern is None and format == TEXT:
@@ -167,13 +168,32 @@ class Commands:
 
     @command(slow=True)
     def do_follow(self, session, arg: bytes) -> bytes:
-        """follow [LOG] - the new lines of a log as they are written, until you send a line"""
-        words = _words(arg)
-        if len(words) > 1:
-            return wire.FOLLOW_USAGE
-        log = self.logs.get(words[0] if words else None)
-        session.start_following(log)
-        return Follow(wire.BEGIN_FOLLOW)
+        """follow [LINES] [LOGS] [from CURSORS] [grep PATTERN] - the last LINES lines (default 0), then the new lines of logs as they are written, until you send a line"""
+        try:
+            query = parse_query(arg, follow=True)
+        except Usage:
+            return wire.FOLLOW_QUERY_USAGE
+        names, logs = self._logs_of(query)
+        cursors = [parse_cursor(text) for text in query.cursors]
+        if any(cursor.log not in names for cursor in cursors) or len({c.log for c in cursors}) < len(cursors):
+            raise CommandError("bad cursor")
+        if cursors:
+            raise CommandError("follow from a cursor is not served yet")
+        pattern = None if query.pattern is None else Pattern(query.pattern)
+        format = getattr(session, "format", TEXT)
+        if len(logs) == 1 and not query.count and pattern is None and format == TEXT:
+            session.start_following(logs[0])  # 1.1: the log's own batches, shared by its followers
+            return Follow(wire.BEGIN_FOLLOW)
+        feed = Feed(list(zip(names, logs)), query.count or 0, pattern, format)
+        session.start_following(feed)
+        return Follow(b"".join([wire.BEGIN_FOLLOW, *(line + b"\n" for line in feed.backlog)]))
+
+    def _logs_of(self, query: Query) -> tuple[list[str], list]:
+        """The names and logs a query names (the default log when none); CommandError for an unknown one."""
+        if not query.logs:
+            return [self.logs.default], [self.logs.get(None)]
+        logs = [self.logs.get(name) for name in query.logs]  # first: an unknown name is an error
+        return [name.decode("ascii") for name in query.logs], logs
 
     @command()
     def do_format(self, session, arg: bytes) -> bytes:

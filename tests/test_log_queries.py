@@ -15,19 +15,24 @@ import subprocess
 import sys
 import time
 
+import gevent
 import pytest
 from conftest import CommandTable
-from support import ERROR, LOG_LINES
+from gevent.threadpool import ThreadPool
+from support import ERROR, LOG_LINES, poll
 
 from gcmd import __version__
 from gcmd.config import Config
-from gcmd.logs.lines import MAX_LINE, MAX_REPLY
+from gcmd.logs.feed import Feed
+from gcmd.logs.lines import MAX_LINE, MAX_REPLY, FollowBuffer
 from gcmd.logs.queries import (
+    JSON,
     FileCursor,
     JournalCursor,
     MemoryCursor,
     Pattern,
     Query,
+    Shape,
     Usage,
     file_cursor,
     journal_cursor,
@@ -38,12 +43,15 @@ from gcmd.logs.queries import (
     parse_cursor,
     parse_query,
 )
+from gcmd.logs.readers import FileLog
 from gcmd.net.session import Session
 from gcmd.net.wire import CommandError
 
 pytestmark = pytest.mark.timeout(30)
 
 LASTLOG_USAGE = b"Usage: lastlog [LINES] [LOGS] [grep PATTERN]\n"
+FOLLOW_USAGE = b"Usage: follow [LINES] [LOGS] [from CURSORS] [grep PATTERN]\n"
+BEGIN_FOLLOW, END_FOLLOW = b"Begin follow\n", b"End follow\n"
 FORMAT_USAGE = b"Usage: format text|json\n"
 BEGIN, END = b"Begin lastlog\n", b"End lastlog\n"
 
@@ -459,3 +467,195 @@ def test_a_file_cursor_names_the_file_the_line_end_and_the_line(table, logs):
     assert (cursor.log, cursor.device, cursor.inode, cursor.end) == ("app", st.st_dev, st.st_ino, st.st_size - 1)
     logs[2].write_text("p1\np2\nq3\n")  # rewritten in place: same file, same offsets, another line
     assert json.loads(lines_of(table.ask("lastlog 1 app"))[0])["cursor"] != first
+
+
+# --- follow: the feed over real logs (real files, real tail), no network ------------------
+
+#: appends ``n I`` lines from I = argv[2], RATE a second (argv[3]), a few per write, until killed
+WRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+n, rate = int(sys.argv[2]), int(sys.argv[3])
+start = time.monotonic()
+while True:
+    due = int((time.monotonic() - start) * rate)
+    if due > 0:
+        os.write(fd, b"".join(b"n %d\\n" % i for i in range(n, n + due)))
+        n += due
+        start += due / rate
+    time.sleep(0.001)
+"""
+
+
+@pytest.fixture
+def pool():
+    threads = ThreadPool(2)
+    yield threads
+    threads.kill()
+
+
+@pytest.fixture
+def file_logs(pool):
+    """Make FileLogs over real files; each is closed after the test."""
+    made = []
+
+    def make(path) -> FileLog:
+        log = FileLog(str(path), pool, 5.0)
+        made.append(log)
+        return log
+
+    yield make
+    for log in made:
+        log.close()
+
+
+@pytest.fixture
+def writer(tmp_path):
+    """Start a process that appends numbered lines to a file; stopped after the test."""
+    procs = []
+
+    def start(path, first: int, rate: int) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(first), str(rate)])
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def numbers(lines: list[bytes]) -> list[int]:
+    return [int(line.split()[1]) for line in lines]
+
+
+@pytest.mark.parametrize("reader_running", [False, True])
+def test_follow_n_backlog_then_every_line_after_no_gap_no_repeat_at_the_seam_while_the_log_grows_fast(
+        tmp_path, file_logs, writer, reader_running):
+    path = tmp_path / "fast.log"
+    path.write_text("".join(f"n {i}\n" for i in range(100)))
+    writer(path, 100, 5000)
+    log = file_logs(path)
+    if reader_running:  # another follower already reads the log
+        other: list[bytes] = []
+        log.subscribe(other.extend)
+        poll(lambda: other, 5, "the other follower got nothing")
+    for _ in range(5):
+        feed = Feed([("fast", log)], 50)
+        got: list[bytes] = []
+        feed.subscribe(got.extend)
+        poll(lambda got=got: len(got) >= 1000, 10, "fewer than 1000 lines followed")
+        feed.unsubscribe(got.extend)
+        assert len(feed.backlog) == 50
+        seen = numbers(feed.backlog + got)
+        assert seen == list(range(seen[0], seen[0] + len(seen))), "a gap or a repeat at the seam"
+
+
+def test_lines_that_do_not_match_never_reach_the_follower(tmp_path, file_logs):
+    path = tmp_path / "app.log"
+    path.write_text("keep 0\ndrop 0\n")
+    feed = Feed([("app", file_logs(path))], 5, Pattern(b"^keep"))
+    calls: list[list[bytes]] = []
+    feed.subscribe(calls.append)
+    assert feed.backlog == [b"keep 0"]
+    with open(path, "a") as f:
+        f.write("".join(f"drop {i}\n" for i in range(1000)) + "keep 1\n")
+    poll(lambda: calls, 5, "nothing followed")
+    gevent.sleep(0.1)
+    assert calls == [[b"keep 1"]]
+
+
+def test_follow_several_logs_headers_when_the_log_changes(tmp_path, file_logs):
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("a0\n")
+    b.write_text("b0\n")
+    feed = Feed([("a", file_logs(a)), ("b", file_logs(b))], 1)
+    got: list[bytes] = []
+    feed.subscribe(got.extend)
+    assert feed.backlog == [b"==> a <==", b"a0", b"==> b <==", b"b0"]
+    for path, line in ((b, "b1"), (b, "b2"), (a, "a1"), (b, "b3")):
+        with open(path, "a") as f:
+            f.write(line + "\n")
+        poll(lambda line=line: line.encode() in got, 5, f"{line} not followed")
+    assert got == [b"b1", b"b2", b"==> a <==", b"a1", b"==> b <==", b"b3"]
+
+
+def test_follow_json_lines_carry_the_cursor_lastlog_gives_the_same_line(tmp_path, file_logs):
+    path = tmp_path / "app.log"
+    path.write_bytes(b"old\n")
+    log = file_logs(path)
+    feed = Feed([("app", log)], 1, None, JSON)
+    got: list[bytes] = []
+    feed.subscribe(got.extend)
+    with open(path, "ab") as f:
+        f.write(b"new \xff\n== not dropped\n")
+    poll(lambda: len(got) == 2, 5, "not followed")
+    live = [json.loads(line) for line in got]
+    assert json.loads(feed.backlog[0])["line"] == "old"
+    assert [o["line"] for o in live] == [list(b"new \xff"), "== not dropped"]
+    lastlog = [json.loads(line) for line in log.query(2, None, Shape(JSON, "app"))]
+    assert [o["cursor"] for o in lastlog] == [o["cursor"] for o in live]
+    assert feed.dropped_marker(12) == b'{"note":"dropped","lines":12}'
+
+
+def test_a_follow_buffer_says_what_it_dropped_with_its_marker():
+    buffer = FollowBuffer(60, marker=lambda n: b'{"note":"dropped","lines":%d}' % n)
+    buffer.push([b"x" * 20, b"y" * 20, b"z" * 20])
+    assert buffer.take() == b'{"note":"dropped","lines":2}\n' + b"z" * 20 + b"\n"
+    text = FollowBuffer(60)
+    text.push([b"x" * 20, b"y" * 20, b"z" * 20])
+    assert text.take() == b"== 2 lines dropped ==\n" + b"z" * 20 + b"\n"
+
+
+# --- follow through a server ------------------------------------------------------------
+
+def read_until(client, last: bytes) -> list[bytes]:
+    got = []
+    while not got or got[-1] != last:
+        got.append(client.line())
+    return got
+
+
+def test_follow_n_logs_grep_gives_the_backlog_then_the_matching_new_lines(several, logs):
+    several.send("follow 2 app,auth grep failed|^p\n")
+    assert read_until(several, b"Nov 25 10:00:18 lab sshd[18]: Failed key\n") == [
+        BEGIN_FOLLOW, b"==> app <==\n", b"p2\n", b"p3\n", b"==> auth <==\n",
+        b"Nov 25 10:00:15 lab sshd[15]: Failed key\n", b"Nov 25 10:00:18 lab sshd[18]: Failed key\n"]
+    with open(logs[2], "a") as f:
+        f.write("nothing\np4\n")
+    assert several.line() == b"==> app <==\n"
+    assert several.line() == b"p4\n"
+    assert several.ask("ping") == END_FOLLOW
+    assert several.line() == b"pong\n"
+
+
+def test_follow_with_one_log_and_no_new_words_is_1_1(several, logs):
+    assert several.ask("follow app") == BEGIN_FOLLOW
+    with open(logs[2], "a") as f:
+        f.write("p4\n")
+    assert several.line() == b"p4\n"
+    assert several.ask("") == END_FOLLOW
+
+
+@pytest.mark.parametrize("bad", ["follow -1", "follow 1001", "follow a b", "follow from", "follow grep",
+                                 "follow app,app", "follow app from"])
+def test_follow_any_other_shape_gets_the_follow_usage_line(several, bad):
+    assert several.ask(bad) == FOLLOW_USAGE
+
+
+@pytest.mark.parametrize("cursors", ["nonsense", "f1:auth:1:2:3:0000abcd", "f1:app:1:2:3:0000abcd,f1:app:1:2:4:0000abcd"])
+def test_a_cursor_gcmd_did_not_make_or_of_a_log_not_in_logs_gets_bad_cursor(several, cursors):
+    assert several.ask(f"follow app from {cursors}") == ERROR + b"bad cursor\n"
+
+
+def test_follow_n_of_the_gcmd_log_gives_its_last_lines_then_the_new_ones(gcmd):
+    server = gcmd()
+    client, other = server.client(), server.client()
+    kept = ask_block(client, "lastlog 2 gcmd")
+    client.send("follow 2 gcmd\n")
+    assert client.line() == BEGIN_FOLLOW
+    backlog = [client.line()[:-1], client.line()[:-1]]
+    assert backlog[0] == kept[1] and backlog[1].endswith(b": follow 2 gcmd")  # the request is logged first
+    other.ask("ping")
+    assert client.line().endswith(b": ping\n")
+    assert client.ask("") == END_FOLLOW

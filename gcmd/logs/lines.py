@@ -155,6 +155,32 @@ class LineSplitter:
         self._keep(rest)
         return lines
 
+    def feed_lines(self, chunk: bytes, start: int) -> list[tuple[bytes, int, int]]:
+        """The raw lines that ``chunk`` completes, oldest first, as (raw, cut, end):
+        the line's first MAX_LINE bytes, the bytes cut off after them, and
+        the offset of its ``\\n`` (``start``: the offset of ``chunk``'s first byte).
+        ``wire_line(raw, cut)`` is what :meth:`feed` gives for it."""
+        if LF not in chunk:
+            self._keep(chunk)
+            return []
+        parts = chunk.split(b"\n")
+        rest = parts.pop()
+        first = parts[0]
+        if self._cut:
+            head, cut = bytes(self._head), self._cut + len(first)
+        else:
+            head = bytes(self._head) + first if self._head else first
+            head, cut = head[:MAX_LINE], max(0, len(head) - MAX_LINE)
+        end = start + len(first)
+        lines = [(head, cut, end)]
+        for part in parts[1:]:
+            end += 1 + len(part)
+            lines.append((part[:MAX_LINE], max(0, len(part) - MAX_LINE), end))
+        self._head.clear()
+        self._cut = 0
+        self._keep(rest)
+        return lines
+
     def _keep(self, data: bytes) -> None:
         if self._cut:
             self._cut += len(data)

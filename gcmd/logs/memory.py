@@ -12,7 +12,7 @@ from collections import deque
 
 from gcmd.logs.lines import MAX_LINE, MAX_REPLY, RECENT_LINES, LineSplitter
 from gcmd.logs.queries import Pattern, Shape, memory_cursor, recent_block
-from gcmd.logs.readers import Broadcast, Subscriber
+from gcmd.logs.readers import Broadcast, LineSubscriber, Subscriber
 from gcmd.serverlog.setup import LineHandler, flush_lines
 
 #: the lines Recent keeps track of: those it keeps and as many pushed out before them
@@ -52,7 +52,7 @@ class MemoryLog(Broadcast, LineHandler):
         self._arrived.append((text, lines))
         self._arrived_lines += lines
         self.stats.lines_read += lines
-        if self._subscribers:
+        if self._subscribers or self._line_subscribers:
             if not self._scheduled:
                 # once per event-loop iteration (this may also be a subscriber that logs)
                 self._scheduled = True
@@ -83,13 +83,33 @@ class MemoryLog(Broadcast, LineHandler):
         splitter, wire = LineSplitter(), []
         for start in range(0, len(lines), MAX_LINE):  # its one-pass path takes up to MAX_LINE bytes
             wire += splitter.feed(lines[start:start + MAX_LINE])
+        first = self.recent.appended + 1
         self.recent.extend(wire)
         self._deliver(wire)  # queued for the courier's next pass
+        if self._line_subscribers:
+            raws = lines.split(b"\n")
+            raws.pop()  # after the last newline
+            self._deliver_lines([(raw, 0, first + n) for n, raw in enumerate(raws)], None)
 
     def subscribe(self, callback: Subscriber) -> None:
         flush_lines()
         self._remember()  # the lines logged before are not sent
         super().subscribe(callback)
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        flush_lines()
+        self._remember()  # the lines logged before are not sent, and are all in recent
+        super().subscribe_lines(callback)
+
+    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
+                limit: int = MAX_REPLY) -> tuple[None, list[bytes]]:
+        """A follow's backlog: the kept lines as they are just after subscribe_lines
+        (called without a wait in between, so that no line is missed or repeated)."""
+        return None, recent_block(self.recent, count, pattern, shape, limit,
+                                  lambda number: memory_cursor(shape.name, self.process, number))
+
+    def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
+        return memory_cursor(log, self.process, where)
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines (in the hub's thread)."""

@@ -48,11 +48,12 @@ from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
 from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.logs.queries import Pattern, Shape, recent_block
+from gcmd.logs.queries import Pattern, Shape, file_cursor, recent_block
 from gcmd.logs.tailing import (
     Children,
     Job,
     Reader,
+    follow_backlog,
     identify,
     locate,
     query_last_lines,
@@ -81,6 +82,9 @@ ROTATION_CHECK = 0.5
 DRAIN = 1.0
 
 Subscriber = Callable[[list[bytes]], object]
+#: a feed's subscriber (gcmd.logs.feed): ``callback(lines, tag)`` with ``lines`` as (raw,
+#: cut, where) and ``tag`` what ``where`` is relative to (see Broadcast.subscribe_lines)
+LineSubscriber = Callable[[list[tuple[bytes, int, int | None]], object], object]
 
 
 @dataclass
@@ -129,17 +133,52 @@ class Broadcast:
         #: set when a pass has taken the waiting lines
         self._taken = gevent.event.Event()
         self._courier: gevent.Greenlet | None = None
+        #: the feeds' subscribers (raw lines, at once, in the reader's greenlet)
+        self._line_subscribers: dict[LineSubscriber, None] = {}
 
     def subscribe(self, callback: Subscriber) -> None:
         """Send ``callback`` every line that ends from now on."""
         self._subscribers[callback] = self._numbered
-        self.stats.followers = len(self._subscribers)
+        self._count_followers()
         if self._courier is None or self._courier.dead:
             self._courier = gevent.spawn(self._deliver_passes)
 
     def unsubscribe(self, callback: Subscriber) -> None:
         self._subscribers.pop(callback, None)
-        self.stats.followers = len(self._subscribers)
+        self._count_followers()
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """Call ``callback(lines, tag)`` with the raw lines that end from now on, as
+        soon as they are read (no pass: a feed filters them before any
+        follower's buffer). ``lines``: (raw, cut, where), ``raw`` the line's
+        first MAX_LINE bytes, ``cut`` the bytes after them; ``where`` and
+        ``tag`` place the line: for a file, the offset of its ``\\n`` in the
+        file (device, inode) ``tag``; for the ``gcmd`` log, its number; else None.
+        """
+        self._line_subscribers[callback] = None
+        self._count_followers()
+
+    def unsubscribe_lines(self, callback: LineSubscriber) -> None:
+        self._line_subscribers.pop(callback, None)
+        self._count_followers()
+
+    @property
+    def wants_lines(self) -> bool:
+        return bool(self._line_subscribers)
+
+    def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
+        """The cursor of a line a feed got (see subscribe_lines); None: this log has none."""
+        return None
+
+    def _count_followers(self) -> None:
+        self.stats.followers = len(self._subscribers) + len(self._line_subscribers)
+
+    def _deliver_lines(self, lines: list[tuple[bytes, int, int | None]], tag: object) -> None:
+        for callback in tuple(self._line_subscribers):
+            try:
+                callback(lines, tag)
+            except Exception:
+                log.exception("a follower of the log '%s' failed", self.source)
 
     def stop_delivery(self) -> None:
         """Stop the courier (no more passes)."""
@@ -216,13 +255,19 @@ class _ProcessLog(Broadcast):
         """Whether ``reader`` may start again now (it exited); may adjust it."""
         raise NotImplementedError
 
-    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool) -> None:
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool,
+                lines: list[tuple[bytes, int, int]] | None = None) -> None:
         """New lines from ``reader``: remembered when needed, sent unless backlog."""
         self.stats.lines_read += len(wire)
         if not reader.regular:
             self.recent.extend(wire)
         if not backlog:
             self._deliver(wire)
+            if lines is not None:
+                if reader.regular:
+                    self._deliver_lines(lines, reader.identity)
+                else:  # a FIFO, the journal: no offsets
+                    self._deliver_lines([(raw, cut, None) for raw, cut, _end in lines], None)
 
     def _from_memory(self, count: int) -> list[bytes]:
         """lastlog from what the reader read, once it read something."""
@@ -288,6 +333,27 @@ class FileLog(_ProcessLog):
         """Follow the file; CommandError when it cannot be read or followed now."""
         self._follow_path()
         super().subscribe(callback)
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """Follow the file for a feed; CommandError when it cannot be read or followed now."""
+        self._follow_path()
+        super().subscribe_lines(callback)
+
+    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
+                limit: int = MAX_REPLY) -> tuple[tuple[tuple[int, int], int] | None, list[bytes]]:
+        """A follow's backlog, read after subscribe_lines: where it ends, (device,
+        inode) and the offset of its last ``\\n`` (None for a FIFO: from what the
+        reader read), and its lines (see follow_backlog)."""
+        if not self._reader.regular:  # at once, from what its reader read (no wait: see the feed)
+            return None, self._query_memory(count, pattern, shape, limit)
+        read = self._call(follow_backlog, "follow", count, pattern, shape, limit)
+        if read is None:  # a FIFO now at the path: its reader starts
+            return None, []
+        identity, end, lines = read
+        return (identity, end), lines
+
+    def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
+        return None if tag is None else file_cursor(log, tag, where, raw, cut)
 
     def close(self) -> None:
         """Stop every reader process and reap it."""
@@ -404,6 +470,18 @@ class JournalLog(_ProcessLog):
         self._ensure_reader()
         self._check_reader("follow")
         super().subscribe(callback)
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """As subscribe, for a feed."""
+        self._ensure_reader()
+        self._check_reader("follow")
+        super().subscribe_lines(callback)
+
+    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
+                limit: int = MAX_REPLY) -> tuple[None, list[bytes]]:
+        """A follow's backlog: the kept entries as they are just after subscribe_lines
+        (called without a wait in between, so that no line is missed or repeated)."""
+        return None, self._query_memory(count, pattern, shape, limit)
 
     def close(self) -> None:
         if self._reader is not None:

@@ -167,18 +167,48 @@ def query_last_lines(path: str, count: int, pattern: Pattern | None, shape: Shap
             return None
         while True:
             size = st.st_size
-            identity = (st.st_dev, st.st_ino)
-            if pattern is None:
-                spans = _last_spans(fd, size, count, job)[0]
-                block = capped(_shaped_lines(fd, identity, spans, shape, job), 0, limit, shape.left_out)
-            else:
-                block = _search_block(fd, identity, size, count, pattern, shape, limit, job)
+            block = _block(fd, (st.st_dev, st.st_ino), size, count, pattern, shape, limit, job)
             st = os.fstat(fd)
             # shorter now: truncated while it was read, what was read may mix contents
             if st.st_size >= size:
                 return block
     finally:
         os.close(fd)
+
+
+def follow_backlog(path: str, count: int, pattern: Pattern | None, shape: Shape, limit: int,
+                   job: Job) -> tuple[tuple[int, int], int, list[bytes]] | None:
+    """The backlog of a follow: as query_last_lines, of the complete lines only (an
+    unfinished last line is sent live once it ends), with the (device, inode) of
+    the file read and the offset of the last ``\\n`` read (-1: none), which
+    live lines that end there or before repeat. None if not a regular file.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            complete = size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                complete = _last_spans(fd, size, 1, job)[0][0][0]
+            identity = (st.st_dev, st.st_ino)
+            block = _block(fd, identity, complete, count, pattern, shape, limit, job)
+            st = os.fstat(fd)
+            if st.st_size >= size:
+                return identity, complete - 1, block
+    finally:
+        os.close(fd)
+
+
+def _block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: Pattern | None, shape: Shape,
+           limit: int, job: Job) -> list[bytes]:
+    """The block of the last ``count`` lines of the first ``size`` bytes (see query_last_lines)."""
+    if pattern is None:
+        spans = _last_spans(fd, size, count, job)[0]
+        return capped(_shaped_lines(fd, identity, spans, shape, job), 0, limit, shape.left_out)
+    return _search_block(fd, identity, size, count, pattern, shape, limit, job)
 
 
 def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], shape: Shape, job: Job):
@@ -354,8 +384,13 @@ class ReaderOwner(Protocol):
     def restartable(self, reader: Reader) -> bool:
         """Whether ``reader`` may start again now (it exited); may adjust it."""
 
-    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool) -> None:
-        """New lines from ``reader``: remembered when needed, sent unless ``backlog``."""
+    #: whether a feed wants the raw lines (see Broadcast.subscribe_lines)
+    wants_lines: bool
+
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool,
+                lines: list[tuple[bytes, int, int]] | None = None) -> None:
+        """New lines from ``reader``: remembered when needed, sent unless ``backlog``;
+        ``lines``: their (raw, cut, end), when ``wants_lines``."""
 
 
 class Reader:
@@ -467,7 +502,12 @@ class Reader:
                     self.failures = 0
                 if not self.backlog:
                     self._set_ready()
-                self.owner.publish(self, self.splitter.feed(chunk), backlog)
+                if self.owner.wants_lines:
+                    lines = self.splitter.feed_lines(chunk, self.position - len(chunk))
+                    wire = [wire_line(raw, cut) for raw, cut, _end in lines]
+                    self.owner.publish(self, wire, backlog, lines)
+                else:
+                    self.owner.publish(self, self.splitter.feed(chunk), backlog)
         finally:
             errors.kill()
             self.owner.children.stop(proc)
