@@ -174,17 +174,15 @@ class Commands:
         except Usage:
             return wire.FOLLOW_QUERY_USAGE
         names, logs = self._logs_of(query)
-        cursors = [parse_cursor(text) for text in query.cursors]
-        if any(cursor.log not in names for cursor in cursors) or len({c.log for c in cursors}) < len(cursors):
-            raise CommandError("bad cursor")
-        if cursors:
-            raise CommandError("follow from a cursor is not served yet")
+        cursors = {cursor.log: cursor for cursor in map(parse_cursor, query.cursors)}
+        if len(cursors) < len(query.cursors) or not cursors.keys() <= set(names):
+            raise CommandError("bad cursor")  # two of one log, or of a log not asked for
         pattern = None if query.pattern is None else Pattern(query.pattern)
         format = getattr(session, "format", TEXT)
-        if len(logs) == 1 and not query.count and pattern is None and format == TEXT:
+        if len(logs) == 1 and not query.count and pattern is None and format == TEXT and not cursors:
             session.start_following(logs[0])  # 1.1: the log's own batches, shared by its followers
             return Follow(wire.BEGIN_FOLLOW)
-        feed = Feed(list(zip(names, logs)), query.count or 0, pattern, format)
+        feed = Feed(list(zip(names, logs)), query.count or 0, pattern, format, cursors)
         session.start_following(feed)
         return Follow(b"".join([wire.BEGIN_FOLLOW, *(line + b"\n" for line in feed.backlog)]))
 

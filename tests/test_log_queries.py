@@ -25,8 +25,10 @@ from gcmd import __version__
 from gcmd.config import Config
 from gcmd.logs.feed import Feed
 from gcmd.logs.lines import MAX_LINE, MAX_REPLY, FollowBuffer
+from gcmd.logs.memory import MemoryLog
 from gcmd.logs.queries import (
     JSON,
+    TEXT,
     FileCursor,
     JournalCursor,
     MemoryCursor,
@@ -529,9 +531,16 @@ def numbers(lines: list[bytes]) -> list[int]:
     return [int(line.split()[1]) for line in lines]
 
 
+def busy(pool: ThreadPool, seconds: float = 0.05) -> None:
+    """Keep every thread of ``pool`` busy for a while: a backlog read waits meanwhile,
+    and the lines its reader reads in that time reach the feed before the backlog."""
+    for _ in range(pool.maxsize):
+        pool.spawn(time.sleep, seconds)
+
+
 @pytest.mark.parametrize("reader_running", [False, True])
 def test_follow_n_backlog_then_every_line_after_no_gap_no_repeat_at_the_seam_while_the_log_grows_fast(
-        tmp_path, file_logs, writer, reader_running):
+        tmp_path, pool, file_logs, writer, reader_running):
     path = tmp_path / "fast.log"
     path.write_text("".join(f"n {i}\n" for i in range(100)))
     writer(path, 100, 5000)
@@ -540,9 +549,11 @@ def test_follow_n_backlog_then_every_line_after_no_gap_no_repeat_at_the_seam_whi
         other: list[bytes] = []
         log.subscribe(other.extend)
         poll(lambda: other, 5, "the other follower got nothing")
-    for _ in range(5):
+    for attempt in range(6):
         feed = Feed([("fast", log)], 50)
         got: list[bytes] = []
+        if attempt % 2:
+            busy(pool)
         feed.subscribe(got.extend)
         poll(lambda got=got: len(got) >= 1000, 10, "fewer than 1000 lines followed")
         feed.unsubscribe(got.extend)
@@ -659,3 +670,111 @@ def test_follow_n_of_the_gcmd_log_gives_its_last_lines_then_the_new_ones(gcmd):
     other.ask("ping")
     assert client.line().endswith(b": ping\n")
     assert client.ask("") == END_FOLLOW
+
+
+# --- resuming a follow ---------------------------------------------------------------------
+
+def json_lines(lines: list[bytes]) -> list[dict]:
+    return [json.loads(line) for line in lines]
+
+
+def cursor_of_line(log, name: str, line: str) -> str:
+    """The cursor lastlog gives the last line ``line`` of the log."""
+    found = [o for o in json_lines(log.query(1000, None, Shape(JSON, name))) if o.get("line") == line]
+    return found[-1]["cursor"]
+
+
+def test_follow_from_a_cursor_gives_every_line_after_it_then_the_live_lines(tmp_path, file_logs):
+    path = tmp_path / "app.log"
+    path.write_text("p1\np2\np3\n")
+    log = file_logs(path)
+    cursor = cursor_of_line(log, "app", "p2")
+    with open(path, "a") as f:
+        f.write("p4\np5\n")
+    feed = Feed([("app", log)], 0, None, JSON, {"app": parse_cursor(cursor.encode())})
+    got: list[bytes] = []
+    feed.subscribe(got.extend)
+    assert [o["line"] for o in json_lines(feed.backlog)] == ["p3", "p4", "p5"]
+    with open(path, "a") as f:
+        f.write("p6\n")
+    poll(lambda: got, 5, "not followed")
+    assert [o["line"] for o in json_lines(got)] == ["p6"]
+
+
+def test_a_follow_resumed_with_the_last_cursor_received_misses_nothing_and_repeats_nothing(
+        tmp_path, pool, file_logs, writer):
+    path = tmp_path / "fast.log"
+    path.write_text("n 0\n")
+    writer(path, 1, 5000)
+    log = file_logs(path)
+    received: list[dict] = []
+    cursor = None
+    for attempt in range(6):  # a client that loses its connection five times, and comes back
+        cursors = {"fast": parse_cursor(cursor.encode())} if cursor else {}
+        feed = Feed([("fast", log)], 0 if cursor else 1, None, JSON, cursors)
+        got: list[bytes] = []
+        if attempt % 2:
+            busy(pool)
+        feed.subscribe(got.extend)
+        poll(lambda got=got: len(got) >= 500, 10, "fewer than 500 lines followed")
+        feed.unsubscribe(got.extend)
+        part = json_lines(feed.backlog + got)
+        assert all("note" not in o for o in part), part[:3]
+        received += part
+        cursor = received[-1]["cursor"]
+    seen = [int(o["line"].split()[1]) for o in received]
+    assert seen == list(range(seen[0], seen[0] + len(seen))), "a gap or a repeat across the reconnections"
+
+
+def rotate_create(path):
+    os.rename(path, f"{path}.1")
+    path.write_text("new 1\nnew 2\n")
+
+
+def copytruncate(path):
+    with open(path, "r+") as f:
+        f.truncate(0)
+    with open(path, "a") as f:
+        f.write("new 1\nnew 2\n")
+
+
+def rewrite_in_place(path):
+    text = path.read_text()
+    path.write_text(text.replace("p2", "q2"))
+
+
+@pytest.mark.parametrize("change", [rotate_create, copytruncate, rewrite_in_place])
+def test_a_log_that_no_longer_holds_the_cursors_line_begins_with_cursor_lost_then_its_oldest_line(
+        tmp_path, file_logs, change):
+    path = tmp_path / "app.log"
+    path.write_text("p1\np2\np3\n")
+    log = file_logs(path)
+    cursor = parse_cursor(cursor_of_line(log, "app", "p2").encode())
+    change(path)
+    feed = Feed([("app", log)], 0, None, JSON, {"app": cursor})
+    feed.subscribe(lambda lines: None)
+    feed.unsubscribe(None)
+    objects = json_lines(feed.backlog)
+    assert objects[0] == {"note": "cursor_lost", "log": "app"}
+    assert [o["line"] for o in objects[1:]] == [line for line in path.read_text().splitlines()]
+
+
+def test_cursor_lost_in_text_and_for_the_gcmd_log_of_another_process():
+    memory = MemoryLog()
+    feed = Feed([("gcmd", memory)], 0, None, TEXT, {"gcmd": MemoryCursor("gcmd", "0" * 16, 5)})
+    feed.subscribe(lambda lines: None)
+    feed.unsubscribe(None)
+    assert feed.backlog == [b"== cursor lost: gcmd =="]
+
+
+def test_follow_from_cursors_through_a_server(several, logs, table):
+    table.ask("format json")
+    cursor = json.loads(lines_of(table.ask("lastlog 2 app"))[0])["cursor"]  # of p2
+    with open(logs[2], "a") as f:
+        f.write("p4\n")
+    several.send(f"follow 1 app,syslog from {cursor}\n")
+    assert read_until(several, (LOG_LINES[-1] + "\n").encode()) == [
+        BEGIN_FOLLOW, b"==> app <==\n", b"p3\n", b"p4\n", b"==> syslog <==\n", (LOG_LINES[-1] + "\n").encode()]
+    assert several.ask("") == END_FOLLOW
+    assert several.ask("follow gcmd from " + cursor) == ERROR + b"bad cursor\n"
+    assert several.ask("follow app from m1:app:0123456789abcdef:1") == ERROR + b"bad cursor\n"

@@ -18,6 +18,10 @@ lines of its reader that end at or before that line's ``\\n`` in the same
 file are in the backlog already and are not sent again, and every line that
 ends after it comes from the reader. Then the held lines go, past that
 filter, after the backlog.
+
+Resuming after a cursor is the same seam: the lines after the cursor's line
+(read from the file up to its last complete line, or taken from what the
+``gcmd`` log keeps at the instant of the subscription) stand for the backlog.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Callable
 from functools import partial
 
 from gcmd.logs.lines import MAX_REPLY
-from gcmd.logs.queries import JSON, TEXT, Pattern, Shape, header
+from gcmd.logs.queries import JSON, TEXT, Cursor, Pattern, Shape, header
 
 #: (raw, cut, where) of the lines of one log (see Broadcast.subscribe_lines)
 RawLines = list[tuple[bytes, int, int | None]]
@@ -34,14 +38,17 @@ RawLines = list[tuple[bytes, int, int | None]]
 
 class Feed:
     """The follow of ``logs`` ((name, log) pairs, in the order asked): the last
-    ``count`` lines of each (that match ``pattern``) first, in ``format``, then
-    every new line that matches, with ``==> NAME <==`` when the log changes
-    (text format, several logs).
+    ``count`` lines of each (that match ``pattern``) first, or for a log with
+    a cursor in ``cursors`` (by log name) the lines after it, in ``format``,
+    then every new line that matches, with ``==> NAME <==`` when the log
+    changes (text format, several logs).
     """
 
     def __init__(self, logs: list[tuple[str, object]], count: int = 0, pattern: Pattern | None = None,
-                 format: str = TEXT) -> None:
+                 format: str = TEXT, cursors: dict[str, Cursor] | None = None) -> None:
         self.logs = logs
+        #: log name -> the cursor to resume that log after
+        self.cursors = cursors or {}
         self._logs = dict(logs)
         self.count = count
         self.pattern = pattern
@@ -72,7 +79,10 @@ class Feed:
                 handler = partial(self._arrived, name)
                 log.subscribe_lines(handler)
                 self._handlers[name] = handler
-                if self.count:  # at once: a log kept in memory gives it without a wait
+                # at once: a log kept in memory gives its lines without a wait
+                if name in self.cursors:
+                    self._resume(name, log, self.cursors[name])
+                elif self.count:
                     self._backlog_of(name, log)
         except BaseException:
             self.unsubscribe(callback)
@@ -97,6 +107,22 @@ class Feed:
         if self.several:
             self.backlog.append(header(name))
             self._last = name
+        self.backlog += lines
+
+    def _resume(self, name: str, log, cursor: Cursor) -> None:
+        """Add the lines of ``log`` after ``cursor``, led by the cursor_lost note when it
+        no longer holds the cursor's line."""
+        shape = self.shapes[name]
+        limit = (MAX_REPLY // len(self.logs) - (len(header(name)) + 1 if self.several else 0)
+                 - len(shape.cursor_lost()) - 1)
+        seen, lost, lines = log.resume(cursor, self.pattern, shape, limit)
+        if seen is not None:
+            self._seen[name] = seen
+        if self.several:
+            self.backlog.append(header(name))
+            self._last = name
+        if lost:
+            self.backlog.append(shape.cursor_lost())
         self.backlog += lines
 
     def _arrived(self, name: str, lines: RawLines, tag: object) -> None:

@@ -11,8 +11,17 @@ import secrets
 from collections import deque
 
 from gcmd.logs.lines import MAX_LINE, MAX_REPLY, RECENT_LINES, LineSplitter
-from gcmd.logs.queries import Pattern, Shape, memory_cursor, recent_block
+from gcmd.logs.queries import (
+    Cursor,
+    MemoryCursor,
+    Pattern,
+    Shape,
+    memory_cursor,
+    recent_after,
+    recent_block,
+)
 from gcmd.logs.readers import Broadcast, LineSubscriber, Subscriber
+from gcmd.net.wire import CommandError
 from gcmd.serverlog.setup import LineHandler, flush_lines
 
 #: the lines Recent keeps track of: those it keeps and as many pushed out before them
@@ -107,6 +116,20 @@ class MemoryLog(Broadcast, LineHandler):
         (called without a wait in between, so that no line is missed or repeated)."""
         return None, recent_block(self.recent, count, pattern, shape, limit,
                                   lambda number: memory_cursor(shape.name, self.process, number))
+
+    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape,
+               limit: int = MAX_REPLY) -> tuple[None, bool, list[bytes]]:
+        """A follow resumed after ``cursor``, just after subscribe_lines (no wait in
+        between): whether the kept lines no longer reach back to it (another
+        process's line, or moved past), and the kept lines after it (all of
+        them when lost). CommandError ``bad cursor`` for a cursor of another kind."""
+        if not isinstance(cursor, MemoryCursor):
+            raise CommandError("bad cursor")
+        lines, first = self.recent.numbered()
+        held = (cursor.process == self.process
+                and first - 1 <= cursor.sequence <= first + len(lines) - 1)
+        return None, not held, recent_after(self.recent, cursor.sequence if held else None, pattern, shape, limit,
+                                            lambda number: memory_cursor(shape.name, self.process, number))
 
     def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
         return memory_cursor(log, self.process, where)

@@ -348,10 +348,34 @@ class Shape:
             return _note(note="searched", bytes=window, log=self.name)
         return b"== searched the last %d MiB only ==" % (window >> 20)
 
+    def cursor_lost(self) -> bytes:
+        """The first line of a resumed log that no longer holds the cursor's line."""
+        if self.json:
+            return _note(note="cursor_lost", log=self.name)
+        return b"== cursor lost: %s ==" % self.name.encode()
+
     def dropped(self, count: int) -> bytes:
         if self.json:
             return _note(note="dropped", lines=count)
         return b"== %d lines dropped ==" % count
+
+
+def recent_after(recent: Recent, sequence: int | None, pattern: Pattern | None, shape: Shape,
+                 limit: int = MAX_REPLY, cursor: Callable[[int], str] | None = None) -> list[bytes]:
+    """The kept lines numbered after ``sequence`` (None: all of them) that match, shaped,
+    at most ``limit`` bytes as sent (the older left out). ``sequence`` must be at
+    least the first kept number less one (the caller checks)."""
+    lines, first = recent.numbered()
+    start = 0 if sequence is None else sequence - first + 1
+
+    def newest_first():
+        for index in range(len(lines) - 1, start - 1, -1):
+            line = lines[index]
+            if pattern is not None and (line is None or not pattern.matches(line)):
+                continue
+            yield shape.wire(line, cursor(first + index) if cursor and shape.json else None)
+
+    return capped(newest_first(), 0, limit, shape.left_out)
 
 
 def recent_block(recent: Recent, count: int, pattern: Pattern | None, shape: Shape,

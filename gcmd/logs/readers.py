@@ -48,7 +48,15 @@ from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
 from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.logs.queries import Pattern, Shape, file_cursor, recent_block
+from gcmd.logs.queries import (
+    Cursor,
+    FileCursor,
+    JournalCursor,
+    Pattern,
+    Shape,
+    file_cursor,
+    recent_block,
+)
 from gcmd.logs.tailing import (
     Children,
     Job,
@@ -58,6 +66,7 @@ from gcmd.logs.tailing import (
     locate,
     query_last_lines,
     read_last_lines,
+    resume_lines,
 )
 from gcmd.net.wire import CommandError
 
@@ -352,6 +361,22 @@ class FileLog(_ProcessLog):
         identity, end, lines = read
         return (identity, end), lines
 
+    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY,
+               ) -> tuple[tuple[tuple[int, int], int] | None, bool, list[bytes]]:
+        """A follow resumed after ``cursor``, read after subscribe_lines: where its lines
+        end (as backlog), whether the file no longer holds the cursor's line, and
+        the lines (see resume_lines). CommandError ``bad cursor`` for a cursor
+        that is not a file's."""
+        if not isinstance(cursor, FileCursor):
+            raise CommandError("bad cursor")
+        if not self._reader.regular:  # a FIFO holds no line a cursor names
+            return None, True, []
+        read = self._call(resume_lines, "follow", cursor, pattern, shape, limit)
+        if read is None:
+            return None, True, []
+        identity, end, lost, lines = read
+        return (identity, end), lost, lines
+
     def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
         return None if tag is None else file_cursor(log, tag, where, raw, cut)
 
@@ -482,6 +507,13 @@ class JournalLog(_ProcessLog):
         """A follow's backlog: the kept entries as they are just after subscribe_lines
         (called without a wait in between, so that no line is missed or repeated)."""
         return None, self._query_memory(count, pattern, shape, limit)
+
+    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape,
+               limit: int = MAX_REPLY) -> tuple[None, bool, list[bytes]]:
+        """Not served yet: the journal's lines carry no cursor (see query)."""
+        if not isinstance(cursor, JournalCursor):
+            raise CommandError("bad cursor")
+        raise CommandError("follow from a journal cursor is not served yet")
 
     def close(self) -> None:
         if self._reader is not None:

@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import time
+from collections import deque
 from typing import Protocol
 
 import gevent
@@ -29,7 +30,15 @@ from gcmd.logs.lines import (
     dropped,
     wire_line,
 )
-from gcmd.logs.queries import SEARCH_WINDOW, Pattern, Shape, file_cursor, matching_lines
+from gcmd.logs.queries import (
+    SEARCH_WINDOW,
+    FileCursor,
+    Pattern,
+    Shape,
+    file_cursor,
+    line_hash,
+    matching_lines,
+)
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
@@ -200,6 +209,105 @@ def follow_backlog(path: str, count: int, pattern: Pattern | None, shape: Shape,
                 return identity, complete - 1, block
     finally:
         os.close(fd)
+
+
+def resume_lines(path: str, cursor: FileCursor, pattern: Pattern | None, shape: Shape, limit: int,
+                 job: Job) -> tuple[tuple[int, int], int, bool, list[bytes]] | None:
+    """A follow resumed after the line ``cursor`` names: the complete lines after it
+    (that match), at most ``limit`` bytes of the newest as sent, with where they
+    end (as follow_backlog) and whether the file no longer holds the cursor's
+    line (then the lines are those of the file now at ``path``, from its start).
+    None if not a regular file.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            complete = size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                complete = _last_spans(fd, size, 1, job)[0][0][0]
+            identity = (st.st_dev, st.st_ino)
+            start = _after(fd, identity, size, cursor, job)
+            lost = start is None
+            block = _lines_from(fd, identity, 0 if lost else start, complete, pattern, shape, limit, job)
+            st = os.fstat(fd)
+            if st.st_size >= size:
+                return identity, complete - 1, lost, block
+    finally:
+        os.close(fd)
+
+
+def _after(fd: int, identity: tuple[int, int], size: int, cursor: FileCursor, job: Job) -> int | None:
+    """Where the lines after the cursor's line begin in the file (the start of that
+    line while it is unfinished: it is sent whole once it ends); None when the
+    file no longer holds it (another file, shorter, another line there)."""
+    end = cursor.end
+    if identity != (cursor.device, cursor.inode) or end > size:
+        return None
+    finished = end < size
+    if finished and os.pread(fd, 1, end) != b"\n":
+        return None
+    start, position = 0, end
+    while position > 0:
+        job.check()
+        n = min(CHUNK, position)
+        position -= n
+        newline = os.pread(fd, n, position).rfind(b"\n")
+        if newline >= 0:
+            start = position + newline + 1
+            break
+    length = end - start
+    if line_hash(os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)) != cursor.line_hash:
+        return None
+    return end + 1 if finished else start
+
+
+def _lines_from(fd: int, identity: tuple[int, int], start: int, stop: int, pattern: Pattern | None,
+                shape: Shape, limit: int, job: Job) -> list[bytes]:
+    """The block of the lines between ``start`` (a line's start) and ``stop`` (just after
+    a newline) that match: at most ``limit`` bytes of the newest as sent, the older
+    left out (see capped). Read forwards once; a line is matched against its
+    first SEARCH_WINDOW bytes."""
+    shaped: deque[bytes] = deque()
+    size = left_out = 0
+    pieces: list[bytes] = []
+    kept = 0
+    position = start
+    while position < stop:
+        job.check()
+        chunk = os.pread(fd, min(SEARCH_CHUNK, stop - position), position)
+        if not chunk:
+            break
+        parts = chunk.split(b"\n")
+        offset = position
+        for part in parts[:-1]:
+            offset += len(part)
+            if pieces:
+                pieces.append(part[:max(0, SEARCH_WINDOW - kept)])
+                line, length = b"".join(pieces), kept + len(part)
+                pieces, kept = [], 0
+            else:
+                line, length = part, len(part)
+            if pattern is None or pattern.matches(line):
+                raw, cut = line[:MAX_LINE], length - min(length, MAX_LINE)
+                sent = shape.line(raw, cut, file_cursor(shape.name, identity, offset, raw, cut)
+                                  if shape.json else None)
+                if sent is not None:
+                    shaped.append(sent)
+                    size += len(sent) + 1
+                    while size > limit:
+                        size -= len(shaped.popleft()) + 1
+                        left_out += 1
+            offset += 1
+        rest = parts[-1]
+        if rest and kept < SEARCH_WINDOW:
+            pieces.append(rest[:SEARCH_WINDOW - kept])
+        kept += len(rest)
+        position += len(chunk)
+    return capped(reversed(shaped), left_out, limit, shape.left_out)
 
 
 def _block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: Pattern | None, shape: Shape,
