@@ -18,8 +18,22 @@ import re
 from collections.abc import Callable
 from time import monotonic
 
+from gcmd import __version__
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
+from gcmd.logs.feed import Feed
+from gcmd.logs.lines import MAX_REPLY
+from gcmd.logs.queries import (
+    JSON,
+    TEXT,
+    Pattern,
+    Query,
+    Shape,
+    Usage,
+    header,
+    parse_cursor,
+    parse_query,
+)
 from gcmd.logs.sources import Logs
 from gcmd.net import wire
 from gcmd.net.wire import (
@@ -37,27 +51,8 @@ from gcmd.users import User, Users
 
 log = logging.getLogger(__name__)
 
-#: most lines ``lastlog N`` returns
-MAX_LASTLOG_LINES = 1000
-
-#: a lastlog argument that is a number of lines (PROTOCOL.md: digits, optionally signed)
-_NUMBER = re.compile(rb"[+-]?[0-9]+").fullmatch
+#: what separates the words of an argument (PROTOCOL.md: spaces and tabs only)
 _SPACES = re.compile(rb"[ \t]+")
-
-
-def _words(arg: bytes) -> list[bytes]:
-    """The words of an argument, split on spaces and tabs only."""
-    return _SPACES.split(arg) if arg else []
-
-
-def _count(word: bytes) -> int:
-    """The number of lines a lastlog argument asks for; 0 when out of any range."""
-    if word.startswith(b"-"):
-        return 0
-    digits = word.lstrip(b"+").lstrip(b"0")
-    # int() of thousands of digits is slow, and refused beyond 4300
-    return int(digits or b"0") if len(digits) <= 4 else 0
-
 
 def command(*, slow: bool = False, public: bool = False, secret: bool = False) -> Callable:
     """Mark a ``do_`` method: ``slow`` ones wait on a thread or a process, so the
@@ -231,7 +226,7 @@ class Commands:
         self.users = users.keeping(self.users)
         self.guarded = self.guarded or bool(users)
 
-    def _logs_of(self, session):
+    def _granted_logs(self, session):
         """The names of the logs that exist for ``session``: None for every one."""
         user = session.user
         return None if user is None else user.logs
@@ -253,31 +248,74 @@ class Commands:
 
     @command(slow=True)
     def do_lastlog(self, session, arg: bytes) -> bytes:
-        """lastlog [LINES] [LOG] - the last LINES lines of a log (default 10, at most 1000; LOG: see logs)"""
-        words = _words(arg)
-        count = 10
-        if words and _NUMBER(words[0]):
-            count = _count(words.pop(0))
-        if len(words) > 1 or not 1 <= count <= MAX_LASTLOG_LINES:
-            return wire.LASTLOG_USAGE
-        log = self.logs.get(words[0] if words else None, self._logs_of(session))
-        return block(b"lastlog", log.lastlog(count))
+        """lastlog [LINES] [LOGS] [grep PATTERN] - the last LINES lines (default 10, at most 1000) of each log of LOGS (a,b: see logs), or the last that match PATTERN (RE2)"""
+        try:
+            query = parse_query(arg)
+        except Usage:
+            return wire.LASTLOG_QUERY_USAGE
+        count = 10 if query.count is None else query.count
+        names, logs = self._logs_of(query, session)
+        pattern = None if query.pattern is None else Pattern(query.pattern)
+        format = getattr(session, "format", TEXT)
+        if len(logs) == 1 and pattern is None and format == TEXT:
+            return block(b"lastlog", logs[0].lastlog(count))  # 1.1, and its shared reads
+        several = len(logs) > 1 and format == TEXT
+        # the 8 MiB of a reply, shared by the logs (headers included)
+        limit = MAX_REPLY // len(logs) - (len(header(max(names, key=len))) + 1 if several else 0)
+        lines: list[bytes] = []
+        for name, log in zip(names, logs):
+            if several:
+                lines.append(header(name))
+            lines += log.query(count, pattern, Shape(format, name), limit)
+        return block(b"lastlog", lines)
 
     @command(slow=True)
     def do_follow(self, session, arg: bytes) -> bytes:
-        """follow [LOG] - the new lines of a log as they are written, until you send a line"""
-        words = _words(arg)
-        if len(words) > 1:
-            return wire.FOLLOW_USAGE
-        log = self.logs.get(words[0] if words else None, self._logs_of(session))
-        session.start_following(log)
-        return Follow(wire.BEGIN_FOLLOW)
+        """follow [LINES] [LOGS] [from CURSORS] [grep PATTERN] - the last LINES lines (default 0), then the new lines of logs as they are written, until you send a line"""
+        try:
+            query = parse_query(arg, follow=True)
+        except Usage:
+            return wire.FOLLOW_QUERY_USAGE
+        names, logs = self._logs_of(query, session)
+        cursors = {cursor.log: cursor for cursor in map(parse_cursor, query.cursors)}
+        if len(cursors) < len(query.cursors) or not cursors.keys() <= set(names):
+            raise CommandError("bad cursor")  # two of one log, or of a log not asked for
+        pattern = None if query.pattern is None else Pattern(query.pattern)
+        format = getattr(session, "format", TEXT)
+        if len(logs) == 1 and not query.count and pattern is None and format == TEXT and not cursors:
+            session.start_following(logs[0])  # 1.1: the log's own batches, shared by its followers
+            return Follow(wire.BEGIN_FOLLOW)
+        feed = Feed(list(zip(names, logs)), query.count or 0, pattern, format, cursors)
+        session.start_following(feed)
+        return Follow(b"".join([wire.BEGIN_FOLLOW, *(line + b"\n" for line in feed.backlog)]))
+
+    def _logs_of(self, query: Query, session) -> tuple[list[str], list]:
+        """The names and logs a query names (the default log when none); CommandError
+        for an unknown one, or one not granted to the session's user (which is unknown too)."""
+        among = self._granted_logs(session)
+        if not query.logs:
+            default = next(iter(name for name, _ in self.logs.listing(among)), self.logs.default)
+            return [default], [self.logs.get(None, among)]
+        logs = [self.logs.get(name, among) for name in query.logs]  # first: an unknown name is an error
+        return [name.decode("ascii") for name in query.logs], logs
+
+    @command()
+    def do_format(self, session, arg: bytes) -> bytes:
+        """format text|json - the lines of lastlog and follow on this connection: as text (default) or JSON objects"""
+        formats = {b"text": TEXT, b"json": JSON}
+        if arg not in formats:
+            return wire.FORMAT_USAGE
+        try:
+            session.format = formats[arg]
+        except AttributeError:  # a session with fixed slots (gcmd.net before the session rewrite)
+            raise CommandError("format is not available on this server") from None
+        return wire.OK
 
     @command()
     def do_logs(self, session, arg: bytes) -> bytes:
         """logs - the logs lastlog and follow serve, the default first: NAME SOURCE"""
         return block(b"logs", [f"{name} {source}".encode("utf-8", "surrogateescape")
-                               for name, source in self.logs.listing(self._logs_of(session))])
+                               for name, source in self.logs.listing(self._granted_logs(session))])
 
     @command(slow=True)
     def do_comphash(self, session, arg: bytes) -> bytes:
@@ -350,12 +388,17 @@ class Commands:
         """help - list the commands"""
         return self._help
 
+    @command(public=True)
+    def do_version(self, session, arg: bytes) -> bytes:
+        """version - the server's version and the protocol version it speaks"""
+        return b"gcmd %s protocol %s\n" % (__version__.encode(), wire.PROTOCOL_VERSION.encode())
+
     @command(public=True, secret=True)
     def do_auth(self, session, arg: bytes) -> bytes:
         """auth [USER] TOKEN - authenticate as USER, or with the server's token"""
         token = self.config.token
         if self.users:
-            words = _words(arg)
+            words = _SPACES.split(arg)
             if len(words) == 2:
                 user, reason = self.users.authenticate(*words)
                 if user is None:

@@ -166,8 +166,8 @@ def test_help_lists_every_command_with_its_description(commands):
     lines = commands.ask("help").splitlines(keepends=True)
     assert lines[0] == b"Begin help\n"
     words = [line.split()[0] for line in lines[1:-1]]
-    assert words == [b"auth", b"comphash", b"exit", b"follow", b"hash", b"help", b"lastlog", b"logs",
-                     b"ping", b"stats", b"whoami"]
+    assert words == [b"auth", b"comphash", b"exit", b"follow", b"format", b"hash", b"help", b"lastlog", b"logs",
+                     b"ping", b"stats", b"version", b"whoami"]
     assert all(b" - " in line for line in lines[1:-1])
 
 

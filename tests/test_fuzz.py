@@ -110,17 +110,25 @@ def check_reply(line: bytes, reply: list[bytes], help_lines: list[bytes]) -> Non
 
 
 def check_lastlog(arg: bytes, reply: list[bytes]) -> None:
-    """``lastlog [N] [LOG]`` of PROTOCOL.md 1.1, on a server whose default log is syslog."""
+    """``lastlog [N] [LOGS] [grep PATTERN]`` of PROTOCOL.md 1.2, on a server whose default log is syslog."""
     words = re.split(rb"[ \t]+", arg) if arg else []
     count = 10
     if words and re.fullmatch(rb"[+-]?[0-9]+", words[0]):
         count = int(words.pop(0))
-    if len(words) > 1 or not 1 <= count <= 1000:
+    names = [b"syslog"]
+    if words and words[0] not in (b"grep", b"from"):
+        names = words.pop(0).split(b",")
+    grep = bool(words) and words[0] == b"grep"
+    if grep and len(words) > 1:
+        words = []
+    if words or not 1 <= count <= 1000 or b"" in names or len(set(names)) != len(names) or len(names) > 16:
         assert reply == [LASTLOG_USAGE]
-    elif words and words[0] not in (b"syslog", b"gcmd"):
+    elif any(name not in (b"syslog", b"gcmd") for name in names):
         assert len(reply) == 1 and reply[0].startswith(ERROR + b"unknown log "), reply
-    elif words == [b"gcmd"]:
-        assert reply[0] == b"Begin lastlog\n" and reply[-1] == b"End lastlog\n"
+    elif grep or names != [b"syslog"]:
+        single = reply[0] if len(reply) == 1 else b""
+        assert (reply[0] == b"Begin lastlog\n" and reply[-1] == b"End lastlog\n"
+                or single.startswith(ERROR + b"bad pattern: ")), reply
     else:
         assert reply == [b"Begin lastlog\n", *[(text + "\n").encode() for text in LOG_LINES[-count:]],
                          b"End lastlog\n"]

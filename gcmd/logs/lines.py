@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, islice, repeat
 from operator import add
 
@@ -86,12 +86,14 @@ def _left_out(count: int) -> bytes:
     return b"== %d older lines left out ==" % count
 
 
-def capped(newest_first: Iterable[bytes | None], older: int = 0, limit: int = MAX_REPLY) -> list[bytes]:
+def capped(newest_first: Iterable[bytes | None], older: int = 0, limit: int = MAX_REPLY,
+           marker: Callable[[int], bytes] = _left_out) -> list[bytes]:
     """A lastlog block, oldest line first, from wire lines given newest first.
 
     At most ``limit`` bytes as sent, marker included: the oldest lines
     that do not fit are left out and counted, with ``older`` lines left out
-    before all of them, in a first line ``== K older lines left out ==``.
+    before all of them, in a first line ``marker(K)`` (by default
+    ``== K older lines left out ==``).
     """
     kept: list[bytes] = []
     size = 0
@@ -106,10 +108,10 @@ def capped(newest_first: Iterable[bytes | None], older: int = 0, limit: int = MA
             size += len(line) + 1
     left_out += older
     if left_out:
-        while kept and size + len(_left_out(left_out)) + 1 > limit:
+        while kept and size + len(marker(left_out)) + 1 > limit:
             size -= len(kept.pop()) + 1
             left_out += 1
-        kept.append(_left_out(left_out))
+        kept.append(marker(left_out))
     kept.reverse()
     return kept
 
@@ -153,6 +155,32 @@ class LineSplitter:
         self._keep(rest)
         return lines
 
+    def feed_lines(self, chunk: bytes, start: int) -> list[tuple[bytes, int, int]]:
+        """The raw lines that ``chunk`` completes, oldest first, as (raw, cut, end):
+        the line's first MAX_LINE bytes, the bytes cut off after them, and
+        the offset of its ``\\n`` (``start``: the offset of ``chunk``'s first byte).
+        ``wire_line(raw, cut)`` is what :meth:`feed` gives for it."""
+        if LF not in chunk:
+            self._keep(chunk)
+            return []
+        parts = chunk.split(b"\n")
+        rest = parts.pop()
+        first = parts[0]
+        if self._cut:
+            head, cut = bytes(self._head), self._cut + len(first)
+        else:
+            head = bytes(self._head) + first if self._head else first
+            head, cut = head[:MAX_LINE], max(0, len(head) - MAX_LINE)
+        end = start + len(first)
+        lines = [(head, cut, end)]
+        for part in parts[1:]:
+            end += 1 + len(part)
+            lines.append((part[:MAX_LINE], max(0, len(part) - MAX_LINE), end))
+        self._head.clear()
+        self._cut = 0
+        self._keep(rest)
+        return lines
+
     def _keep(self, data: bytes) -> None:
         if self._cut:
             self._cut += len(data)
@@ -179,12 +207,15 @@ class Recent:
         self._bytes = 0
         #: for the lines pushed out, newest last: whether each was a line that is sent
         self._gone: deque[bool] = deque(maxlen=lines)
+        #: lines ever kept: the newest kept line is line number ``appended`` (from 1)
+        self.appended = 0
 
     def __len__(self) -> int:
         return len(self._lines)
 
     def extend(self, lines: Iterable[bytes | None]) -> None:
         for line in lines:
+            self.appended += 1
             self._lines.append(line)
             if line is not None:
                 self._bytes += len(line) + 1
@@ -201,10 +232,18 @@ class Recent:
 
     def last(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines."""
-        beyond = min(count - len(self._lines), len(self._gone))
-        gone = sum(list(self._gone)[-beyond:]) if beyond > 0 else 0
+        gone = self.gone(count)
         window = list(self._lines)[-count:] if count > 0 else []
         return capped(reversed(window), gone, self.limit)
+
+    def numbered(self) -> tuple[list[bytes | None], int]:
+        """The kept wire lines, oldest first, and the number of the first (lines are numbered from 1)."""
+        return list(self._lines), self.appended - len(self._lines) + 1
+
+    def gone(self, count: int) -> int:
+        """Of the last ``count`` lines, those no longer kept and sent (not dropped)."""
+        beyond = min(count - len(self._lines), len(self._gone))
+        return sum(list(self._gone)[-beyond:]) if beyond > 0 else 0
 
 
 class Batch(list):
@@ -242,8 +281,10 @@ class FollowBuffer:
     taken a batch at a time: the work per line is done in C.
     """
 
-    def __init__(self, limit: int = FOLLOW_BUFFER) -> None:
+    def __init__(self, limit: int = FOLLOW_BUFFER, marker: Callable[[int], bytes] | None = None) -> None:
         self.limit = limit
+        #: the line that says how many lines were dropped (N -> line): the text one by default
+        self.marker = marker or _dropped_marker
         self._batches: deque[list[bytes]] = deque()
         #: bytes as sent of each batch's lines still waiting
         self._sizes: deque[int] = deque()
@@ -262,9 +303,8 @@ class FollowBuffer:
     def __bool__(self) -> bool:
         return bool(self._batches) or self._dropped > 0
 
-    @staticmethod
-    def _marker_size(dropped: int) -> int:
-        return len(_dropped_marker(dropped)) + 1 if dropped else 0
+    def _marker_size(self, dropped: int) -> int:
+        return len(self.marker(dropped)) + 1 if dropped else 0
 
     def push(self, lines: list[bytes]) -> int:
         """Queue ``lines`` (wire lines, a list kept as it is); returns how many lines this push dropped."""
@@ -317,7 +357,7 @@ class FollowBuffer:
         out: list[bytes] = []
         size = 0
         if self._dropped:
-            out.append(_dropped_marker(self._dropped))
+            out.append(self.marker(self._dropped))
             size = len(out[0]) + 1
             self._dropped = 0
         while self._batches:

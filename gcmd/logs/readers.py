@@ -47,8 +47,27 @@ import gevent.lock
 from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
-from gcmd.logs.lines import RECENT_LINES, Batch, LineSplitter, Recent
-from gcmd.logs.tailing import Children, Job, Reader, identify, locate, read_last_lines
+from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, Batch, LineSplitter, Recent
+from gcmd.logs.queries import (
+    Cursor,
+    FileCursor,
+    JournalCursor,
+    Pattern,
+    Shape,
+    file_cursor,
+    recent_block,
+)
+from gcmd.logs.tailing import (
+    Children,
+    Job,
+    Reader,
+    follow_backlog,
+    identify,
+    locate,
+    query_last_lines,
+    read_last_lines,
+    resume_lines,
+)
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
@@ -72,6 +91,9 @@ ROTATION_CHECK = 0.5
 DRAIN = 1.0
 
 Subscriber = Callable[[list[bytes]], object]
+#: a feed's subscriber (gcmd.logs.feed): ``callback(lines, tag)`` with ``lines`` as (raw,
+#: cut, where) and ``tag`` what ``where`` is relative to (see Broadcast.subscribe_lines)
+LineSubscriber = Callable[[list[tuple[bytes, int, int | None]], object], object]
 
 
 @dataclass
@@ -120,17 +142,52 @@ class Broadcast:
         #: set when a pass has taken the waiting lines
         self._taken = gevent.event.Event()
         self._courier: gevent.Greenlet | None = None
+        #: the feeds' subscribers (raw lines, at once, in the reader's greenlet)
+        self._line_subscribers: dict[LineSubscriber, None] = {}
 
     def subscribe(self, callback: Subscriber) -> None:
         """Send ``callback`` every line that ends from now on."""
         self._subscribers[callback] = self._numbered
-        self.stats.followers = len(self._subscribers)
+        self._count_followers()
         if self._courier is None or self._courier.dead:
             self._courier = gevent.spawn(self._deliver_passes)
 
     def unsubscribe(self, callback: Subscriber) -> None:
         self._subscribers.pop(callback, None)
-        self.stats.followers = len(self._subscribers)
+        self._count_followers()
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """Call ``callback(lines, tag)`` with the raw lines that end from now on, as
+        soon as they are read (no pass: a feed filters them before any
+        follower's buffer). ``lines``: (raw, cut, where), ``raw`` the line's
+        first MAX_LINE bytes, ``cut`` the bytes after them; ``where`` and
+        ``tag`` place the line: for a file, the offset of its ``\\n`` in the
+        file (device, inode) ``tag``; for the ``gcmd`` log, its number; else None.
+        """
+        self._line_subscribers[callback] = None
+        self._count_followers()
+
+    def unsubscribe_lines(self, callback: LineSubscriber) -> None:
+        self._line_subscribers.pop(callback, None)
+        self._count_followers()
+
+    @property
+    def wants_lines(self) -> bool:
+        return bool(self._line_subscribers)
+
+    def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
+        """The cursor of a line a feed got (see subscribe_lines); None: this log has none."""
+        return None
+
+    def _count_followers(self) -> None:
+        self.stats.followers = len(self._subscribers) + len(self._line_subscribers)
+
+    def _deliver_lines(self, lines: list[tuple[bytes, int, int | None]], tag: object) -> None:
+        for callback in tuple(self._line_subscribers):
+            try:
+                callback(lines, tag)
+            except Exception:
+                log.exception("a follower of the log '%s' failed", self.source)
 
     def stop_delivery(self) -> None:
         """Stop the courier (no more passes)."""
@@ -207,18 +264,29 @@ class _ProcessLog(Broadcast):
         """Whether ``reader`` may start again now (it exited); may adjust it."""
         raise NotImplementedError
 
-    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool) -> None:
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool,
+                lines: list[tuple[bytes, int, int]] | None = None) -> None:
         """New lines from ``reader``: remembered when needed, sent unless backlog."""
         self.stats.lines_read += len(wire)
         if not reader.regular:
             self.recent.extend(wire)
         if not backlog:
             self._deliver(wire)
+            if lines is not None:
+                if reader.regular:
+                    self._deliver_lines(lines, reader.identity)
+                else:  # a FIFO, the journal: no offsets
+                    self._deliver_lines([(raw, cut, None) for raw, cut, _end in lines], None)
 
     def _from_memory(self, count: int) -> list[bytes]:
         """lastlog from what the reader read, once it read something."""
         self._check_reader("lastlog")
         return self.recent.last(count)
+
+    def _query_memory(self, count: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
+        """A query's lines from what the reader read (no cursors: see JournalLog)."""
+        self._check_reader("lastlog")
+        return recent_block(self.recent, count, pattern, shape, limit)
 
     def _check_reader(self, command: str) -> None:
         """Wait until the reader has read something; CommandError if it failed
@@ -261,10 +329,56 @@ class FileLog(_ProcessLog):
         self._follow_path()  # not a regular file: what its reader read
         return self._from_memory(count)
 
+    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
+        """The lines of this log in a lastlog block of a query (see query_last_lines),
+        read in the pool; CommandError when the file cannot be read."""
+        lines = self._call(query_last_lines, "lastlog", count, pattern, shape, limit)
+        if lines is not None:
+            return lines
+        self._follow_path()  # not a regular file: what its reader read
+        return self._query_memory(count, pattern, shape, limit)
+
     def subscribe(self, callback: Subscriber) -> None:
         """Follow the file; CommandError when it cannot be read or followed now."""
         self._follow_path()
         super().subscribe(callback)
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """Follow the file for a feed; CommandError when it cannot be read or followed now."""
+        self._follow_path()
+        super().subscribe_lines(callback)
+
+    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
+                limit: int = MAX_REPLY) -> tuple[tuple[tuple[int, int], int] | None, list[bytes]]:
+        """A follow's backlog, read after subscribe_lines: where it ends, (device,
+        inode) and the offset of its last ``\\n`` (None for a FIFO: from what the
+        reader read), and its lines (see follow_backlog)."""
+        if not self._reader.regular:  # at once, from what its reader read (no wait: see the feed)
+            return None, self._query_memory(count, pattern, shape, limit)
+        read = self._call(follow_backlog, "follow", count, pattern, shape, limit)
+        if read is None:  # a FIFO now at the path: its reader starts
+            return None, []
+        identity, end, lines = read
+        return (identity, end), lines
+
+    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY,
+               ) -> tuple[tuple[tuple[int, int], int] | None, bool, list[bytes]]:
+        """A follow resumed after ``cursor``, read after subscribe_lines: where its lines
+        end (as backlog), whether the file no longer holds the cursor's line, and
+        the lines (see resume_lines). CommandError ``bad cursor`` for a cursor
+        that is not a file's."""
+        if not isinstance(cursor, FileCursor):
+            raise CommandError("bad cursor")
+        if not self._reader.regular:  # a FIFO holds no line a cursor names
+            return None, True, []
+        read = self._call(resume_lines, "follow", cursor, pattern, shape, limit)
+        if read is None:
+            return None, True, []
+        identity, end, lost, lines = read
+        return (identity, end), lost, lines
+
+    def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
+        return None if tag is None else file_cursor(log, tag, where, raw, cut)
 
     def close(self) -> None:
         """Stop every reader process and reap it."""
@@ -365,6 +479,15 @@ class JournalLog(_ProcessLog):
         self._ensure_reader()
         return self._from_memory(count)
 
+    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
+        """The lines of the journal in a lastlog block of a query, from its last 1000 entries.
+
+        Its JSON lines have no cursor yet: the reader prints the ``short`` format,
+        which does not carry journald's cursor.
+        """
+        self._ensure_reader()
+        return self._query_memory(count, pattern, shape, limit)
+
     def subscribe(self, callback: Subscriber) -> None:
         """Follow the journal from the end of its backlog; CommandError when its
         reader failed (the lastlog error) or its backlog took more than the
@@ -372,6 +495,25 @@ class JournalLog(_ProcessLog):
         self._ensure_reader()
         self._check_reader("follow")
         super().subscribe(callback)
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """As subscribe, for a feed."""
+        self._ensure_reader()
+        self._check_reader("follow")
+        super().subscribe_lines(callback)
+
+    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
+                limit: int = MAX_REPLY) -> tuple[None, list[bytes]]:
+        """A follow's backlog: the kept entries as they are just after subscribe_lines
+        (called without a wait in between, so that no line is missed or repeated)."""
+        return None, self._query_memory(count, pattern, shape, limit)
+
+    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape,
+               limit: int = MAX_REPLY) -> tuple[None, bool, list[bytes]]:
+        """Not served yet: the journal's lines carry no cursor (see query)."""
+        if not isinstance(cursor, JournalCursor):
+            raise CommandError("bad cursor")
+        raise CommandError("follow from a journal cursor is not served yet")
 
     def close(self) -> None:
         if self._reader is not None:

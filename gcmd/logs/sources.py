@@ -20,6 +20,8 @@ from gcmd.net.wire import CommandError, escape
 
 #: the name of the server's own log
 RESERVED = "gcmd"
+#: the words of the log queries' grammar (gcmd.logs.queries), which no log may be named
+KEYWORDS = ("grep", "from")
 #: the logs a server without --logfile tries, in this order, before the journal
 DEFAULT_FILES = ("/var/log/syslog", "/var/log/messages")
 #: seconds the start-up check of the journal may take
@@ -58,6 +60,9 @@ def _check(arg: str, name: str, source: str) -> None:
         raise ValueError(f"--logfile: {arg!r} names no source: give a file, journal or journal:DIR")
     if name == RESERVED:
         raise ValueError(f"--logfile: the log name {RESERVED!r} is reserved for gcmd's own log ({arg})")
+    if name in KEYWORDS:
+        raise ValueError(f"--logfile: the log name {name!r} is reserved: it is a word of lastlog and "
+                         f"follow ({arg}): name the log with NAME=SOURCE")
     if _NAME(name):
         return
     if arg != source:  # NAME=SOURCE

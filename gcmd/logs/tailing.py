@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import time
+from collections import deque
 from typing import Protocol
 
 import gevent
@@ -29,12 +30,23 @@ from gcmd.logs.lines import (
     dropped,
     wire_line,
 )
+from gcmd.logs.queries import (
+    SEARCH_WINDOW,
+    FileCursor,
+    Pattern,
+    Shape,
+    file_cursor,
+    line_hash,
+    matching_lines,
+)
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
 
 #: bytes per read: of a file backwards, of a reader's output
 CHUNK = 65536
+#: bytes per read of a search (``lastlog ... grep``): RE2 scans them in one call
+SEARCH_CHUNK = 1 << 20
 #: lastlog takes its lines from the chunks it scanned while they hold at most this much
 SCANNED_KEPT = 1 << 20
 #: seconds before a reader that exited is started again: doubling from first to most
@@ -148,6 +160,241 @@ def _read_lines(fd: int, spans: list[tuple[int, int]], job: Job):
             yield None if dropped(os.pread(fd, min(length, DECIDING_BYTES), start)) else b""
 
 
+def query_last_lines(path: str, count: int, pattern: Pattern | None, shape: Shape, limit: int,
+                     job: Job) -> list[bytes] | None:
+    """The lines of one log in a lastlog block of a query: the last ``count``
+    lines of the file at ``path`` (with ``pattern``: that match, within its
+    last SEARCH_WINDOW bytes), shaped by ``shape``, at most ``limit`` bytes as
+    sent; None if the path is not a regular file.
+
+    Raises OSError when the path cannot be opened or read.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            block = _block(fd, (st.st_dev, st.st_ino), size, count, pattern, shape, limit, job)
+            st = os.fstat(fd)
+            # shorter now: truncated while it was read, what was read may mix contents
+            if st.st_size >= size:
+                return block
+    finally:
+        os.close(fd)
+
+
+def follow_backlog(path: str, count: int, pattern: Pattern | None, shape: Shape, limit: int,
+                   job: Job) -> tuple[tuple[int, int], int, list[bytes]] | None:
+    """The backlog of a follow: as query_last_lines, of the complete lines only (an
+    unfinished last line is sent live once it ends), with the (device, inode) of
+    the file read and the offset of the last ``\\n`` read (-1: none), which
+    live lines that end there or before repeat. None if not a regular file.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            complete = size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                complete = _last_spans(fd, size, 1, job)[0][0][0]
+            identity = (st.st_dev, st.st_ino)
+            block = _block(fd, identity, complete, count, pattern, shape, limit, job)
+            st = os.fstat(fd)
+            if st.st_size >= size:
+                return identity, complete - 1, block
+    finally:
+        os.close(fd)
+
+
+def resume_lines(path: str, cursor: FileCursor, pattern: Pattern | None, shape: Shape, limit: int,
+                 job: Job) -> tuple[tuple[int, int], int, bool, list[bytes]] | None:
+    """A follow resumed after the line ``cursor`` names: the complete lines after it
+    (that match), at most ``limit`` bytes of the newest as sent, with where they
+    end (as follow_backlog) and whether the file no longer holds the cursor's
+    line (then the lines are those of the file now at ``path``, from its start).
+    None if not a regular file.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = st.st_size
+            complete = size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                complete = _last_spans(fd, size, 1, job)[0][0][0]
+            identity = (st.st_dev, st.st_ino)
+            start = _after(fd, identity, size, cursor, job)
+            lost = start is None
+            block = _lines_from(fd, identity, 0 if lost else start, complete, pattern, shape, limit, job)
+            st = os.fstat(fd)
+            if st.st_size >= size:
+                return identity, complete - 1, lost, block
+    finally:
+        os.close(fd)
+
+
+def _after(fd: int, identity: tuple[int, int], size: int, cursor: FileCursor, job: Job) -> int | None:
+    """Where the lines after the cursor's line begin in the file (the start of that
+    line while it is unfinished: it is sent whole once it ends); None when the
+    file no longer holds it (another file, shorter, another line there)."""
+    end = cursor.end
+    if identity != (cursor.device, cursor.inode) or end > size:
+        return None
+    finished = end < size
+    if finished and os.pread(fd, 1, end) != b"\n":
+        return None
+    start, position = 0, end
+    while position > 0:
+        job.check()
+        n = min(CHUNK, position)
+        position -= n
+        newline = os.pread(fd, n, position).rfind(b"\n")
+        if newline >= 0:
+            start = position + newline + 1
+            break
+    length = end - start
+    if line_hash(os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)) != cursor.line_hash:
+        return None
+    return end + 1 if finished else start
+
+
+def _lines_from(fd: int, identity: tuple[int, int], start: int, stop: int, pattern: Pattern | None,
+                shape: Shape, limit: int, job: Job) -> list[bytes]:
+    """The block of the lines between ``start`` (a line's start) and ``stop`` (just after
+    a newline) that match: at most ``limit`` bytes of the newest as sent, the older
+    left out (see capped). Read forwards once; a line is matched against its
+    first SEARCH_WINDOW bytes."""
+    shaped: deque[bytes] = deque()
+    size = left_out = 0
+    pieces: list[bytes] = []
+    kept = 0
+    position = start
+    while position < stop:
+        job.check()
+        chunk = os.pread(fd, min(SEARCH_CHUNK, stop - position), position)
+        if not chunk:
+            break
+        parts = chunk.split(b"\n")
+        offset = position
+        for part in parts[:-1]:
+            offset += len(part)
+            if pieces:
+                pieces.append(part[:max(0, SEARCH_WINDOW - kept)])
+                line, length = b"".join(pieces), kept + len(part)
+                pieces, kept = [], 0
+            else:
+                line, length = part, len(part)
+            if pattern is None or pattern.matches(line):
+                raw, cut = line[:MAX_LINE], length - min(length, MAX_LINE)
+                sent = shape.line(raw, cut, file_cursor(shape.name, identity, offset, raw, cut)
+                                  if shape.json else None)
+                if sent is not None:
+                    shaped.append(sent)
+                    size += len(sent) + 1
+                    while size > limit:
+                        size -= len(shaped.popleft()) + 1
+                        left_out += 1
+            offset += 1
+        rest = parts[-1]
+        if rest and kept < SEARCH_WINDOW:
+            pieces.append(rest[:SEARCH_WINDOW - kept])
+        kept += len(rest)
+        position += len(chunk)
+    return capped(reversed(shaped), left_out, limit, shape.left_out)
+
+
+def _block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: Pattern | None, shape: Shape,
+           limit: int, job: Job) -> list[bytes]:
+    """The block of the last ``count`` lines of the first ``size`` bytes (see query_last_lines)."""
+    if pattern is None:
+        spans = _last_spans(fd, size, count, job)[0]
+        return capped(_shaped_lines(fd, identity, spans, shape, job), 0, limit, shape.left_out)
+    return _search_block(fd, identity, size, count, pattern, shape, limit, job)
+
+
+def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], shape: Shape, job: Job):
+    """The lines of ``spans`` as ``shape`` sends them, newest first; past a full reply only
+    whether each is dropped (as _read_lines)."""
+    room = MAX_REPLY
+    for start, end in spans:
+        job.check()
+        length = end - start
+        if room >= 0:
+            raw, cut = os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)
+            line = shape.line(raw, cut, file_cursor(shape.name, identity, end, raw, cut) if shape.json else None)
+            if line is not None:
+                room -= len(line) + 1
+            yield line
+        elif shape.json:
+            yield b""  # nothing is dropped in JSON: left out
+        else:
+            yield None if dropped(os.pread(fd, min(length, DECIDING_BYTES), start)) else b""
+
+
+def _search_block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: Pattern,
+                  shape: Shape, limit: int, job: Job) -> list[bytes]:
+    """The last ``count`` lines that match among the first ``size`` bytes, looking back
+    SEARCH_WINDOW bytes at most; led by the ``searched`` note when that stopped it."""
+    found, stopped = _search_back(fd, size, count, pattern, job)
+    lines = []
+    for end, line in found:
+        raw, cut = line[:MAX_LINE], max(0, len(line) - MAX_LINE)
+        lines.append(shape.line(raw, cut, file_cursor(shape.name, identity, end, raw, cut) if shape.json else None))
+    if not stopped:
+        return capped(lines, 0, limit, shape.left_out)
+    note = shape.searched()
+    return [note, *capped(lines, 0, limit - len(note) - 1, shape.left_out)]
+
+
+def _search_back(fd: int, size: int, count: int, pattern: Pattern, job: Job,
+                 window: int = SEARCH_WINDOW) -> tuple[list[tuple[int, bytes]], bool]:
+    """The (end offset, line) of the last ``count`` lines of the first ``size`` bytes
+    that match, newest first, and whether the search stopped at ``window``
+    bytes from the end with fewer (a line that begins before that is not searched).
+
+    Read backwards in SEARCH_CHUNK runs; each run is searched at once (see
+    matching_lines), so a rare match costs RE2's scan of the bytes, not a
+    Python step per line.
+    """
+    if size == 0 or count <= 0:
+        return [], False
+    end = size - 1 if os.pread(fd, 1, size - 1) == b"\n" else size
+    floor = max(0, size - window)
+    found: list[tuple[int, bytes]] = []
+    position = end
+    # the start of the line that ends the run read before (it began before that run),
+    # newest piece first: a long line is joined once, not once per chunk
+    carry: list[bytes] = []
+    while position > floor and len(found) < count:
+        job.check()
+        n = min(SEARCH_CHUNK, position - floor)
+        position -= n
+        piece = os.pread(fd, n, position)
+        if position > 0 and b"\n" not in piece:  # all of it inside one line
+            carry.append(piece)
+            continue
+        data = piece + b"".join(reversed(carry))
+        if position == 0:
+            first, carry = 0, []
+        else:
+            first = data.find(b"\n") + 1
+            carry = [data[:first - 1]]
+        run = data[first:]
+        base = position + first
+        for start, stop in reversed(matching_lines(run, pattern)):
+            found.append((base + stop, run[start:stop]))
+            if len(found) == count:
+                break
+    return found, len(found) < count and floor > 0
+
+
 def locate(path: str, job: Job) -> tuple[tuple[int, int], bool, int]:
     """(device, inode), whether regular, and where a reader starting now starts reading."""
     fd = os.open(path, _OPEN_FLAGS)
@@ -245,8 +492,13 @@ class ReaderOwner(Protocol):
     def restartable(self, reader: Reader) -> bool:
         """Whether ``reader`` may start again now (it exited); may adjust it."""
 
-    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool) -> None:
-        """New lines from ``reader``: remembered when needed, sent unless ``backlog``."""
+    #: whether a feed wants the raw lines (see Broadcast.subscribe_lines)
+    wants_lines: bool
+
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool,
+                lines: list[tuple[bytes, int, int]] | None = None) -> None:
+        """New lines from ``reader``: remembered when needed, sent unless ``backlog``;
+        ``lines``: their (raw, cut, end), when ``wants_lines``."""
 
 
 class Reader:
@@ -358,7 +610,12 @@ class Reader:
                     self.failures = 0
                 if not self.backlog:
                     self._set_ready()
-                self.owner.publish(self, self.splitter.feed(chunk), backlog)
+                if self.owner.wants_lines:
+                    lines = self.splitter.feed_lines(chunk, self.position - len(chunk))
+                    wire = [wire_line(raw, cut) for raw, cut, _end in lines]
+                    self.owner.publish(self, wire, backlog, lines)
+                else:
+                    self.owner.publish(self, self.splitter.feed(chunk), backlog)
         finally:
             errors.kill()
             self.owner.children.stop(proc)

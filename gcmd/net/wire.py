@@ -142,3 +142,13 @@ def echo_path(path: bytes) -> str:
     if len(text) > MAX_ECHOED_PATH:
         text = text[:MAX_ECHOED_PATH] + "..."
     return text
+
+
+
+# --- 1.2 ---------------------------------------------------------------------------------
+#: the version of the protocol this server speaks, in the reply to ``version``
+PROTOCOL_VERSION = "1.2"
+OK = b"OK\n"
+FORMAT_USAGE = b"Usage: format text|json\n"
+LASTLOG_QUERY_USAGE = b"Usage: lastlog [LINES] [LOGS] [grep PATTERN]\n"
+FOLLOW_QUERY_USAGE = b"Usage: follow [LINES] [LOGS] [from CURSORS] [grep PATTERN]\n"
