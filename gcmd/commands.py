@@ -305,10 +305,7 @@ class Commands:
         formats = {b"text": TEXT, b"json": JSON}
         if arg not in formats:
             return wire.FORMAT_USAGE
-        try:
-            session.format = formats[arg]
-        except AttributeError:  # a session with fixed slots (gcmd.net before the session rewrite)
-            raise CommandError("format is not available on this server") from None
+        session.format = formats[arg]
         return wire.OK
 
     @command()

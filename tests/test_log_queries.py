@@ -18,7 +18,6 @@ import time
 import gevent
 import pytest
 from conftest import CommandTable
-from gcmd.net.session import Session
 from gevent.threadpool import ThreadPool
 from support import ERROR, LOG_LINES, poll
 
@@ -56,20 +55,6 @@ FOLLOW_USAGE = b"Usage: follow [LINES] [LOGS] [from CURSORS] [grep PATTERN]\n"
 BEGIN_FOLLOW, END_FOLLOW = b"Begin follow\n", b"End follow\n"
 FORMAT_USAGE = b"Usage: format text|json\n"
 BEGIN, END = b"Begin lastlog\n", b"End lastlog\n"
-
-
-def _session_keeps_format() -> bool:
-    probe = object.__new__(Session)
-    try:
-        probe.format = "text"
-    except AttributeError:
-        return False
-    return True
-
-
-#: the session of gcmd.net before its rewrite has fixed slots: ``format`` answers an error there
-needs_session_settings = pytest.mark.skipif(
-    not _session_keeps_format(), reason="gcmd.net.session.Session keeps no per-connection settings yet")
 
 
 def lines_of(reply: bytes) -> list[bytes]:
@@ -134,7 +119,6 @@ def test_format_text_or_json_answers_ok_anything_else_usage(commands, request_li
     assert commands.ask(request_line) == reply
 
 
-@needs_session_settings
 def test_format_is_per_connection(several, make_server, connect, logs):
     other = connect(make_server(logfiles=tuple(map(str, logs))))
     assert several.ask("format json") == b"OK\n"
@@ -662,6 +646,7 @@ def test_a_cursor_gcmd_did_not_make_or_of_a_log_not_in_logs_gets_bad_cursor(seve
 def test_follow_n_of_the_gcmd_log_gives_its_last_lines_then_the_new_ones(gcmd):
     server = gcmd()
     client, other = server.client(), server.client()
+    assert client.ask("ping") == b"pong\n" and other.ask("ping") == b"pong\n"  # both admitted and logged
     kept = ask_block(client, "lastlog 2 gcmd")
     client.send("follow 2 gcmd\n")
     assert client.line() == BEGIN_FOLLOW
@@ -778,3 +763,42 @@ def test_follow_from_cursors_through_a_server(several, logs, table):
     assert several.ask("") == END_FOLLOW
     assert several.ask("follow gcmd from " + cursor) == ERROR + b"bad cursor\n"
     assert several.ask("follow app from m1:app:0123456789abcdef:1") == ERROR + b"bad cursor\n"
+
+
+# --- the same, black-box: a real gcmd process, a writer appending 5,000 lines a second -----
+
+def follow_json(server, request: str, count: int) -> list[dict]:
+    """``count`` JSON lines of a follow (the backlog first), then the client resets."""
+    client = server.client(timeout=10)
+    assert client.ask("format json") == b"OK\n"
+    assert client.ask(request) == BEGIN_FOLLOW
+    objects = [json.loads(client.line()) for _ in range(count)]
+    client.reset()  # the connection is lost in the middle of the stream
+    return objects
+
+
+def test_a_real_server_follow_n_has_no_gap_and_no_repeat_at_the_seam_while_5000_lines_a_second_come(
+        gcmd, tmp_path, writer):
+    path = tmp_path / "fast.log"
+    path.write_text("".join(f"n {i}\n" for i in range(100)))
+    server = gcmd("--logfile", f"fast={path}")
+    writer(path, 100, 5000)
+    for _ in range(3):
+        objects = follow_json(server, "follow 50 fast", 1050)
+        assert all("note" not in o for o in objects), objects[:3]
+        seen = [int(o["line"].split()[1]) for o in objects]
+        assert seen == list(range(seen[0], seen[0] + len(seen))), "a gap or a repeat at the seam"
+
+
+def test_a_real_server_follow_resumed_from_the_last_cursor_after_a_reset_misses_nothing_and_repeats_nothing(
+        gcmd, tmp_path, writer):
+    path = tmp_path / "fast.log"
+    path.write_text("n 0\n")
+    server = gcmd("--logfile", f"fast={path}")
+    writer(path, 1, 5000)
+    received = follow_json(server, "follow 1 fast", 500)
+    for _ in range(4):  # four more connections, each resumed where the last one broke
+        received += follow_json(server, f"follow fast from {received[-1]['cursor']}", 500)
+    assert all("note" not in o for o in received), [o for o in received if "note" in o][:3]
+    seen = [int(o["line"].split()[1]) for o in received]
+    assert seen == list(range(seen[0], seen[0] + len(seen))), "a gap or a repeat across the reconnections"

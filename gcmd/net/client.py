@@ -58,7 +58,7 @@ NEVER = float("inf")
 class Client:
     """One connection, served by the greenlet that runs ``serve``."""
 
-    __slots__ = ("admitted", "authenticated", "client_cn", "context", "deadline", "follow", "greenlet",
+    __slots__ = ("admitted", "authenticated", "client_cn", "context", "deadline", "follow", "format", "greenlet",
                  "heard", "ip", "log_level", "number", "server", "since", "sock", "state", "tls",
                  "user", "watch_reset")
 
@@ -79,7 +79,9 @@ class Client:
         self.admitted = self.authenticated = self.tls = False
         #: the CN of the client's verified certificate (--tls-client-ca); None: none asked
         self.client_cn: str | None = None
+        #: what commands keep of the client: its user (gcmd.users), the format of its log lines
         self.user = None
+        self.format = "text"
         self.log_level = logging.INFO
         #: the LineRun of its request lines, made at the first request logged
         self.heard = None

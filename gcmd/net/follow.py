@@ -28,9 +28,10 @@ FOLLOW_KEEPALIVE = (60, 10, 6)
 class FollowStream:
     """The lines of ``source`` on their way to ``client``'s socket.
 
-    ``source`` has ``subscribe(callback)``, ``unsubscribe(callback)`` and
-    ``stats.lines_dropped``; ``callback(lines)`` gets wire lines (bytes
-    without their newline). Subscribing raises CommandError when the log
+    ``source`` has ``subscribe(callback)``, ``unsubscribe(callback)``,
+    ``stats.lines_dropped`` and, if its drop marker is not the text one,
+    ``dropped_marker`` (N -> bytes); ``callback(lines)`` gets wire lines
+    (bytes without their newline). Subscribing raises CommandError when the log
     cannot be followed now.
     """
 
@@ -39,7 +40,7 @@ class FollowStream:
     def __init__(self, client, source) -> None:
         self.client = client
         self.source = source
-        self.buffer = FollowBuffer()
+        self.buffer = FollowBuffer(marker=getattr(source, "dropped_marker", None))
         #: the part of a chunk the socket has not taken yet
         self.out: bytes | memoryview = b""
         self.ready = Event()
