@@ -200,3 +200,24 @@ def test_follow_and_a_line_too_long_in_one_write_end_the_follow_first(make_serve
     assert c.line() == BEGIN_FOLLOW
     assert c.line() == END_FOLLOW
     assert c.line() == b"Line too long. bye !\n" and c.closed()
+
+
+# telnet's Ctrl-C: IAC IP, then IAC DO TIMING-MARK (RFC 854, RFC 860)
+CTRL_C = b"\xff\xf4\xff\xfd\x06"
+WILL_TIMING_MARK = b"\xff\xfb\x06"
+
+
+def test_telnet_ctrl_c_ends_a_follow_as_enter_does_and_the_session_goes_on(make_server, connect):
+    server = make_server()
+    c = connect(server)
+    assert c.ask("follow") == BEGIN_FOLLOW
+    c.send(CTRL_C)
+    assert c.line() == WILL_TIMING_MARK + END_FOLLOW
+    assert c.ask("ping") == b"pong\n"
+
+
+def test_telnet_ctrl_c_outside_a_follow_is_answered_and_asks_nothing(make_server, connect):
+    server = make_server()
+    c = connect(server)
+    c.send(CTRL_C + b"ping\n")
+    assert c.line() == WILL_TIMING_MARK + b"pong\n"

@@ -30,7 +30,7 @@ from gcmd.net.ends import ClientGone, Deadline, Ended, Shutdown
 from gcmd.net.follow import FollowStream
 from gcmd.net.opening import open_connection
 from gcmd.net.proxy import canonical
-from gcmd.net.wire import LF, Close, Follow, split_lines
+from gcmd.net.wire import IAC, LF, Close, Follow, split_lines, telnet_commands
 from gcmd.serverlog.setup import line_run
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,16 @@ class Client:
             data = data or self._read()
             if not data:
                 return
+            if IAC in data:  # telnet's Ctrl-C
+                data, reply = telnet_commands(data)
+                self._send(reply)
             lines, pending, too_long = split_lines(pending, data, max_line)
             data = b""
             if lines:
                 if self._answer(lines, heard, trace, not too_long):
-                    data, pending = self._follow(pending), b""
-                    self._end_follow()
+                    data, reply = self._follow(pending)
+                    pending = b""
+                    self._end_follow(reply)
                 self.since = monotonic()
                 if len(lines) > 1:
                     gevent.sleep(0)  # a pipelining client lets the others run between its batches
@@ -302,12 +306,14 @@ class Client:
         (CommandError when it cannot be followed); they stream once the reply is sent."""
         self.follow = FollowStream(self, source)
 
-    def _follow(self, pending: bytes) -> bytes:
+    def _follow(self, pending: bytes) -> tuple[bytes, bytes]:
         """FOLLOWING: the log streams (FollowStream's writer) while this greenlet
-        reads; the bytes that hold the client's next line end it. Neither the
-        idle timeout nor a half-close ends a follow."""
+        reads; the bytes that hold the client's next line end it (returned, with
+        the reply telnet's Ctrl-C asks for). Neither the idle timeout nor a
+        half-close ends a follow."""
         self.follow.start()
         max_line = self.server.config.max_line
+        replies = b""
         try:
             while True:
                 self.state = FOLLOWING
@@ -316,15 +322,18 @@ class Client:
                     self.watch_reset = True  # the sweeper sees the client go
                     self.follow.join()
                     raise Ended("the connection is over", None)
+                if IAC in data:  # telnet's Ctrl-C ends a follow as Enter does
+                    data, reply = telnet_commands(data)
+                    replies += reply
                 pending += data
                 if LF in data or len(pending) > max_line:
-                    return pending
+                    return pending, replies
         except Deadline:
             raise Ended("the client accepted no followed lines in time", None) from None
 
-    def _end_follow(self) -> None:
+    def _end_follow(self, reply: bytes = b"") -> None:
         """The client sent a line: what waits for it goes out, then End follow."""
-        self._send(self._stop_follow() + wire.END_FOLLOW)
+        self._send(self._stop_follow() + reply + wire.END_FOLLOW)
 
     def _stop_follow(self) -> bytes:
         follow, self.follow = self.follow, None

@@ -152,3 +152,25 @@ OK = b"OK\n"
 FORMAT_USAGE = b"Usage: format text|json\n"
 LASTLOG_QUERY_USAGE = b"Usage: lastlog [LINES] [LOGS] [grep PATTERN]\n"
 FOLLOW_QUERY_USAGE = b"Usage: follow [LINES] [LOGS] [from CURSORS] [grep PATTERN]\n"
+
+
+#: telnet's Interpret As Command byte (RFC 854), as an int (see LF)
+IAC = 0xFF
+#: what telnet sends for Ctrl-C: IAC IP (Interrupt Process), then IAC DO TIMING-MARK
+#: (RFC 860), and with autosynch IAC DM (Data Mark); the reply to DO TIMING-MARK
+_TELNET_IP, _TELNET_DM, _TELNET_DO_TM = b"\xff\xf4", b"\xff\xf2", b"\xff\xfd\x06"
+TELNET_WILL_TM = b"\xff\xfb\x06"
+
+
+def telnet_commands(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` without the telnet commands of a Ctrl-C, and the reply they ask for.
+
+    An Interrupt Process becomes a line end, so that it ends a follow as
+    Enter does (elsewhere it is a blank line: no reply); DO TIMING-MARK is
+    answered WILL TIMING-MARK (RFC 860: telnet discards what it receives
+    until then). Other bytes, 0xFF in a path included, are left as they are;
+    a command split across two reads is not recognised.
+    """
+    reply = TELNET_WILL_TM * data.count(_TELNET_DO_TM)
+    data = data.replace(_TELNET_DO_TM, b"").replace(_TELNET_DM, b"").replace(_TELNET_IP, b"\n")
+    return data, reply
