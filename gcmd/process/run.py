@@ -82,16 +82,18 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
         from gcmd.observe.metrics import MetricsServer
 
         metrics = MetricsServer(server, config.host, config.metrics_port + config.worker)
+        # both ports are taken before the server starts: a start that fails has
+        # served nobody, so it logs no shutdown
+        try:
+            metrics.bind()
+        except OSError as exc:
+            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
     try:
         server.start()
     except OSError as exc:
         return cannot_listen(config.host, config.port, exc)
     if metrics is not None:  # before the start-up lines: they say the server serves
-        try:
-            metrics.start()
-        except OSError as exc:
-            server.shutdown()
-            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
+        metrics.start()
     signals: gevent.queue.Queue[int] = gevent.queue.Queue()
     for signum in (*_STOP, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)
