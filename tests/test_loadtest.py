@@ -4,13 +4,15 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from support import write_file
+from support import wait_for, write_file
 
 from loadtest.client import GcmdClient, GcmdError
 
@@ -37,15 +39,41 @@ def test_client_reports_replies_failures_and_reconnects(gcmd):
     assert client.request("comphash f.txt")[0].startswith(b"File hash is : ")
     with pytest.raises(GcmdError, match="No such file"):
         client.request("comphash nope")
-    client.sock.sendall(b"exit\n")  # the server closes: the next request fails, then reconnects
-    with pytest.raises(OSError):
-        client.request("ping")
+    client.sock.sendall(b"exit\n")  # the server closes: the next request reconnects
+    wait_for(lambda: select.select([client.sock], [], [], 0)[0])
     assert client.request("ping") == [b"pong\n"]
     names = [(e["name"], e["exception"] is None) for e in fire.events]
     assert names == [("ping", True), ("lastlog", True), ("comphash", True), ("comphash", False),
-                     ("ping", False), ("ping", True)]
+                     ("ping", True)]
     assert all(e["request_type"] == "gcmd" and e["response_time"] >= 0 for e in fire.events)
     assert fire.events[1]["response_length"] == sum(map(len, lastlog))
+
+
+def test_client_idle_goodbye_is_no_failure_and_no_reply(gcmd):
+    server = gcmd("--idle-timeout", 1)
+    fire = Recorder()
+    client = GcmdClient("127.0.0.1", server.port, fire=fire)
+    assert client.request("ping") == [b"pong\n"]
+    first = client.sock
+    wait_for(lambda: first.recv(64, socket.MSG_PEEK) == b"Idle timeout. bye !\n")
+    assert client.request("ping") == [b"pong\n"]
+    assert client.sock is not first
+    assert [e["exception"] for e in fire.events] == [None, None]
+
+
+def test_client_refused_by_the_cap_counts_one_failure_then_reconnects(gcmd):
+    server = gcmd("--max-clients", 1)
+    holder = server.client()
+    assert holder.ask("ping") == b"pong\n"
+    fire = Recorder()
+    client = GcmdClient("127.0.0.1", server.port, fire=fire)
+    with pytest.raises((GcmdError, OSError)):  # the goodbye, or a reset that beat it
+        client.request("ping")
+    assert client.sock is None
+    holder.close()
+    wait_for(lambda: "Lost client connection" in server.log())
+    assert client.request("ping") == [b"pong\n"]
+    assert [e["exception"] is None for e in fire.events] == [False, True]
 
 
 def test_client_times_out(gcmd, tmp_path):
