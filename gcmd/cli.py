@@ -30,7 +30,9 @@ from gcmd.config import (
     Config,
     RunOptions,
     SettingError,
+    check_given,
     check_host,
+    check_tls_files,
     flag,
     parse_networks,
     read_token,
@@ -198,6 +200,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, RunOptions]:
     command_line = parser.parse_args(argv, namespace=unset)
     from_file: set[str] = set()
     if command_line.config is not None:
+        try:
+            check_given("config", command_line.config)
+        except SettingError as exc:
+            parser.error(str(exc))
         values = read_config_file(parser, command_line.config)
         parser.set_defaults(**values)
         from_file = {dest for dest in values if getattr(command_line, dest) is UNSET}
@@ -217,8 +223,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     host that does not resolve, a file that cannot be read or used, an
     --output that cannot be appended to.
     """
-    if args.root == "":
-        raise SettingError("root", "--root is empty: give a directory (. for the current one)")
+    for name in ("root", "output", "token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        check_given(name, getattr(args, name))
     root = os.path.abspath(args.root if args.root is not None else os.getcwd())
     if not os.path.isdir(root):
         raise SettingError("root", f"--root {root} is not a directory")
@@ -234,6 +240,7 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
                        "quiet_from": parse_networks(args.quiet_from, "quiet_from"),
                        "logfiles": tuple(args.logfile)})
     if config.tls:
+        check_tls_files(config.tls_cert, config.tls_key)
         lifecycle.tls_context(config)
     if args.output is not None:
         check_output(args.output)
@@ -276,6 +283,9 @@ def read_config_file(parser: Parser, path: str) -> dict[str, object]:
         parser.error(f"cannot read --config {path}: {exc.strerror}")
     except tomllib.TOMLDecodeError as exc:
         parser.error(f"--config {path} is not valid TOML: {exc}")
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 (tomllib decodes it before parsing)
+        parser.error(f"--config {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
+                     f"at offset {exc.start}")
     values: dict[str, object] = {}
     keys: dict[str, str] = {}  # destination -> the key that set it
     for key, value in table.items():

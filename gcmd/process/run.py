@@ -23,7 +23,7 @@ import gevent
 import gevent.queue
 
 from gcmd import __version__
-from gcmd.config import Config, RunOptions, SettingError, read_token
+from gcmd.config import Config, RunOptions, SettingError, check_tls_files, read_token
 from gcmd.net.tls import tls_context, tls_mode
 from gcmd.serverlog.setup import info_line, open_output, reopen_output, setup_logging
 
@@ -124,6 +124,8 @@ def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:
                                                    ("the TLS files", config.tls)) if used)
     try:
         token = None if options.token_file is None else read_token(options.token_file)
+        if config.tls:
+            check_tls_files(config.tls_cert, config.tls_key)
         context = tls_context(config) if config.tls else None
     except SettingError as exc:
         kept = ("token and TLS files stay" if options.token_file and config.tls
