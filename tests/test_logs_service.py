@@ -317,14 +317,31 @@ def test_a_killed_reader_starts_again_with_back_off_and_loses_no_line(tmp_path, 
     assert "exited with status -9" in caplog.text
 
 
-def test_close_while_a_reader_starts_leaves_no_process(tmp_path, open_log):
+def leave_and_close(log, since_fork: int | None, turns: int) -> bool:
+    """A follower of ``log`` leaves ``turns`` hub turns after its request (``since_fork``
+    None) or after its reader's process appeared; then the log is closed. Whether
+    the follower was still waiting for its reader when it left."""
+    follower = gevent.spawn(log.subscribe, print)
+    if since_fork is not None:
+        while not children() and not follower.ready():
+            gevent.sleep(0)
+    for _ in range(turns):
+        gevent.sleep(0)
+    waiting = not follower.ready()
+    follower.kill()
+    log.close()
+    return waiting
+
+
+@pytest.mark.parametrize("since_fork", [None, True], ids=["since-the-request", "since-the-fork"])
+def test_a_follower_that_leaves_while_its_reader_starts_leaves_no_process(tmp_path, open_log, since_fork):
+    # every moment, one hub turn apart, until the follower no longer waits
     path = tmp_path / "syslog"
     path.write_text("x\n")
-    log = open_log(path)
-    subscriber = gevent.spawn(log.subscribe, print)
-    poll(lambda: log.children._starting, 5, "no reader starting")
-    subscriber.kill()  # the client left while its reader was being started
-    log.close()
+    turns = 0
+    while leave_and_close(open_log(path), since_fork, turns) and turns < 5000:
+        assert children() == [], f"a reader was left by a follower that left after {turns} turns"
+        turns += 1 if turns < 20 else turns // 10
     assert children() == []
 
 
