@@ -5,8 +5,10 @@ Real files in tmp_path, real tail and journalctl, in this test's gevent hub.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -170,13 +172,38 @@ def test_lastlog_of_a_huge_file_reads_only_its_end(tmp_path, open_log):
     assert time.monotonic() - started < 1
 
 
-def test_lastlog_of_a_missing_file_names_it_and_the_option(tmp_path, open_log):
+def test_lastlog_of_a_missing_file_tells_the_client_what_and_the_operator_what_to_do(tmp_path, open_log, caplog):
     log = open_log(tmp_path / "nope" / "syslog")
     for attempt in (lambda: log.lastlog(10), lambda: log.subscribe(print)):
         with pytest.raises(CommandError) as error:
             attempt()
-        assert str(error.value) == (f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory "
-                                    "(start gcmd with --logfile PATH to serve another log)")
+        assert str(error.value) == f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [(f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory "
+                        "(start gcmd with --logfile PATH to serve another log)")]
+
+
+def test_a_log_file_error_that_another_path_cannot_fix_has_no_hint(tmp_path, open_log, caplog):
+    path = tmp_path / "syslog"
+    path.write_text("x\n")
+    log = open_log(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    spare = []
+    try:  # every descriptor taken: the read cannot open the file
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                spare.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(CommandError) as error:
+            log.lastlog(1)
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert str(error.value) == f"cannot read the log file '{path}': Too many open files"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"cannot read the log file '{path}': Too many open files"]
+    assert log.lastlog(1) == [b"x"]
 
 
 def test_a_directory_is_refused_at_once(tmp_path, open_log):

@@ -36,6 +36,7 @@ the new lines twice. A restart after the reader died checks the size itself.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ ROTATION_CHECK = 0.5
 DRAIN = 1.0
 
 Subscriber = Callable[[list[bytes]], object]
+
+#: errors of a path that names nothing readable: another --logfile is the remedy
+_PATH_ERRORS = frozenset({errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                          errno.EPERM})
 
 
 @dataclass
@@ -241,13 +246,16 @@ class FileLog(_ProcessLog):
         self._checker: gevent.Greenlet | None = None
         #: lastlog reads by line count: requests that arrive during a read share the next one
         self._reads = NextFlight()
+        #: the errno of the last failure to read the file the operator was warned of
+        self._told: int | None = None
 
     def start(self) -> None:
         """Warn at start-up when the file cannot be read (lastlog says why, later)."""
         try:
             self._call(locate, "the log file check")
         except CommandError as exc:
-            log.warning("%s", exc)
+            if self._told is None:  # a timeout: the OSErrors are told already
+                log.warning("%s", exc)
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines; CommandError when it cannot be read."""
@@ -337,10 +345,23 @@ class FileLog(_ProcessLog):
         if result is None or not result.ready():
             raise CommandError(f"{what} timed out after {self.command_timeout:g} s")
         try:
-            return unwrap(result.get())
+            value = unwrap(result.get())
         except OSError as exc:
-            raise CommandError(f"cannot read the log file '{self.source}': {exc.strerror or exc} "
-                               "(start gcmd with --logfile PATH to serve another log)") from None
+            self._tell_operator(exc)
+            raise CommandError(f"cannot read the log file '{self.source}': {exc.strerror or exc}") from None
+        self._told = None
+        return value
+
+    def _tell_operator(self, exc: OSError) -> None:
+        """Warn that the file cannot be read, once until it can be again or the
+        error changes; where the path is the problem, say how to serve another.
+        The client gets the error alone: the remedy is the operator's."""
+        if exc.errno == self._told:
+            return
+        self._told = exc.errno
+        hint = (" (start gcmd with --logfile PATH to serve another log)"
+                if exc.errno in _PATH_ERRORS else "")
+        log.warning("cannot read the log file '%s': %s%s", self.source, exc.strerror or exc, hint)
 
 
 class JournalLog(_ProcessLog):
