@@ -37,6 +37,7 @@ from gcmd.config import (
     parse_networks,
     read_token,
 )
+from gcmd.logs.sources import parse_logfile
 from gcmd.process import run as lifecycle
 
 
@@ -239,6 +240,7 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
                        "quiet_from": parse_networks(args.quiet_from, "quiet_from"),
                        "logfiles": tuple(args.logfile)})
+    check_journal_directories(config.logfiles)
     if config.tls:
         check_tls_files(config.tls_cert, config.tls_key)
         lifecycle.tls_context(config)
@@ -247,6 +249,18 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     options = RunOptions(log_level=args.log_level, log_format=args.log_format, output=args.output,
                          token_file=args.token_file, config_file=args.config)
     return config, options
+
+
+def check_journal_directories(logfiles: tuple[str, ...]) -> None:
+    """Raise SettingError for a ``--logfile [NAME=]journal:DIR`` whose DIR is no directory:
+    its journalctl could only fail, again and again."""
+    for arg in logfiles:
+        _name, source = parse_logfile(arg)
+        directory = source.removeprefix("journal:")
+        if directory == source or os.path.isdir(directory):
+            continue
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise SettingError("logfiles", f"--logfile {arg}: the journal directory {directory} {why}")
 
 
 def check_output(path: str) -> None:

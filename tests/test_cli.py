@@ -70,6 +70,10 @@ def test_help_documents_every_flag_with_its_default():
     (["--allow", "10.0.0.1/8"], ("--allow 10.0.0.1/8 has host bits set: give 10.0.0.0/8 (the network) "
                                 "or 10.0.0.1/32 (the address)")),
     (["--allow", "::1/64"], "--allow ::1/64 has host bits set: give ::/64 (the network) or ::1/128 (the address)"),
+    (["--logfile", "journal:/no/such/dir"], ("--logfile journal:/no/such/dir: the journal directory "
+                                             "/no/such/dir does not exist")),
+    (["--logfile", "j=journal:/etc/hostname"], ("--logfile j=journal:/etc/hostname: the journal directory "
+                                               "/etc/hostname is not a directory")),
     (["--quiet-from", "192.168.1.7/24"], "--quiet-from 192.168.1.7/24 has host bits set: give 192.168.1.0/24"),
 ])
 def test_bad_settings_exit_2_with_one_message_before_binding(args, message):

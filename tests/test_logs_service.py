@@ -24,6 +24,7 @@ from gcmd.logs.lines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire
 from gcmd.logs.memory import MemoryLog
 from gcmd.logs.readers import FileLog, JournalLog
 from gcmd.logs.sources import Logs, default_source, log_sources, parse_logfile
+from gcmd.logs.tailing import restart_delays
 from gcmd.net.wire import CommandError
 
 JOURNAL_REMOTE = shutil.which("systemd-journal-remote") or next(
@@ -370,6 +371,12 @@ def test_a_follower_that_leaves_while_its_reader_starts_leaves_no_process(tmp_pa
         assert children() == [], f"a reader was left by a follower that left after {turns} turns"
         turns += 1 if turns < 20 else turns // 10
     assert children() == []
+
+
+def test_a_reader_that_keeps_failing_is_restarted_less_and_less_often_down_to_every_5_minutes():
+    delays = restart_delays()
+    assert [next(delays) for _ in range(14)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2,
+                                                 102.4, 204.8, 300, 300]
 
 
 def test_close_stops_every_reader(tmp_path, open_log):

@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import gevent
@@ -38,7 +39,8 @@ CHUNK = 65536
 #: lastlog takes its lines from the chunks it scanned while they hold at most this much
 SCANNED_KEPT = 1 << 20
 #: seconds before a reader that exited is started again: doubling from first to most
-BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+#: (0.1, 0.2, 0.4 ... 204.8, then every 5 minutes while it keeps failing)
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 300.0
 #: a reader that ran this many seconds is well again: its next restart waits BACKOFF_FIRST
 STABLE = 10.0
 #: journal: the backlog is over after this many quiet seconds, or this many without output
@@ -173,6 +175,15 @@ def identify(path: str, _job: Job) -> tuple[tuple[int, int], bool, int]:
 
 # --- processes ------------------------------------------------------------------
 
+def restart_delays() -> Iterator[float]:
+    """Seconds to wait before each restart of a reader that keeps failing: from
+    BACKOFF_FIRST, doubling, at most BACKOFF_MOST."""
+    delay = BACKOFF_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, BACKOFF_MOST)
+
+
 class Children:
     """The reader processes of one log: each stopped and reaped here, all of them at close()."""
 
@@ -298,16 +309,17 @@ class Reader:
             self._greenlet.kill()
 
     def _run(self, proc: subprocess.Popen) -> None:
-        delay = BACKOFF_FIRST
+        delays = restart_delays()
         while True:
             started = time.monotonic()
             status = self._pump(proc)
             if self.retiring:
                 return
             if time.monotonic() - started >= STABLE:
-                delay = BACKOFF_FIRST
+                delays = restart_delays()
                 self.failures = 0  # well again: this failure is a new one
             self.failures += 1
+            delay = next(delays)
             log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
                     "the reader of the log '%s' exited with status %s%s; starting it again in %g s",
                     self.owner.source, status, self.last_error and f" ({self.last_error})", delay)
@@ -316,10 +328,11 @@ class Reader:
             proc = None
             while proc is None:
                 gevent.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MOST)
                 if self.retiring:
                     return
                 proc = self._restart()
+                if proc is None:
+                    delay = next(delays)
 
     def _restart(self) -> subprocess.Popen | None:
         try:
