@@ -22,7 +22,7 @@ from support import poll
 
 from gcmd.logs.lines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
 from gcmd.logs.memory import MemoryLog
-from gcmd.logs.readers import FileLog, JournalLog
+from gcmd.logs.readers import DRAIN_QUIET, FileLog, JournalLog
 from gcmd.logs.sources import Logs, default_source, log_sources, parse_logfile
 from gcmd.logs.tailing import restart_delays
 from gcmd.net.wire import CommandError
@@ -306,7 +306,30 @@ def test_follow_goes_on_with_the_new_file_after_rotation(tmp_path, open_log):
     append(path, "more")
     until_seen(got, b"more")
     assert sorted(got) == sorted([b"before rotation", b"late in the old file", b"after rotation", b"more"])
-    poll(lambda: len(children()) == 1, 3, "the old reader still runs")
+    poll(lambda: len(children()) == 1, DRAIN_QUIET + 3, "the old reader still runs")
+
+
+def test_follow_gets_what_a_slow_application_writes_to_the_renamed_file(tmp_path, open_log):
+    path = tmp_path / "syslog"
+    path.write_text("")
+    log = open_log(path)
+    got = follow(log)
+    append(path, "before rotation")
+    until_seen(got, b"before rotation")
+    os.rename(path, tmp_path / "syslog.1")  # logrotate "create"
+    path.write_text("")
+    written = [b"before rotation"]
+    started = time.monotonic()
+    while time.monotonic() - started < 3:  # the application reopens its log 3 s later
+        written.append(f"late {len(written)}".encode())
+        append(tmp_path / "syslog.1", written[-1].decode())
+        gevent.sleep(0.25)
+    written.append(b"after reopening")
+    append(path, "after reopening")
+    until_seen(got, b"after reopening", timeout=2)
+    poll(lambda: len(got) == len(written), 2, f"lost: {sorted(set(written) - set(got))}")
+    assert sorted(got) == sorted(written)
+    poll(lambda: len(children()) == 1, DRAIN_QUIET + 3, "the old reader still runs")
 
 
 def test_follow_goes_on_after_copytruncate(tmp_path, open_log):

@@ -26,8 +26,11 @@ exits is started again with back-off, from the byte where it stopped.
 
 Rotation (logrotate ``create``): the path is looked up every half second
 while a reader runs; when it names another file, a reader starts on that one
-from its first byte and the old reader goes on for one more second, for the
-lines written to the old file just before the switch. Truncation
+from its first byte and the old reader goes on until the old file has been
+quiet for DRAIN_QUIET seconds (5): an application writes to the renamed file
+until it reopens its log (logrotate's postrotate signal, or its own
+schedule), and a slow one loses nothing (promtail and ``tail -F`` lose those
+lines: grafana/loki#8039). Truncation
 (``copytruncate``) is left to tail: it sees it as it happens, through
 inotify, in the process that reads, and reads the file again from its start
 ("file truncated" on its stderr); a restart by gcmd on top of that would send
@@ -69,8 +72,9 @@ PASS_SLICE = 64
 PASS_PAUSE = 0.0002
 #: seconds between two checks of which file a followed path names
 ROTATION_CHECK = 0.5
-#: seconds the reader of a rotated file goes on after the switch, for its last lines
-DRAIN = 1.0
+#: seconds without a new line, counted from the switch, after which the reader of a
+#: rotated (renamed) file stops: the application may write to it until it reopens its log
+DRAIN_QUIET = 5.0
 
 Subscriber = Callable[[list[bytes]], object]
 
@@ -321,13 +325,17 @@ class FileLog(_ProcessLog):
                 log.debug("%s", exc)
 
     def _switch(self, reader: Reader) -> None:
-        """Make ``reader`` the current reader; the old one finishes within DRAIN seconds."""
+        """Make ``reader`` the current reader; the old one stops once its file has been
+        quiet for DRAIN_QUIET seconds."""
         reader.start()
         old, self._reader = self._reader, reader
         if old is not None:
-            self._retiring[old] = gevent.spawn_later(DRAIN, self._retire, old)
+            self._retiring[old] = gevent.spawn(self._retire, old)
 
     def _retire(self, reader: Reader) -> None:
+        switched = monotonic()
+        while (quiet := monotonic() - max(switched, reader.last_output)) < DRAIN_QUIET:
+            gevent.sleep(DRAIN_QUIET - quiet)
         reader.stop()
         del self._retiring[reader]
 

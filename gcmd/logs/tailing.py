@@ -288,6 +288,8 @@ class Reader:
         #: the last message of the process on stderr
         self.last_error = ""
         self.retiring = False
+        #: time.monotonic() of its last output
+        self.last_output = 0.0
         #: exits in a row without output in between: the repeats of a failure are
         #: logged at debug level, so that a source that stays broken warns once
         self.failures = 0
@@ -365,6 +367,7 @@ class Reader:
                     errors.join(1)  # its last words, for the warning
                     return proc.wait()
                 output = True
+                self.last_output = time.monotonic()
                 self.position += len(chunk)
                 backlog = self.backlog and not self.ready.is_set()
                 if not backlog:  # new lines: it works (a backlog is printed by a reader that dies after)
