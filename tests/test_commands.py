@@ -17,6 +17,7 @@ from support import (
     write_file,
 )
 
+from gcmd.commands import internal_error_words
 from gcmd.hashing import ALGORITHMS
 
 pytestmark = pytest.mark.timeout(20)
@@ -96,6 +97,16 @@ def test_lastlog_reply_follows_the_log_as_it_grows(server, connect):
         f.write("a new line\n")
     c.send("lastlog 1\n")
     assert c.block(b"End lastlog\n")[1] == b"a new line\n"
+
+
+@pytest.mark.parametrize(("exc", "words"), [
+    (RuntimeError("can't start new thread"), "internal error: out of memory or threads"),
+    (MemoryError(), "internal error: out of memory or threads"),
+    (RuntimeError("dictionary changed size during iteration"), "internal error"),
+    (ValueError("can't start new thread"), "internal error"),
+])
+def test_internal_errors_say_when_the_machine_is_out_of_memory_or_threads(exc, words):
+    assert internal_error_words(exc) == words
 
 
 def test_lastlog_missing_log_names_the_file_and_leaves_the_flag_to_the_operator(make_server, connect, tmp_path):

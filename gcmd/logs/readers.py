@@ -35,6 +35,14 @@ lines: grafana/loki#8039). Truncation
 inotify, in the process that reads, and reads the file again from its start
 ("file truncated" on its stderr); a restart by gcmd on top of that would send
 the new lines twice. A restart after the reader died checks the size itself.
+tail sees a truncation by the size only (shorter than what it read): when,
+after the truncation, more bytes than the file held are written before tail
+looks (one large write), the file is never seen shorter and reading goes on
+at the old offset, so the first old-size bytes of the new content are not
+sent and the line across the old offset is sent from there, torn. GNU tail
+does the same (hpcloud/tail#145); a check by gcmd would come up to half a
+second after tail sent the torn line, so it is documented instead (the
+rename rotation, logrotate's ``create``, has no such case).
 """
 
 from __future__ import annotations

@@ -175,6 +175,20 @@ def identify(path: str, _job: Job) -> tuple[tuple[int, int], bool, int]:
 
 # --- processes ------------------------------------------------------------------
 
+#: the package that brings each reader program (Debian's names), for the words
+#: said when it is not installed
+PROGRAM_PACKAGES = {"tail": "coreutils", "journalctl": "systemd"}
+
+
+def cannot_start(program: str, exc: OSError) -> str:
+    """Why ``program`` could not be started, in words naming it: ``cannot start
+    journalctl: not found (install systemd)`` rather than the bare errno text."""
+    if isinstance(exc, FileNotFoundError):
+        package = PROGRAM_PACKAGES.get(program)
+        return f"cannot start {program}: not found" + (f" (install {package})" if package else "")
+    return f"cannot start {program}: {exc.strerror or exc}"
+
+
 def restart_delays() -> Iterator[float]:
     """Seconds to wait before each restart of a reader that keeps failing: from
     BACKOFF_FIRST, doubling, at most BACKOFF_MOST."""
@@ -297,11 +311,12 @@ class Reader:
 
     def start(self) -> None:
         """Start the process; a failure raises CommandError here, in the caller."""
+        argv = self.owner.argv(self)
         try:
-            proc = self.owner.children.start(self.owner.argv(self))
+            proc = self.owner.children.start(argv)
         except OSError as exc:
-            raise CommandError(f"cannot start the reader of the log '{self.owner.source}': "
-                               f"{exc.strerror or exc}") from None
+            raise CommandError(f"cannot read the log '{self.owner.source}': "
+                               f"{cannot_start(argv[0], exc)}") from None
         self._greenlet = gevent.spawn(self._run, proc)
 
     def stop(self) -> None:
@@ -340,18 +355,24 @@ class Reader:
         try:
             if not self.owner.restartable(self):
                 return None
-            proc = self.owner.children.start(self.owner.argv(self))
-        except (OSError, CommandError) as exc:
-            self.failures += 1
-            log.log(logging.WARNING if self.failures == 2 else logging.DEBUG,
-                    "cannot start the reader of the log '%s' again: %s", self.owner.source, exc)
-            # what lastlog and follow say meanwhile (restartable may have cleared ready)
-            self.last_error = f"its reader cannot be started: {getattr(exc, 'strerror', None) or exc}"
-            self.settled.set()
-            return None
+            argv = self.owner.argv(self)
+            proc = self.owner.children.start(argv)
+        except OSError as exc:
+            return self._cannot_restart(cannot_start(argv[0], exc))
+        except CommandError as exc:
+            return self._cannot_restart(str(exc))
         self.owner.stats.reader_restarts += 1
         self.last_error = ""
         return proc
+
+    def _cannot_restart(self, why: str) -> None:
+        """Say that the reader cannot be started again (once), and why, to lastlog and follow too."""
+        self.failures += 1
+        log.log(logging.WARNING if self.failures == 2 else logging.DEBUG,
+                "cannot start the reader of the log '%s' again: %s", self.owner.source, why)
+        # what lastlog and follow say meanwhile (restartable may have cleared ready)
+        self.last_error = why
+        self.settled.set()
 
     def _pump(self, proc: subprocess.Popen) -> int | None:
         """Read the process's output until it ends; its exit status."""
