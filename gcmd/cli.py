@@ -121,6 +121,12 @@ def _add_network_flags(p: Parser, d: Config) -> None:
     p.setting(ops, "workers", type=int, default=d.workers, metavar="N",
               help=f"server processes sharing the port, {RANGES['workers']}, supervised by this one; "
                    "--max-clients applies to each (default: %(default)s)")
+    p.setting(ops, "reuse-port", action="store_true",
+              help="with --workers: each worker listens on a socket of its own (SO_REUSEPORT), "
+                   "and the kernel spreads new connections evenly among them; but any program "
+                   "of the same user may then listen on the port too and take connections, and "
+                   "those waiting for a worker that dies are reset (default: off, the workers "
+                   "accept from one socket, opened by the parent)")
     p.setting(ops, "metrics-port", type=int, default=None, metavar="PORT",
               help=f"serve Prometheus metrics at http://HOST:PORT/metrics (other paths: 404), "
                    f"{RANGES['port']}; with --workers N, worker i (0 to N-1) serves its own "

@@ -14,6 +14,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import ssl
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -149,6 +150,9 @@ class Config:
     proxy_protocol: bool = False
     #: server processes sharing the port, each with its own max_clients
     workers: int = _ranged(1, 256, default=1)
+    #: with workers: each listens on its own SO_REUSEPORT socket (the kernel spreads
+    #: connections evenly) instead of all accepting from the one socket of the parent
+    reuse_port: bool = False
     #: port of the Prometheus /metrics endpoint (on host); None: no endpoint.
     #: Worker i serves metrics_port + i.
     metrics_port: int | None = None
@@ -183,6 +187,10 @@ class Config:
                          f"{self.workers})" if self.workers > 1 else "")
                 raise SettingError("metrics_port", f"--metrics-port {self.metrics_port}{ports} takes the "
                                    f"port of the server (--port {self.port}): give another")
+        if self.reuse_port and self.workers == 1:
+            raise SettingError("reuse_port", "--reuse-port is for --workers 2 or more")
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise SettingError("reuse_port", "--reuse-port: this system has no SO_REUSEPORT")
         if not 0 <= self.worker < self.workers:
             raise SettingError("worker", f"worker must be between 0 and {self.workers - 1}, not {self.worker}")
 

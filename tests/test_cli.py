@@ -74,6 +74,7 @@ def test_help_documents_every_flag_with_its_default():
                                              "/no/such/dir does not exist")),
     (["--logfile", "j=journal:/etc/hostname"], ("--logfile j=journal:/etc/hostname: the journal directory "
                                                "/etc/hostname is not a directory")),
+    (["--reuse-port"], "--reuse-port is for --workers 2 or more"),
     (["--quiet-from", "192.168.1.7/24"], "--quiet-from 192.168.1.7/24 has host bits set: give 192.168.1.0/24"),
 ])
 def test_bad_settings_exit_2_with_one_message_before_binding(args, message):
