@@ -76,11 +76,6 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
 
     log.debug("settings: %s", describe(config, options))
     server = GcmdServer(config, tls_context(config) if config.tls else None, listener=listener)
-    if listener is not None and not config.reuse_port:
-        # workers that accept from one socket: one connection per wake-up, so that a
-        # burst is shared by the workers it woke, not taken whole by the first one
-        # (gevent's WSGIServer does the same when multiprocess)
-        server.max_accept = 1
     server.stats.log_output = handler
     metrics = None
     if config.metrics_port is not None:

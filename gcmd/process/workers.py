@@ -6,12 +6,13 @@ other program can bind the port meanwhile, and the connections waiting in its
 queue are taken by whichever worker is free, so none is lost when a worker
 hangs or dies. With ``--reuse-port`` each worker listens on its own
 SO_REUSEPORT socket instead and the kernel spreads new connections among
-them by a hash: more evenly when the workers are idle (measured with 2 and 4
-workers, 300 connections: 144-156 per worker either way one after another,
-but 122/178 and 57-122 of a burst with one socket, 141/159 and 64-91 with
-SO_REUSEPORT), at the cost of those two guarantees (a process of the same
-user can bind the port and take connections; those queued on a worker that
-dies are reset). The parent serves nobody: it starts the workers, starts
+them by a hash: more evenly while the workers are idle (300 connections to
+idle workers on 2 cores, per worker: one after another 142-158 either way
+with 2 workers; a burst of 300 held open 122/178 with one socket, 141/159
+with SO_REUSEPORT; with 4 workers 57-122 against 64-91), at the cost of
+those two guarantees (a process of the same user can bind the port and take
+connections; those queued on a worker that dies are reset). With one socket
+a busy worker accepts less, so under load the spread follows the work. The parent serves nobody: it starts the workers, starts
 another when one dies, and passes SIGTERM, SIGINT and SIGHUP on to them. It never starts a gevent hub, so that every worker forks from a
 process with none.
 
