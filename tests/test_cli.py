@@ -191,8 +191,8 @@ def test_missing_syslog_still_starts_and_says_once_how_to_point_logfile(tmp_path
         assert f"'{tmp_path}/absent.log': No such file or directory" in warnings[0]
         assert "--logfile PATH" in warnings[0]
         reply = server.client().ask("lastlog")
-        assert reply.startswith(b"An error occured : ") and b"--logfile" not in reply
-        assert reply.endswith(b"absent.log': No such file or directory\n")
+        assert reply.startswith(b"An error occured : ") and b"--logfile PATH" not in reply
+        assert reply.endswith(b"absent.log' (--logfile): No such file or directory\n")
     finally:
         assert server.stop() == 0
 

@@ -109,10 +109,11 @@ def test_internal_errors_say_when_the_machine_is_out_of_memory_or_threads(exc, w
     assert internal_error_words(exc) == words
 
 
-def test_lastlog_missing_log_names_the_file_and_leaves_the_flag_to_the_operator(make_server, connect, tmp_path):
+def test_lastlog_missing_log_names_the_file_and_its_flag_without_the_operators_hint(make_server, connect, tmp_path):
     c = connect(make_server(logfiles=(str(tmp_path / "no-such.log"),)))
     reply = c.ask("lastlog")
-    assert reply == ERROR + f"cannot read the log file '{tmp_path}/no-such.log': No such file or directory\n".encode()
+    assert reply == ERROR + (f"cannot read the log file '{tmp_path}/no-such.log' (--logfile): "
+                             "No such file or directory\n").encode()
     assert c.ask("ping") == b"pong\n"
 
 

@@ -178,7 +178,8 @@ def test_lastlog_of_a_missing_file_tells_the_client_what_and_the_operator_what_t
     for attempt in (lambda: log.lastlog(10), lambda: log.subscribe(print)):
         with pytest.raises(CommandError) as error:
             attempt()
-        assert str(error.value) == f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory"
+        assert str(error.value) == (f"cannot read the log file '{tmp_path}/nope/syslog' (--logfile): "
+                                    "No such file or directory")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [(f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory "
                         "(start gcmd with --logfile PATH to serve another log)")]
@@ -201,7 +202,7 @@ def test_a_log_file_error_that_another_path_cannot_fix_has_no_hint(tmp_path, ope
         for fd in spare:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert str(error.value) == f"cannot read the log file '{path}': Too many open files"
+    assert str(error.value) == f"cannot read the log file '{path}' (--logfile): Too many open files"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"cannot read the log file '{path}': Too many open files"]
     assert log.lastlog(1) == [b"x"]
@@ -210,7 +211,7 @@ def test_a_log_file_error_that_another_path_cannot_fix_has_no_hint(tmp_path, ope
 def test_a_directory_is_refused_at_once(tmp_path, open_log):
     log = open_log(tmp_path)
     for attempt in (lambda: log.lastlog(10), lambda: log.subscribe(print)):
-        with pytest.raises(CommandError, match=f"^cannot read the log file '{tmp_path}': Is a directory"):
+        with pytest.raises(CommandError, match=f"^cannot read the log file '{tmp_path}' \\(--logfile\\): Is a directory"):
             attempt()
 
 

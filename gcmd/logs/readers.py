@@ -364,7 +364,9 @@ class FileLog(_ProcessLog):
             value = unwrap(result.get())
         except OSError as exc:
             self._tell_operator(exc)
-            raise CommandError(f"cannot read the log file '{self.source}': {exc.strerror or exc}") from None
+            # which setting names the file (PROTOCOL.md), not what to do about it: that is the log's
+            raise CommandError(f"cannot read the log file '{self.source}' (--logfile): "
+                               f"{exc.strerror or exc}") from None
         self._told = None
         return value
 
