@@ -355,12 +355,13 @@ class Reader:
         try:
             if not self.owner.restartable(self):
                 return None
-            argv = self.owner.argv(self)
+        except CommandError as exc:
+            return self._cannot_restart(str(exc))
+        argv = self.owner.argv(self)
+        try:
             proc = self.owner.children.start(argv)
         except OSError as exc:
             return self._cannot_restart(cannot_start(argv[0], exc))
-        except CommandError as exc:
-            return self._cannot_restart(str(exc))
         self.owner.stats.reader_restarts += 1
         self.last_error = ""
         return proc

@@ -178,6 +178,8 @@ class DeadlineHandler(WSGIHandler):
         self.answered = 0
 
     def handle_one_request(self) -> object:
+        """gevent's, within the deadline; first, on a kept-alive connection, the wait
+        for the next request, within the idle limit (None: the connection ends)."""
         if self.answered and not self.within(self.idle_limit, "next request", self.next_request):
             return None
         self.answered += 1
