@@ -31,11 +31,14 @@ from gcmd.config import (
     Config,
     RunOptions,
     SettingError,
+    check_given,
     check_host,
+    check_tls_files,
     flag,
     parse_networks,
     read_token,
 )
+from gcmd.logs.sources import parse_logfile
 from gcmd.process import run as lifecycle
 from gcmd.users import USER_TABLE, Users, UsersError, hash_token, read_users
 
@@ -138,6 +141,12 @@ def _add_network_flags(p: Parser, d: Config) -> None:
     p.setting(ops, "workers", type=int, default=d.workers, metavar="N",
               help=f"server processes sharing the port, {RANGES['workers']}, supervised by this one; "
                    "--max-clients applies to each (default: %(default)s)")
+    p.setting(ops, "reuse-port", action="store_true",
+              help="with --workers: each worker listens on a socket of its own (SO_REUSEPORT), "
+                   "and the kernel spreads new connections evenly among them; but any program "
+                   "of the same user may then listen on the port too and take connections, and "
+                   "those waiting for a worker that dies are reset (default: off, the workers "
+                   "accept from one socket, opened by the parent)")
     p.setting(ops, "metrics-port", type=int, default=None, metavar="PORT",
               help=f"serve Prometheus metrics at http://HOST:PORT/metrics (other paths: 404), "
                    f"{RANGES['port']}; with --workers N, worker i (0 to N-1) serves its own "
@@ -218,6 +227,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, RunOptions]:
     command_line = parser.parse_args(argv, namespace=unset)
     from_file: set[str] = set()
     if command_line.config is not None:
+        try:
+            check_given("config", command_line.config)
+        except SettingError as exc:
+            parser.error(str(exc))
         values = read_config_file(parser, command_line.config)
         parser.set_defaults(**values)
         from_file = {dest for dest in values if getattr(command_line, dest) is UNSET}
@@ -237,8 +250,8 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     host that does not resolve, a file that cannot be read or used, an
     --output that cannot be appended to.
     """
-    if args.root == "":
-        raise SettingError("root", "--root is empty: give a directory (. for the current one)")
+    for name in ("root", "output", "token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        check_given(name, getattr(args, name))
     root = os.path.abspath(args.root if args.root is not None else os.getcwd())
     if not os.path.isdir(root):
         raise SettingError("root", f"--root {root} is not a directory")
@@ -253,9 +266,11 @@ def settings(args: argparse.Namespace) -> tuple[Config, RunOptions]:
     config = Config(**{**given, "root": root, "allow": parse_networks(args.allow), "token": token,
                        "quiet_from": parse_networks(args.quiet_from, "quiet_from"),
                        "logfiles": tuple(args.logfile)})
+    check_journal_directories(config.logfiles)
     if args.config is not None:
         config = dataclasses.replace(config, users=config_users(args.config, config))
     if config.tls:
+        check_tls_files(config.tls_cert, config.tls_key)
         lifecycle.tls_context(config)
     if args.output is not None:
         check_output(args.output)
@@ -278,6 +293,18 @@ def config_users(path: str, config: Config) -> Users:
         return read_users(path, config.root, names, command_words())
     except UsersError as exc:
         raise SettingError("users", str(exc)) from None
+
+
+def check_journal_directories(logfiles: tuple[str, ...]) -> None:
+    """Raise SettingError for a ``--logfile [NAME=]journal:DIR`` whose DIR is no directory:
+    its journalctl could only fail, again and again."""
+    for arg in logfiles:
+        _name, source = parse_logfile(arg)
+        directory = source.removeprefix("journal:")
+        if directory == source or os.path.isdir(directory):
+            continue
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise SettingError("logfiles", f"--logfile {arg}: the journal directory {directory} {why}")
 
 
 def check_output(path: str) -> None:
@@ -314,6 +341,9 @@ def read_config_file(parser: Parser, path: str) -> dict[str, object]:
         parser.error(f"cannot read --config {path}: {exc.strerror}")
     except tomllib.TOMLDecodeError as exc:
         parser.error(f"--config {path} is not valid TOML: {exc}")
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 (tomllib decodes it before parsing)
+        parser.error(f"--config {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
+                     f"at offset {exc.start}")
     values: dict[str, object] = {}
     keys: dict[str, str] = {}  # destination -> the key that set it
     for key, value in table.items():

@@ -86,6 +86,18 @@ def command_words() -> list[str]:
 SHOWN_KEPT, SHOWN_LONGEST = 1024, 128
 
 
+
+def internal_error_words(exc: Exception) -> str:
+    """What a client is told of an unexpected failure ``exc``: "internal error", and
+    why when the machine is out of something (memory, threads) rather than gcmd wrong.
+
+    gevent's thread pool raises RuntimeError("can't start new thread") when the
+    system refuses a thread (gevent/gevent#569: memory or the thread limit).
+    """
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)):
+        return f"{wire.INTERNAL_ERROR}: out of memory or threads"
+    return wire.INTERNAL_ERROR
+
 class Commands:
     def __init__(self, config: Config, hashing: HashService, logs: Logs,
                  stats: ServerStats) -> None:
@@ -148,10 +160,14 @@ class Commands:
         except CommandError as exc:
             figures.error += 1
             return error_line(str(exc))
-        except Exception:
+        except Exception as exc:
             figures.internal_error += 1
-            log.exception("internal error in %r from %s", handler.__name__, session.ip)
-            return error_line(wire.INTERNAL_ERROR)
+            words = internal_error_words(exc)
+            if words == wire.INTERNAL_ERROR:
+                log.exception("internal error in %r from %s", handler.__name__, session.ip)
+            else:  # the machine's limits, not a bug: the traceback would say nothing more
+                log.error("%s in %r from %s: %s", words, handler.__name__, session.ip, exc)
+            return error_line(words)
         except BaseException:  # the client left, or the server stops: no reply
             figures.cancelled += 1
             raise

@@ -14,6 +14,8 @@ import ipaddress
 import math
 import os
 import re
+import socket
+import ssl
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -152,6 +154,9 @@ class Config:
     proxy_protocol: bool = False
     #: server processes sharing the port, each with its own max_clients
     workers: int = _ranged(1, 256, default=1)
+    #: with workers: each listens on its own SO_REUSEPORT socket (the kernel spreads
+    #: connections evenly) instead of all accepting from the one socket of the parent
+    reuse_port: bool = False
     #: port of the Prometheus /metrics endpoint (on host); None: no endpoint.
     #: Worker i serves metrics_port + i.
     metrics_port: int | None = None
@@ -186,6 +191,10 @@ class Config:
                          f"{self.workers})" if self.workers > 1 else "")
                 raise SettingError("metrics_port", f"--metrics-port {self.metrics_port}{ports} takes the "
                                    f"port of the server (--port {self.port}): give another")
+        if self.reuse_port and self.workers == 1:
+            raise SettingError("reuse_port", "--reuse-port is for --workers 2 or more")
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise SettingError("reuse_port", "--reuse-port: this system has no SO_REUSEPORT")
         if not 0 <= self.worker < self.workers:
             raise SettingError("worker", f"worker must be between 0 and {self.workers - 1}, not {self.worker}")
 
@@ -243,11 +252,78 @@ def parse_networks(texts: list[str] | tuple[str, ...], name: str = "allow") -> t
     networks = []
     for text in texts:
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise SettingError(name, f"{flag(name)} {text!r} is not a network address such as "
                                         f"10.0.0.0/8 or ::1/128") from None
+        # as ipaddress does when strict: 10.0.0.1/8 is a typo of 10.0.0.0/8 or of 10.0.0.1/32,
+        # and which one decides who gets in
+        if network.network_address != ipaddress.ip_interface(text).ip:
+            address = ipaddress.ip_interface(text).ip
+            raise SettingError(name, f"{flag(name)} {text} has host bits set: give {network} "
+                                     f"(the network) or {address}/{address.max_prefixlen} (the address)")
+        networks.append(network)
     return tuple(networks)
+
+
+#: what each file or directory flag asks for, in the words of "--root is empty: give ..."
+WANTED = {
+    "root": "a directory (. for the current one)",
+    "config": "a TOML file",
+    "output": "a file (without --output the log goes to standard output)",
+    "token_file": "the file that holds the token",
+    "tls_cert": "a PEM file of the server's certificate",
+    "tls_key": "a PEM file of the private key of --tls-cert",
+    "tls_client_ca": "a PEM file of the CA certificates of clients",
+}
+
+
+def check_given(name: str, value: str | None) -> None:
+    """Raise SettingError if the path of setting ``name`` (a key of WANTED) is ""."""
+    if value == "":
+        raise SettingError(name, f"{flag(name)} is empty: give {WANTED[name]}")
+
+
+#: the most of a --tls-key file read to see whether it holds a key
+_PEM_PEEK = 1 << 20
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Raise SettingError naming the file of --tls-cert or --tls-key that does not hold
+    what it should: a PEM certificate, a PEM private key, the key of that certificate.
+
+    OpenSSL's own error for either ("[SSL] PEM lib") names neither. A file
+    that cannot be read is left to the TLS context, which says why.
+    """
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        with open(key, "rb") as f:
+            key_text = f.read(_PEM_PEEK)
+        probe.load_verify_locations(cert)
+    except ssl.SSLError:
+        raise SettingError("tls_cert", f"--tls-cert {cert} holds no PEM certificate"
+                                       + (" (it holds a private key: give it to --tls-key)"
+                                          if _holds_key(cert) else "")) from None
+    except OSError:
+        return
+    if b"PRIVATE KEY-----" not in key_text:
+        raise SettingError("tls_key", f"--tls-key {key} holds no PEM private key"
+                                      + (" (it holds a certificate: give it to --tls-cert)"
+                                         if b"-----BEGIN CERTIFICATE-----" in key_text else ""))
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SettingError("tls_key", f"--tls-key {key} is not the key of the certificate "
+                                          f"in --tls-cert {cert}") from None
+
+
+def _holds_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read(_PEM_PEEK)
+    except OSError:
+        return False
 
 
 def read_token(path: str) -> bytes:

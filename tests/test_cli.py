@@ -9,7 +9,7 @@ import sys
 import urllib.request
 
 import pytest
-from support import GcmdProcess, free_port, wait_for
+from support import GcmdProcess, free_port, make_certificate, wait_for
 
 from gcmd import __version__
 from gcmd.process.run import cannot_listen
@@ -61,6 +61,21 @@ def test_help_documents_every_flag_with_its_default():
     (["--port", "abc"], "invalid int value"),
     (["--output", "/no/such/dir/gcmd.log"], "cannot open --output /no/such/dir/gcmd.log: No such file or directory"),
     (["--output", "/"], "cannot open --output /: Is a directory"),
+    (["--output", ""], "--output is empty: give a file (without --output the log goes to standard output)"),
+    (["--token-file", ""], "--token-file is empty: give the file that holds the token"),
+    (["--config", ""], "--config is empty: give a TOML file"),
+    (["--tls-cert", "", "--tls-key", "k.pem"], "--tls-cert is empty: give a PEM file of the server's certificate"),
+    (["--tls-cert", "c.pem", "--tls-key", ""], "--tls-key is empty: give a PEM file of the private key of --tls-cert"),
+    (["--tls-client-ca", ""], "--tls-client-ca is empty: give a PEM file of the CA certificates of clients"),
+    (["--allow", "10.0.0.1/8"], ("--allow 10.0.0.1/8 has host bits set: give 10.0.0.0/8 (the network) "
+                                "or 10.0.0.1/32 (the address)")),
+    (["--allow", "::1/64"], "--allow ::1/64 has host bits set: give ::/64 (the network) or ::1/128 (the address)"),
+    (["--logfile", "journal:/no/such/dir"], ("--logfile journal:/no/such/dir: the journal directory "
+                                             "/no/such/dir does not exist")),
+    (["--logfile", "j=journal:/etc/hostname"], ("--logfile j=journal:/etc/hostname: the journal directory "
+                                               "/etc/hostname is not a directory")),
+    (["--reuse-port"], "--reuse-port is for --workers 2 or more"),
+    (["--quiet-from", "192.168.1.7/24"], "--quiet-from 192.168.1.7/24 has host bits set: give 192.168.1.0/24"),
 ])
 def test_bad_settings_exit_2_with_one_message_before_binding(args, message):
     result = run_gcmd(*args)
@@ -76,7 +91,26 @@ def test_unusable_certificate_exits_2(tmp_path):
     bogus = tmp_path / "bogus.pem"
     bogus.write_text("not a certificate\n")
     result = run_gcmd("--tls-cert", bogus, "--tls-key", bogus)
-    assert result.returncode == 2 and "cannot use --tls-cert" in result.stderr
+    assert result.returncode == 2 and f"--tls-cert {bogus} holds no PEM certificate\n" in result.stderr
+
+
+@pytest.mark.parametrize(("cert", "key", "message"), [
+    ("server.key", "server.key", ("--tls-cert server.key holds no PEM certificate "
+                                 "(it holds a private key: give it to --tls-key)")),
+    ("server.pem", "server.pem", ("--tls-key server.pem holds no PEM private key "
+                                 "(it holds a certificate: give it to --tls-cert)")),
+    ("server.pem", "notes.txt", "--tls-key notes.txt holds no PEM private key"),
+    ("server.pem", "other.key", "--tls-key other.key is not the key of the certificate in --tls-cert server.pem"),
+])
+def test_a_tls_file_that_is_not_what_its_flag_wants_is_named(tmp_path, cert, key, message):
+    make_certificate(tmp_path)
+    make_certificate(tmp_path, "other")
+    (tmp_path / "notes.txt").write_text("not a key\n")
+    result = subprocess.run([sys.executable, "-m", "gcmd", "--tls-cert", cert, "--tls-key", key],
+                            capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL,
+                            check=False, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"gcmd: error: {message}\nTry 'gcmd --help'.\n"
 
 
 def test_empty_token_file_exits_2(tmp_path):
@@ -95,6 +129,7 @@ def test_port_in_use_exits_1_with_a_message(tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1 port {port}: address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "Shutting down" not in result.stdout and "Server stopped" not in result.stdout
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
@@ -156,7 +191,8 @@ def test_missing_syslog_still_starts_and_says_once_how_to_point_logfile(tmp_path
         assert f"'{tmp_path}/absent.log': No such file or directory" in warnings[0]
         assert "--logfile PATH" in warnings[0]
         reply = server.client().ask("lastlog")
-        assert reply.startswith(b"An error occured : ") and b"--logfile" in reply
+        assert reply.startswith(b"An error occured : ") and b"--logfile PATH" not in reply
+        assert reply.endswith(b"absent.log' (--logfile): No such file or directory\n")
     finally:
         assert server.stop() == 0
 

@@ -17,6 +17,7 @@ from support import (
     write_file,
 )
 
+from gcmd.commands import internal_error_words
 from gcmd.hashing import ALGORITHMS
 
 pytestmark = pytest.mark.timeout(20)
@@ -98,10 +99,21 @@ def test_lastlog_reply_follows_the_log_as_it_grows(server, connect):
     assert c.block(b"End lastlog\n")[1] == b"a new line\n"
 
 
-def test_lastlog_missing_log_names_the_file_and_the_flag(make_server, connect, tmp_path):
+@pytest.mark.parametrize(("exc", "words"), [
+    (RuntimeError("can't start new thread"), "internal error: out of memory or threads"),
+    (MemoryError(), "internal error: out of memory or threads"),
+    (RuntimeError("dictionary changed size during iteration"), "internal error"),
+    (ValueError("can't start new thread"), "internal error"),
+])
+def test_internal_errors_say_when_the_machine_is_out_of_memory_or_threads(exc, words):
+    assert internal_error_words(exc) == words
+
+
+def test_lastlog_missing_log_names_the_file_and_its_flag_without_the_operators_hint(make_server, connect, tmp_path):
     c = connect(make_server(logfiles=(str(tmp_path / "no-such.log"),)))
     reply = c.ask("lastlog")
-    assert reply.startswith(ERROR) and b"no-such.log" in reply and b"--logfile" in reply
+    assert reply == ERROR + (f"cannot read the log file '{tmp_path}/no-such.log' (--logfile): "
+                             "No such file or directory\n").encode()
     assert c.ask("ping") == b"pong\n"
 
 

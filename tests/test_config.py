@@ -136,6 +136,24 @@ def test_bad_config_file_exits_2_naming_the_problem(tmp_path, text, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_config_file_that_is_not_utf8_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "gcmd.toml"
+    config.write_bytes(b"# caf\xe9\nport = 9000\n")
+    result = run_gcmd("--config", config)
+    assert result.returncode == 2
+    assert result.stderr == (f"gcmd: error: --config {config} is not UTF-8 text: byte 0xe9 at offset 5\n"
+                             "Try 'gcmd --help'.\n")
+
+
+def test_an_empty_path_in_the_config_file_names_the_file_the_key_and_what_to_give(tmp_path):
+    config = tmp_path / "gcmd.toml"
+    config.write_text('token-file = ""\n')
+    result = run_gcmd("--config", config)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"gcmd: error: --config {config}: 'token-file': --token-file is empty: "
+                                    "give the file that holds the token\n")
+
+
 def test_missing_config_file_exits_2():
     result = run_gcmd("--config", "/no/such.toml")
     assert result.returncode == 2 and "cannot read --config /no/such.toml" in result.stderr

@@ -4,13 +4,15 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from support import write_file
+from support import wait_for, write_file
 
 from loadtest.client import GcmdClient, GcmdError
 
@@ -37,15 +39,41 @@ def test_client_reports_replies_failures_and_reconnects(gcmd):
     assert client.request("comphash f.txt")[0].startswith(b"File hash is : ")
     with pytest.raises(GcmdError, match="No such file"):
         client.request("comphash nope")
-    client.sock.sendall(b"exit\n")  # the server closes: the next request fails, then reconnects
-    with pytest.raises(OSError):
-        client.request("ping")
+    client.sock.sendall(b"exit\n")  # the server closes: the next request reconnects
+    wait_for(lambda: select.select([client.sock], [], [], 0)[0])
     assert client.request("ping") == [b"pong\n"]
     names = [(e["name"], e["exception"] is None) for e in fire.events]
     assert names == [("ping", True), ("lastlog", True), ("comphash", True), ("comphash", False),
-                     ("ping", False), ("ping", True)]
+                     ("ping", True)]
     assert all(e["request_type"] == "gcmd" and e["response_time"] >= 0 for e in fire.events)
     assert fire.events[1]["response_length"] == sum(map(len, lastlog))
+
+
+def test_client_idle_goodbye_is_no_failure_and_no_reply(gcmd):
+    server = gcmd("--idle-timeout", 1)
+    fire = Recorder()
+    client = GcmdClient("127.0.0.1", server.port, fire=fire)
+    assert client.request("ping") == [b"pong\n"]
+    first = client.sock
+    wait_for(lambda: first.recv(64, socket.MSG_PEEK) == b"Idle timeout. bye !\n")
+    assert client.request("ping") == [b"pong\n"]
+    assert client.sock is not first
+    assert [e["exception"] for e in fire.events] == [None, None]
+
+
+def test_client_refused_by_the_cap_counts_one_failure_then_reconnects(gcmd):
+    server = gcmd("--max-clients", 1)
+    holder = server.client()
+    assert holder.ask("ping") == b"pong\n"
+    fire = Recorder()
+    client = GcmdClient("127.0.0.1", server.port, fire=fire)
+    with pytest.raises((GcmdError, OSError)):  # the goodbye, or a reset that beat it
+        client.request("ping")
+    assert client.sock is None
+    holder.close()
+    wait_for(lambda: "Lost client connection" in server.log())
+    assert client.request("ping") == [b"pong\n"]
+    assert [e["exception"] is None for e in fire.events] == [False, True]
 
 
 def test_client_times_out(gcmd, tmp_path):
@@ -94,6 +122,19 @@ def test_loadtest_script_summary_is_locusts_final_figures(tmp_path, extra):
                                    report).groups()
     assert rows["Aggregated"] == (int(requests), int(failures))
     assert set(rows) == {"comphash", "lastlog", "ping", "stats", "Aggregated"}
+    # the log of the gcmd it started outlives the run
+    server_log = (tmp_path / "results" / "gcmd-server.log").read_text()
+    assert "listening on 127.0.0.1 port" in server_log and "Server stopped" in server_log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_loadtest_script_steps_stop_on_time_without_locusts_warning(tmp_path):
+    started = time.monotonic()
+    result = run_script("--step", "2,1", "--time", "3s", "--results", tmp_path / "results")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "will be ignored" not in result.stderr and "no impact on LoadShapes" not in result.stderr
+    assert time.monotonic() - started < 3 + 30
 
 
 @pytest.mark.parametrize("text, seconds", [("10", 10), ("90s", 90), ("2m", 120), ("1h30m", 5400),
@@ -112,11 +153,21 @@ def test_loadtest_time_reads_locusts_syntax(text, seconds):
     (["--step", "10"], "argument --step: USERS,SECONDS"),
     (["--files", "."], "--files is for --host"),
     (["--host", "127.0.0.1:1", "--files", "no-such-dir"], "no-such-dir is not a directory of files"),
+    (["--users", "-5"], "argument --users: must be above 0, not -5"),
+    (["--users", "0"], "argument --users: must be above 0, not 0"),
+    (["--users", "many"], "argument --users: a whole number above 0, not 'many'"),
+    (["--workers", "0"], "argument --workers: must be above 0, not 0"),
+    (["--spawn-rate", "0"], "argument --spawn-rate: must be a finite number above 0, not 0"),
+    (["--spawn-rate", "inf"], "argument --spawn-rate: must be a finite number above 0, not inf"),
+    (["--host", "nonsense"], "argument --host: HOST:PORT, such as 127.0.0.1:9999, not 'nonsense'"),
+    (["--host", "127.0.0.1:70000"], "argument --host: HOST:PORT, such as 127.0.0.1:9999, not '127.0.0.1:70000'"),
+    (["--host", "127.0.0.1:1", "--gcmd-arg=--quiet"], "--gcmd-arg is for the gcmd started here, not with --host"),
 ])
 def test_loadtest_script_refuses_bad_arguments(tmp_path, args, message):
     result = run_script(*args, "--results", tmp_path / "results", cwd=tmp_path, timeout=20)
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr.splitlines()[-1]
+    assert result.stderr.startswith("scripts/loadtest: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
     assert not (tmp_path / "results").exists()
 
 

@@ -5,8 +5,10 @@ Real files in tmp_path, real tail and journalctl, in this test's gevent hub.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -20,8 +22,9 @@ from support import poll
 
 from gcmd.logs.lines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
 from gcmd.logs.memory import MemoryLog
-from gcmd.logs.readers import FileLog, JournalLog
+from gcmd.logs.readers import DRAIN_QUIET, FileLog, JournalLog
 from gcmd.logs.sources import Logs, default_source, log_sources, parse_logfile
+from gcmd.logs.tailing import restart_delays
 from gcmd.net.wire import CommandError
 
 JOURNAL_REMOTE = shutil.which("systemd-journal-remote") or next(
@@ -170,19 +173,45 @@ def test_lastlog_of_a_huge_file_reads_only_its_end(tmp_path, open_log):
     assert time.monotonic() - started < 1
 
 
-def test_lastlog_of_a_missing_file_names_it_and_the_option(tmp_path, open_log):
+def test_lastlog_of_a_missing_file_tells_the_client_what_and_the_operator_what_to_do(tmp_path, open_log, caplog):
     log = open_log(tmp_path / "nope" / "syslog")
     for attempt in (lambda: log.lastlog(10), lambda: log.subscribe(print)):
         with pytest.raises(CommandError) as error:
             attempt()
-        assert str(error.value) == (f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory "
-                                    "(start gcmd with --logfile PATH to serve another log)")
+        assert str(error.value) == (f"cannot read the log file '{tmp_path}/nope/syslog' (--logfile): "
+                                    "No such file or directory")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [(f"cannot read the log file '{tmp_path}/nope/syslog': No such file or directory "
+                        "(start gcmd with --logfile PATH to serve another log)")]
+
+
+def test_a_log_file_error_that_another_path_cannot_fix_has_no_hint(tmp_path, open_log, caplog):
+    path = tmp_path / "syslog"
+    path.write_text("x\n")
+    log = open_log(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    spare = []
+    try:  # every descriptor taken: the read cannot open the file
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                spare.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(CommandError) as error:
+            log.lastlog(1)
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert str(error.value) == f"cannot read the log file '{path}' (--logfile): Too many open files"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"cannot read the log file '{path}': Too many open files"]
+    assert log.lastlog(1) == [b"x"]
 
 
 def test_a_directory_is_refused_at_once(tmp_path, open_log):
     log = open_log(tmp_path)
     for attempt in (lambda: log.lastlog(10), lambda: log.subscribe(print)):
-        with pytest.raises(CommandError, match=f"^cannot read the log file '{tmp_path}': Is a directory"):
+        with pytest.raises(CommandError, match=f"^cannot read the log file '{tmp_path}' \\(--logfile\\): Is a directory"):
             attempt()
 
 
@@ -278,7 +307,30 @@ def test_follow_goes_on_with_the_new_file_after_rotation(tmp_path, open_log):
     append(path, "more")
     until_seen(got, b"more")
     assert sorted(got) == sorted([b"before rotation", b"late in the old file", b"after rotation", b"more"])
-    poll(lambda: len(children()) == 1, 3, "the old reader still runs")
+    poll(lambda: len(children()) == 1, DRAIN_QUIET + 3, "the old reader still runs")
+
+
+def test_follow_gets_what_a_slow_application_writes_to_the_renamed_file(tmp_path, open_log):
+    path = tmp_path / "syslog"
+    path.write_text("")
+    log = open_log(path)
+    got = follow(log)
+    append(path, "before rotation")
+    until_seen(got, b"before rotation")
+    os.rename(path, tmp_path / "syslog.1")  # logrotate "create"
+    path.write_text("")
+    written = [b"before rotation"]
+    started = time.monotonic()
+    while time.monotonic() - started < 3:  # the application reopens its log 3 s later
+        written.append(f"late {len(written)}".encode())
+        append(tmp_path / "syslog.1", written[-1].decode())
+        gevent.sleep(0.25)
+    written.append(b"after reopening")
+    append(path, "after reopening")
+    until_seen(got, b"after reopening", timeout=2)
+    poll(lambda: len(got) == len(written), 2, f"lost: {sorted(set(written) - set(got))}")
+    assert sorted(got) == sorted(written)
+    poll(lambda: len(children()) == 1, DRAIN_QUIET + 3, "the old reader still runs")
 
 
 def test_follow_goes_on_after_copytruncate(tmp_path, open_log):
@@ -317,15 +369,38 @@ def test_a_killed_reader_starts_again_with_back_off_and_loses_no_line(tmp_path, 
     assert "exited with status -9" in caplog.text
 
 
-def test_close_while_a_reader_starts_leaves_no_process(tmp_path, open_log):
+def leave_and_close(log, since_fork: int | None, turns: int) -> bool:
+    """A follower of ``log`` leaves ``turns`` hub turns after its request (``since_fork``
+    None) or after its reader's process appeared; then the log is closed. Whether
+    the follower was still waiting for its reader when it left."""
+    follower = gevent.spawn(log.subscribe, print)
+    if since_fork is not None:
+        while not children() and not follower.ready():
+            gevent.sleep(0)
+    for _ in range(turns):
+        gevent.sleep(0)
+    waiting = not follower.ready()
+    follower.kill()
+    log.close()
+    return waiting
+
+
+@pytest.mark.parametrize("since_fork", [None, True], ids=["since-the-request", "since-the-fork"])
+def test_a_follower_that_leaves_while_its_reader_starts_leaves_no_process(tmp_path, open_log, since_fork):
+    # every moment, one hub turn apart, until the follower no longer waits
     path = tmp_path / "syslog"
     path.write_text("x\n")
-    log = open_log(path)
-    subscriber = gevent.spawn(log.subscribe, print)
-    poll(lambda: log.children._starting, 5, "no reader starting")
-    subscriber.kill()  # the client left while its reader was being started
-    log.close()
+    turns = 0
+    while leave_and_close(open_log(path), since_fork, turns) and turns < 5000:
+        assert children() == [], f"a reader was left by a follower that left after {turns} turns"
+        turns += 1 if turns < 20 else turns // 10
     assert children() == []
+
+
+def test_a_reader_that_keeps_failing_is_restarted_less_and_less_often_down_to_every_5_minutes():
+    delays = restart_delays()
+    assert [next(delays) for _ in range(14)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2,
+                                                 102.4, 204.8, 300, 300]
 
 
 def test_close_stops_every_reader(tmp_path, open_log):
@@ -584,6 +659,19 @@ class _RestartFails(JournalLog):
         return ["sh", "-c", "echo entry; exit 1"] if self.starts == 1 else [self.missing]
 
 
+def test_a_missing_journalctl_is_named_with_what_to_install(monkeypatch, caplog):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    log = JournalLog("journal", 5.0)
+    try:
+        log.start()
+        with pytest.raises(CommandError) as error:
+            log.lastlog(5)
+    finally:
+        log.close()
+    assert str(error.value) == "cannot read the log 'journal': cannot start journalctl: not found (install systemd)"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [str(error.value)]
+
+
 @pytest.mark.timeout(20)
 def test_a_journal_whose_reader_cannot_start_again_says_so_at_once(tmp_path, caplog):
     log = _RestartFails(str(tmp_path / "no-such-program"), 600.0)  # a wait would outlast the test
@@ -591,8 +679,8 @@ def test_a_journal_whose_reader_cannot_start_again_says_so_at_once(tmp_path, cap
         log.start()
         poll(lambda: "cannot start the reader of the log 'journal' again" in caplog.text, 10)
         for ask in (lambda: log.lastlog(5), lambda: log.subscribe(lambda lines: None)):
-            with pytest.raises(CommandError, match="^cannot read the log 'journal': its reader cannot be "
-                                                   "started: No such file or directory"):
+            with pytest.raises(CommandError, match="^cannot read the log 'journal': cannot start "
+                                                   ".*/no-such-program: not found$"):
                 ask()
         assert log.stats.followers == 0
     finally:

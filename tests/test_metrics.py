@@ -1,8 +1,10 @@
 """Prometheus metrics: /metrics over HTTP, agreeing with stats."""
 
+import resource
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -12,7 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, wait_for, write_file
 
 from gcmd import __version__ as gcmd_version
-from gcmd.observe.metrics import MetricsServer
+from gcmd.observe.metrics import (
+    IDLE_LIMIT,
+    MAX_CONNECTIONS,
+    REQUEST_DEADLINE,
+    MetricsServer,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -213,3 +220,65 @@ def test_metrics_port_in_use_exits_1(tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1 metrics port {port}: address already in use" in result.stderr
     assert "listening on" not in result.stdout  # the log never said it served
+    assert "Shutting down" not in result.stdout and "Server stopped" not in result.stdout
+
+
+#: gcmd's descriptor limit in the flood tests: a few more than it needs idle
+FLOOD_FD_LIMIT = 64
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` (EOF or reset) within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_half_sent_scrapes_never_take_the_protocol_ports_descriptors(gcmd):
+    port = free_port()
+    server = gcmd("--metrics-port", port)
+    wait_for(lambda: f"metrics at http://127.0.0.1:{port}/metrics" in server.log())
+    resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (FLOOD_FD_LIMIT, FLOOD_FD_LIMIT))
+    idle_fds = server.open_fds()
+    flood = []
+    started = time.monotonic()  # before the first connect: its deadline runs from then at the latest
+    try:
+        # more half-sent requests than gcmd has descriptors: the ones over the cap
+        # wait in the listen queue (the kernel's, not gcmd's descriptors)
+        for _ in range(FLOOD_FD_LIMIT + 20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            flood.append(sock)
+        wait_for(lambda: server.open_fds() >= idle_fds + MAX_CONNECTIONS)
+        assert server.open_fds() <= idle_fds + MAX_CONNECTIONS
+        client = server.client()
+        assert client.ask("ping") == b"pong\n"
+        assert closed_by_server(flood[0], REQUEST_DEADLINE + 3)
+        assert time.monotonic() - started >= REQUEST_DEADLINE
+        assert client.ask("ping") == b"pong\n"
+        assert server.client().ask("ping") == b"pong\n"
+    finally:
+        for sock in flood:
+            sock.close()
+    assert "Too many open files" not in server.log()
+
+
+def test_idle_keep_alive_scrape_is_closed_after_the_idle_limit(gcmd):
+    port = free_port()
+    server = gcmd("--metrics-port", port)
+    wait_for(lambda: f"metrics at http://127.0.0.1:{port}/metrics" in server.log())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        asked = time.monotonic()  # the idle time runs from the reply: later
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"gcmd_build_info{" not in reply:
+            reply += sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200")
+        assert closed_by_server(sock, IDLE_LIMIT + 3)
+        assert time.monotonic() - asked >= IDLE_LIMIT

@@ -1,5 +1,6 @@
 """--workers N: processes that share the port, supervised, stopped gracefully."""
 
+import errno
 import os
 import re
 import select
@@ -31,13 +32,40 @@ def served_by(server: GcmdProcess, clients: int) -> set[str]:
     return pids
 
 
-def test_workers_share_the_port_and_each_serves(gcmd):
-    server = gcmd("--workers", 2)
+@pytest.mark.parametrize("sharing", [[], ["--reuse-port"]], ids=["one-socket", "reuse-port"])
+def test_workers_share_the_port_and_each_serves(gcmd, sharing):
+    server = gcmd("--workers", 2, *sharing)
     # announced once every worker serves
     assert server.log().count("serving port") == 2
-    workers = server.children()
-    assert served_by(server, 40) == {str(pid) for pid in workers}
+    workers = {str(pid) for pid in server.children()}
+    wait_for(lambda: served_by(server, 20) == workers, timeout=10)
     assert "2 workers" in server.log() and "max 100 clients per worker" in server.log()
+
+
+def test_no_other_program_can_listen_on_the_port_of_the_workers(gcmd):
+    server = gcmd("--workers", 2)
+    wait_for(lambda: server.log().count("serving port") == 2)
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError) as error:
+            stranger.bind(("127.0.0.1", server.port))
+    assert error.value.errno == errno.EADDRINUSE
+    assert server.client().ask("ping") == PONG
+
+
+def test_connections_waiting_for_a_worker_that_dies_are_served_by_another(gcmd):
+    server = gcmd("--workers", 2)
+    wait_for(lambda: server.log().count("serving port") == 2)
+    hung, other = server.children()
+    os.kill(hung, signal.SIGSTOP)  # hangs: it accepts nothing from now on
+    try:
+        clients = [server.client() for _ in range(40)]
+        for c in clients:
+            c.send("ping\n")
+    finally:
+        os.kill(hung, signal.SIGKILL)
+    assert [c.line() for c in clients] == [PONG] * 40
+    assert {stats(c)["pid"] for c in clients} == {str(other)}
 
 
 def test_a_worker_that_dies_is_replaced(gcmd):
@@ -75,11 +103,14 @@ def test_port_0_is_one_port_for_every_worker(tmp_path):
         port = int(found.group(1))
         pids = set()
         wait_for(lambda: len(children(proc.pid)) == 2)
-        for _ in range(30):
+
+        def both_reached() -> bool:
             c = Client(port)
             pids.add(stats(c)["pid"])
             c.close()
-        assert len(pids) == 2
+            return len(pids) == 2
+
+        wait_for(both_reached, timeout=10, interval=0)
     finally:
         proc.terminate()
         proc.communicate(timeout=15)
@@ -196,7 +227,17 @@ def test_workers_writing_to_one_pipe_never_mix_their_lines(tmp_path):
     try:
         start = _read_until(fd, lambda data: b" workers\n" in data and data.count(b"serving port") == 2)
         port = int(re.search(rb"listening on 127\.0\.0\.1 port (\d+)", start).group(1))
-        clients = [Client(port) for _ in range(8)]
+        by_worker: dict[str, list[Client]] = {}
+        probes = 0
+        while sorted(map(len, by_worker.values())) != [4, 4]:  # 4 clients of each worker
+            client = Client(port)
+            probes += 1
+            pid = stats(client)["pid"]
+            if len(by_worker.setdefault(pid, [])) < 4:
+                by_worker[pid].append(client)
+            else:
+                client.close()
+        clients = [client for group in by_worker.values() for client in group]
         for client in clients:  # nobody reads the pipe meanwhile: it fills, the writers wait
             client.send(b"".join(requests) + b"stats\n")
         pids = set()
@@ -204,7 +245,7 @@ def test_workers_writing_to_one_pipe_never_mix_their_lines(tmp_path):
             replies = client.block(b"End stats\n")
             assert replies[:400] == [PONG] * 400
             pids |= {line.split()[1] for line in replies if line.startswith(b"pid ")}
-        logged = _read_until(fd, lambda data: data.count(b"Cmd received") == 8 * 401)
+        logged = _read_until(fd, lambda data: data.count(b"Cmd received") == probes + 8 * 401)
     finally:
         proc.terminate()
         proc.communicate(timeout=15)

@@ -26,16 +26,28 @@ exits is started again with back-off, from the byte where it stopped.
 
 Rotation (logrotate ``create``): the path is looked up every half second
 while a reader runs; when it names another file, a reader starts on that one
-from its first byte and the old reader goes on for one more second, for the
-lines written to the old file just before the switch. Truncation
+from its first byte and the old reader goes on until the old file has been
+quiet for DRAIN_QUIET seconds (5): an application writes to the renamed file
+until it reopens its log (logrotate's postrotate signal, or its own
+schedule), and a slow one loses nothing (promtail and ``tail -F`` lose those
+lines: grafana/loki#8039). Truncation
 (``copytruncate``) is left to tail: it sees it as it happens, through
 inotify, in the process that reads, and reads the file again from its start
 ("file truncated" on its stderr); a restart by gcmd on top of that would send
 the new lines twice. A restart after the reader died checks the size itself.
+tail sees a truncation by the size only (shorter than what it read): when,
+after the truncation, more bytes than the file held are written before tail
+looks (one large write), the file is never seen shorter and reading goes on
+at the old offset, so the first old-size bytes of the new content are not
+sent and the line across the old offset is sent from there, torn. GNU tail
+does the same (hpcloud/tail#145); a check by gcmd would come up to half a
+second after tail sent the torn line, so it is documented instead (the
+rename rotation, logrotate's ``create``, has no such case).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,13 +99,18 @@ PASS_SLICE = 64
 PASS_PAUSE = 0.0002
 #: seconds between two checks of which file a followed path names
 ROTATION_CHECK = 0.5
-#: seconds the reader of a rotated file goes on after the switch, for its last lines
-DRAIN = 1.0
+#: seconds without a new line, counted from the switch, after which the reader of a
+#: rotated (renamed) file stops: the application may write to it until it reopens its log
+DRAIN_QUIET = 5.0
 
 Subscriber = Callable[[list[bytes]], object]
 #: a feed's subscriber (gcmd.logs.feed): ``callback(lines, tag)`` with ``lines`` as (raw,
 #: cut, where) and ``tag`` what ``where`` is relative to (see Broadcast.subscribe_lines)
 LineSubscriber = Callable[[list[tuple[bytes, int, int | None]], object], object]
+
+#: errors of a path that names nothing readable: another --logfile is the remedy
+_PATH_ERRORS = frozenset({errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                          errno.EPERM})
 
 
 @dataclass
@@ -309,13 +326,16 @@ class FileLog(_ProcessLog):
         self._checker: gevent.Greenlet | None = None
         #: lastlog reads by line count: requests that arrive during a read share the next one
         self._reads = NextFlight()
+        #: the errno of the last failure to read the file the operator was warned of
+        self._told: int | None = None
 
     def start(self) -> None:
         """Warn at start-up when the file cannot be read (lastlog says why, later)."""
         try:
             self._call(locate, "the log file check")
         except CommandError as exc:
-            log.warning("%s", exc)
+            if self._told is None:  # a timeout: the OSErrors are told already
+                log.warning("%s", exc)
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines; CommandError when it cannot be read."""
@@ -427,13 +447,17 @@ class FileLog(_ProcessLog):
                 log.debug("%s", exc)
 
     def _switch(self, reader: Reader) -> None:
-        """Make ``reader`` the current reader; the old one finishes within DRAIN seconds."""
+        """Make ``reader`` the current reader; the old one stops once its file has been
+        quiet for DRAIN_QUIET seconds."""
         reader.start()
         old, self._reader = self._reader, reader
         if old is not None:
-            self._retiring[old] = gevent.spawn_later(DRAIN, self._retire, old)
+            self._retiring[old] = gevent.spawn(self._retire, old)
 
     def _retire(self, reader: Reader) -> None:
+        switched = monotonic()
+        while (quiet := monotonic() - max(switched, reader.last_output)) < DRAIN_QUIET:
+            gevent.sleep(DRAIN_QUIET - quiet)
         reader.stop()
         del self._retiring[reader]
 
@@ -451,10 +475,25 @@ class FileLog(_ProcessLog):
         if result is None or not result.ready():
             raise CommandError(f"{what} timed out after {self.command_timeout:g} s")
         try:
-            return unwrap(result.get())
+            value = unwrap(result.get())
         except OSError as exc:
-            raise CommandError(f"cannot read the log file '{self.source}': {exc.strerror or exc} "
-                               "(start gcmd with --logfile PATH to serve another log)") from None
+            self._tell_operator(exc)
+            # which setting names the file (PROTOCOL.md), not what to do about it: that is the log's
+            raise CommandError(f"cannot read the log file '{self.source}' (--logfile): "
+                               f"{exc.strerror or exc}") from None
+        self._told = None
+        return value
+
+    def _tell_operator(self, exc: OSError) -> None:
+        """Warn that the file cannot be read, once until it can be again or the
+        error changes; where the path is the problem, say how to serve another.
+        The client gets the error alone: the remedy is the operator's."""
+        if exc.errno == self._told:
+            return
+        self._told = exc.errno
+        hint = (" (start gcmd with --logfile PATH to serve another log)"
+                if exc.errno in _PATH_ERRORS else "")
+        log.warning("cannot read the log file '%s': %s%s", self.source, exc.strerror or exc, hint)
 
 
 class JournalLog(_ProcessLog):

@@ -14,6 +14,7 @@ import signal
 import stat
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Protocol
 
 import gevent
@@ -50,7 +51,8 @@ SEARCH_CHUNK = 1 << 20
 #: lastlog takes its lines from the chunks it scanned while they hold at most this much
 SCANNED_KEPT = 1 << 20
 #: seconds before a reader that exited is started again: doubling from first to most
-BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+#: (0.1, 0.2, 0.4 ... 204.8, then every 5 minutes while it keeps failing)
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 300.0
 #: a reader that ran this many seconds is well again: its next restart waits BACKOFF_FIRST
 STABLE = 10.0
 #: journal: the backlog is over after this many quiet seconds, or this many without output
@@ -420,6 +422,29 @@ def identify(path: str, _job: Job) -> tuple[tuple[int, int], bool, int]:
 
 # --- processes ------------------------------------------------------------------
 
+#: the package that brings each reader program (Debian's names), for the words
+#: said when it is not installed
+PROGRAM_PACKAGES = {"tail": "coreutils", "journalctl": "systemd"}
+
+
+def cannot_start(program: str, exc: OSError) -> str:
+    """Why ``program`` could not be started, in words naming it: ``cannot start
+    journalctl: not found (install systemd)`` rather than the bare errno text."""
+    if isinstance(exc, FileNotFoundError):
+        package = PROGRAM_PACKAGES.get(program)
+        return f"cannot start {program}: not found" + (f" (install {package})" if package else "")
+    return f"cannot start {program}: {exc.strerror or exc}"
+
+
+def restart_delays() -> Iterator[float]:
+    """Seconds to wait before each restart of a reader that keeps failing: from
+    BACKOFF_FIRST, doubling, at most BACKOFF_MOST."""
+    delay = BACKOFF_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, BACKOFF_MOST)
+
+
 class Children:
     """The reader processes of one log: each stopped and reaped here, all of them at close()."""
 
@@ -529,6 +554,8 @@ class Reader:
         #: the last message of the process on stderr
         self.last_error = ""
         self.retiring = False
+        #: time.monotonic() of its last output
+        self.last_output = 0.0
         #: exits in a row without output in between: the repeats of a failure are
         #: logged at debug level, so that a source that stays broken warns once
         self.failures = 0
@@ -536,11 +563,12 @@ class Reader:
 
     def start(self) -> None:
         """Start the process; a failure raises CommandError here, in the caller."""
+        argv = self.owner.argv(self)
         try:
-            proc = self.owner.children.start(self.owner.argv(self))
+            proc = self.owner.children.start(argv)
         except OSError as exc:
-            raise CommandError(f"cannot start the reader of the log '{self.owner.source}': "
-                               f"{exc.strerror or exc}") from None
+            raise CommandError(f"cannot read the log '{self.owner.source}': "
+                               f"{cannot_start(argv[0], exc)}") from None
         self._greenlet = gevent.spawn(self._run, proc)
 
     def stop(self) -> None:
@@ -550,16 +578,17 @@ class Reader:
             self._greenlet.kill()
 
     def _run(self, proc: subprocess.Popen) -> None:
-        delay = BACKOFF_FIRST
+        delays = restart_delays()
         while True:
             started = time.monotonic()
             status = self._pump(proc)
             if self.retiring:
                 return
             if time.monotonic() - started >= STABLE:
-                delay = BACKOFF_FIRST
+                delays = restart_delays()
                 self.failures = 0  # well again: this failure is a new one
             self.failures += 1
+            delay = next(delays)
             log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
                     "the reader of the log '%s' exited with status %s%s; starting it again in %g s",
                     self.owner.source, status, self.last_error and f" ({self.last_error})", delay)
@@ -568,27 +597,35 @@ class Reader:
             proc = None
             while proc is None:
                 gevent.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MOST)
                 if self.retiring:
                     return
                 proc = self._restart()
+                if proc is None:
+                    delay = next(delays)
 
     def _restart(self) -> subprocess.Popen | None:
         try:
             if not self.owner.restartable(self):
                 return None
-            proc = self.owner.children.start(self.owner.argv(self))
-        except (OSError, CommandError) as exc:
-            self.failures += 1
-            log.log(logging.WARNING if self.failures == 2 else logging.DEBUG,
-                    "cannot start the reader of the log '%s' again: %s", self.owner.source, exc)
-            # what lastlog and follow say meanwhile (restartable may have cleared ready)
-            self.last_error = f"its reader cannot be started: {getattr(exc, 'strerror', None) or exc}"
-            self.settled.set()
-            return None
+        except CommandError as exc:
+            return self._cannot_restart(str(exc))
+        argv = self.owner.argv(self)
+        try:
+            proc = self.owner.children.start(argv)
+        except OSError as exc:
+            return self._cannot_restart(cannot_start(argv[0], exc))
         self.owner.stats.reader_restarts += 1
         self.last_error = ""
         return proc
+
+    def _cannot_restart(self, why: str) -> None:
+        """Say that the reader cannot be started again (once), and why, to lastlog and follow too."""
+        self.failures += 1
+        log.log(logging.WARNING if self.failures == 2 else logging.DEBUG,
+                "cannot start the reader of the log '%s' again: %s", self.owner.source, why)
+        # what lastlog and follow say meanwhile (restartable may have cleared ready)
+        self.last_error = why
+        self.settled.set()
 
     def _pump(self, proc: subprocess.Popen) -> int | None:
         """Read the process's output until it ends; its exit status."""
@@ -604,6 +641,7 @@ class Reader:
                     errors.join(1)  # its last words, for the warning
                     return proc.wait()
                 output = True
+                self.last_output = time.monotonic()
                 self.position += len(chunk)
                 backlog = self.backlog and not self.ready.is_set()
                 if not backlog:  # new lines: it works (a backlog is printed by a reader that dies after)

@@ -6,6 +6,16 @@ the request path pays nothing for the endpoint. The HTTP server is gevent's
 WSGI server, in the server's own hub; any other path answers 404. With
 ``--workers``, each worker serves its own figures on its own port (worker i
 on ``--metrics-port`` + i), so that a scrape target is one worker.
+
+A scraper gets the same care as a client of the protocol port, with limits
+of its own (constants, not flags: one Prometheus needs one connection): at
+most MAX_CONNECTIONS connections are served at once (the next BACKLOG wait
+in the listen queue, which costs the process no descriptor), a request must be
+read and answered within REQUEST_DEADLINE seconds, and a kept-alive
+connection that sends no new request for IDLE_LIMIT seconds is closed. So a
+slow or dead scraper (slowloris) holds at most MAX_CONNECTIONS descriptors
+for at most REQUEST_DEADLINE seconds, and never takes the protocol port's
+(prometheus/client_java#2284 is the same fix in Prometheus' own exporter).
 """
 
 from __future__ import annotations
@@ -14,7 +24,9 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from gevent.pywsgi import WSGIServer
+import gevent
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -145,6 +157,69 @@ def only_metrics_path(app: Callable) -> Callable:
     return serve
 
 
+#: connections served at once; more wait in the listen queue until one ends
+MAX_CONNECTIONS = 16
+#: connects the kernel queues while MAX_CONNECTIONS are served: they cost gcmd
+#: no descriptor, and a scrape queued behind slow ones is served when they end
+#: instead of having its connect dropped (gevent's default is 128)
+BACKLOG = 1024
+#: seconds from a request's first byte (from the connect, for the first request)
+#: to the end of its reply
+REQUEST_DEADLINE = 5.0
+#: seconds a kept-alive connection may stay without sending its next request
+IDLE_LIMIT = 5.0
+
+
+class DeadlineHandler(WSGIHandler):
+    """gevent's WSGI handler with a deadline on each request and a limit on the
+    wait for the next one; a connection past either is closed, without a reply."""
+
+    #: seconds a request may take, read and reply
+    request_deadline = REQUEST_DEADLINE
+    #: seconds a kept-alive connection may wait for its next request
+    idle_limit = IDLE_LIMIT
+
+    def __init__(self, sock, address, server) -> None:
+        super().__init__(sock, address, server)
+        self.answered = 0
+
+    def handle_one_request(self) -> object:
+        """gevent's, within the deadline; first, on a kept-alive connection, the wait
+        for the next request, within the idle limit (None: the connection ends)."""
+        if self.answered and not self.within(self.idle_limit, "next request", self.next_request):
+            return None
+        self.answered += 1
+        return self.within(self.request_deadline, "request", super().handle_one_request)
+
+    def next_request(self) -> bytes:
+        """The first bytes of the next request, once they came; b"" if the scraper left."""
+        try:
+            return self.rfile.peek(1)
+        except OSError:  # as gevent's read of a request line: a reset is no news
+            return b""
+
+    def within(self, seconds: float, what: str, call: Callable[[], object]) -> object:
+        """``call()``, or None when it has not returned after ``seconds``."""
+        deadline = gevent.Timeout(seconds)
+        deadline.start()
+        try:
+            return call()
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            log.debug("metrics: closed %s:%d, no %s within %g s", *self.client_address[:2], what, seconds)
+            return None
+        finally:
+            deadline.close()
+
+    def handle_error(self, t, v, tb) -> None:
+        # gevent's handler passes whatever the application or the reply's write raises
+        # to this method, the deadline's Timeout included: that one goes on up to within()
+        if isinstance(v, gevent.Timeout):
+            raise v
+        super().handle_error(t, v, tb)
+
+
 class MetricsServer:
     """``GET /metrics`` on ``host:port`` (port 0 picks a free one, and the line that
     names it is written whatever the log level)."""
@@ -155,11 +230,16 @@ class MetricsServer:
         self.registry.register(GcmdCollector(server))
         self.registry.register(ProcessCollector(registry=None))
         self.http = WSGIServer((host, port), only_metrics_path(make_wsgi_app(self.registry)),
-                               log=None, error_log=log)
+                               log=None, error_log=log, handler_class=DeadlineHandler,
+                               spawn=Pool(MAX_CONNECTIONS), backlog=BACKLOG)
 
     @property
     def port(self) -> int:
         return self.http.address[1]
+
+    def bind(self) -> None:
+        """Take the port now (OSError if it cannot be had); start() serves it."""
+        self.http.init_socket()
 
     def start(self) -> None:
         self.http.start()

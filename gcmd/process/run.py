@@ -23,7 +23,7 @@ import gevent
 import gevent.queue
 
 from gcmd import __version__
-from gcmd.config import Config, RunOptions, SettingError, read_token
+from gcmd.config import Config, RunOptions, SettingError, check_tls_files, read_token
 from gcmd.net.tls import tls_context, tls_mode
 from gcmd.serverlog.setup import info_line, open_output, reopen_output, setup_logging
 
@@ -75,23 +75,25 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     from gcmd.net.server import GcmdServer  # after logging is set up
 
     log.debug("settings: %s", describe(config, options))
-    server = GcmdServer(config, tls_context(config) if config.tls else None, listener)
+    server = GcmdServer(config, tls_context(config) if config.tls else None, listener=listener)
     server.stats.log_output = handler
     metrics = None
     if config.metrics_port is not None:
         from gcmd.observe.metrics import MetricsServer
 
         metrics = MetricsServer(server, config.host, config.metrics_port + config.worker)
+        # both ports are taken before the server starts: a start that fails has
+        # served nobody, so it logs no shutdown
+        try:
+            metrics.bind()
+        except OSError as exc:
+            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
     try:
         server.start()
     except OSError as exc:
         return cannot_listen(config.host, config.port, exc)
     if metrics is not None:  # before the start-up lines: they say the server serves
-        try:
-            metrics.start()
-        except OSError as exc:
-            server.shutdown()
-            return cannot_listen(config.host, config.metrics_port + config.worker, exc, "metrics ")
+        metrics.start()
     signals: gevent.queue.Queue[int] = gevent.queue.Queue()
     for signum in (*_STOP, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)
@@ -122,6 +124,8 @@ def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:
                                                    ("the TLS files", config.tls)) if used)
     try:
         token = None if options.token_file is None else read_token(options.token_file)
+        if config.tls:
+            check_tls_files(config.tls_cert, config.tls_key)
         context = tls_context(config) if config.tls else None
     except SettingError as exc:
         kept = ("token and TLS files stay" if options.token_file and config.tls
