@@ -219,5 +219,16 @@ def test_telnet_ctrl_c_ends_a_follow_as_enter_does_and_the_session_goes_on(make_
 def test_telnet_ctrl_c_outside_a_follow_is_answered_and_asks_nothing(make_server, connect):
     server = make_server()
     c = connect(server)
-    c.send(CTRL_C + b"ping\n")
-    assert c.line() == WILL_TIMING_MARK + b"pong\n"
+    c.send(CTRL_C)  # telnet sends it on its own
+    answer = b""
+    while len(answer) < len(WILL_TIMING_MARK):
+        answer += c.sock.recv(len(WILL_TIMING_MARK) - len(answer))
+    assert answer == WILL_TIMING_MARK
+    assert c.ask("ping") == b"pong\n"
+
+
+def test_bytes_of_telnet_commands_inside_a_request_stay_bytes_of_the_request(make_server, connect):
+    server = make_server()
+    c = connect(server)
+    assert c.ask(b"comphash no\xff\xf4such") == (
+        b"An error occured : [Errno 2] No such file or directory: 'no\\xff\\xf4such'\n")

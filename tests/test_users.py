@@ -32,6 +32,7 @@ from support import (
     wait_for,
 )
 
+from gcmd import __version__ as gcmd_version
 from gcmd.commands import command_words
 from gcmd.users import UsersError, hash_token, parse_users
 
@@ -318,8 +319,8 @@ def test_a_command_not_granted_gets_permission_denied(bastion, connect, user, re
     ("ping", PONG),
     ("whoami", b"monitor\n"),
     ("help", b"Begin help\n"),
-    ("version", NOT_FOUND),  # granted, whenever it exists: never "Permission denied"
-    ("format text", NOT_FOUND),
+    ("version", f"gcmd {gcmd_version} protocol 1.2\n".encode()),
+    ("format text", b"OK\n"),
     ("nosuchcommand", NOT_FOUND),
 ])
 def test_ping_help_version_whoami_format_auth_exit_quit_are_always_granted(bastion, connect, request_, reply):

@@ -157,20 +157,20 @@ FOLLOW_QUERY_USAGE = b"Usage: follow [LINES] [LOGS] [from CURSORS] [grep PATTERN
 #: telnet's Interpret As Command byte (RFC 854), as an int (see LF)
 IAC = 0xFF
 #: what telnet sends for Ctrl-C: IAC IP (Interrupt Process), then IAC DO TIMING-MARK
-#: (RFC 860), and with autosynch IAC DM (Data Mark); the reply to DO TIMING-MARK
-_TELNET_IP, _TELNET_DM, _TELNET_DO_TM = b"\xff\xf4", b"\xff\xf2", b"\xff\xfd\x06"
+#: (RFC 860); the reply to DO TIMING-MARK
+_TELNET_IP, _TELNET_DO_TM = b"\xff\xf4", b"\xff\xfd\x06"
 TELNET_WILL_TM = b"\xff\xfb\x06"
 
 
 def telnet_commands(data: bytes) -> tuple[bytes, bytes]:
-    """``data`` without the telnet commands of a Ctrl-C, and the reply they ask for.
+    """What a read that holds nothing but telnet's Ctrl-C means, and the reply it asks for.
 
-    An Interrupt Process becomes a line end, so that it ends a follow as
-    Enter does (elsewhere it is a blank line: no reply); DO TIMING-MARK is
-    answered WILL TIMING-MARK (RFC 860: telnet discards what it receives
-    until then). Other bytes, 0xFF in a path included, are left as they are;
-    a command split across two reads is not recognised.
+    Telnet sends Ctrl-C on its own: IAC IP, then IAC DO TIMING-MARK, and
+    discards what it receives until the mark is answered WILL TIMING-MARK
+    (RFC 854, RFC 860). Such a read is a line end (it ends a follow as Enter
+    does; elsewhere it is a blank line: no reply). Any other read is left as it
+    is, so that 0xFF in a path stays a byte of the path.
     """
-    reply = TELNET_WILL_TM * data.count(_TELNET_DO_TM)
-    data = data.replace(_TELNET_DO_TM, b"").replace(_TELNET_DM, b"").replace(_TELNET_IP, b"\n")
-    return data, reply
+    if data.replace(_TELNET_IP, b"").replace(_TELNET_DO_TM, b""):
+        return data, b""
+    return (b"\n" if _TELNET_IP in data else b""), TELNET_WILL_TM * data.count(_TELNET_DO_TM)
