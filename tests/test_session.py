@@ -3,6 +3,7 @@
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import struct
 from pathlib import Path
@@ -10,7 +11,15 @@ from pathlib import Path
 import gevent
 import gevent.socket
 import pytest
-from support import Client, poll, sha1_of, write_file
+from support import (
+    Client,
+    make_certificate,
+    poll,
+    sha1_of,
+    tls_client,
+    wait_for,
+    write_file,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -291,3 +300,28 @@ def test_each_client_has_a_greenlet_of_its_own_that_ends_with_it(server, connect
         c.close()
     poll(lambda: server.stats.clients == 0 and len(server.pool) == 0,
          message="a greenlet outlives its client")
+
+
+def test_a_client_that_stops_reading_small_replies_is_cut_at_its_idle_deadline(make_server, connect):
+    server = make_server(idle_timeout=1)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    c = connect(server)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.sock.settimeout(0.5)
+    try:  # one ping at a time, each reply small enough to be sent whole, until the server stops reading
+        for _ in range(200000):
+            c.sock.send(b"ping\n")
+    except (TimeoutError, BlockingIOError):
+        pass
+    poll(lambda: server.stats.clients == 0, timeout=10, message="a client that reads nothing keeps its slot")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl (apt-get install openssl)")
+def test_a_tls_client_that_stops_reading_is_cut_at_its_idle_deadline(gcmd, tmp_path):
+    cert, key = make_certificate(tmp_path)
+    big = tmp_path / "big.log"
+    big.write_text("".join(f"{n:06d} " + "x" * 8000 + "\n" for n in range(1000)))
+    server = gcmd("--tls-cert", cert, "--tls-key", key, "--idle-timeout", 1, "--logfile", f"big={big}")
+    reader = tls_client(server.port, cert)
+    reader.send("lastlog 1000 big\n")  # 8 MB the client never reads
+    wait_for(lambda: "the client accepted no reply bytes in time" in server.log(), timeout=10)

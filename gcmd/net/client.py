@@ -41,6 +41,8 @@ OPENING, READING, RUNNING, WRITING, FOLLOWING, CLOSING = (
 RECV_SIZE = 65536
 #: replies are gathered up to this size before one write
 FLUSH_AT = 65536
+#: bytes given to one TLS send: the idle deadline restarts after each
+SEND_CHUNK = 16384
 #: seconds a farewell line may take to leave when the client is not reading
 FAREWELL_TIMEOUT = 2.0
 #: seconds the client's input is drained before closing, so that the kernel does
@@ -95,10 +97,11 @@ class Client:
         try:
             reason = self._life()
         finally:
-            if self.follow is not None:
-                self.follow.stop()
-            self.server.clients.discard(self)
+            self.state = CLOSING
+            self.server.clients.discard(self)  # nothing raises into it any more
             self.server.release(self, reason)
+            if self.follow is not None:
+                self.follow.stop(block=False)
             if self.tls:
                 self.sock.close()
 
@@ -107,6 +110,7 @@ class Client:
         try:
             try:
                 open_connection(self)
+                self.state = RUNNING
                 self._serve()
             except Ended as end:
                 self._farewell(end.line)
@@ -116,7 +120,7 @@ class Client:
                 return "server shutting down"
         except ClientGone:
             return "connection reset" if self.state is FOLLOWING else "connection reset while a command ran"
-        except Deadline:  # in the farewell
+        except Deadline:  # raised in a farewell that takes too long
             return "the client accepted no farewell in time"
         except ssl.SSLError as exc:
             return f"TLS error: {exc.reason or exc}"
@@ -128,10 +132,23 @@ class Client:
         return "Connection was closed cleanly."
 
     def shutdown_began(self) -> None:
-        """Tell a client that waits for its client that the server stops; one that
-        runs a command says goodbye when it is done."""
-        if self.state is READING or self.state is FOLLOWING:
-            self.greenlet.kill(Shutdown, block=False)
+        """Tell a client that waits for its next request, or follows, that the
+        server stops (in the hub, so that it is still waiting when told); one
+        that opens (a TLS handshake), runs a command or writes a reply sees
+        ``server.closing`` before its next wait, or is cut at the shutdown deadline."""
+        self.interrupt(Shutdown, READING, FOLLOWING)
+
+    def interrupt(self, exception: type[BaseException], *states: str) -> None:
+        """Raise ``exception`` in this client's greenlet if it is then in one of
+        ``states`` (Greenlet.kill delivers at the greenlet's next switch, by when
+        it may have moved on: this looks again, in the hub, as it delivers)."""
+        self.server.loop.run_callback(self._raise_if, exception, states)
+
+    def _raise_if(self, exception: type[BaseException], states: tuple) -> None:
+        if self.state in states and not self.greenlet.dead:
+            if exception is Deadline and self.deadline > monotonic():
+                return  # the client moved meanwhile
+            self.greenlet.throw(exception)
 
     # --- serving requests ---------------------------------------------------------------
 
@@ -163,6 +180,8 @@ class Client:
     def _read(self) -> bytes:
         """READING: the client's next bytes (b"" once it has closed); Ended when it
         sends no complete line for the idle timeout."""
+        if self.server.closing:
+            raise Shutdown
         self.state, self.deadline = READING, self.since + self.server.config.idle_timeout
         try:
             return self.sock.recv(RECV_SIZE)
@@ -181,6 +200,9 @@ class Client:
         replies: list[bytes] = []
         size = 0
         for index, line in enumerate(lines):
+            if server.closing:  # pipelined requests not yet started are dropped
+                self._send(b"".join(replies))
+                raise Shutdown
             parsed = parse(line)
             if parsed is None:
                 continue
@@ -211,9 +233,6 @@ class Client:
             if size >= FLUSH_AT:  # a client that does not read its replies stops being read
                 self._send(b"".join(replies))
                 replies, size = [], 0
-            if server.closing:  # pipelined requests not yet started are dropped
-                self._send(b"".join(replies))
-                raise Shutdown
         self._send(b"".join(replies))
         return False
 
@@ -224,13 +243,16 @@ class Client:
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
-            guard.kill(block=False)
+            # one that started waits on the descriptor: it is gone before the next read
+            guard.kill(block=bool(guard))
             self.watch_reset = False
 
     def _guard(self) -> None:
-        wait_read(self.sock.fileno())  # input, an EOF or a reset
+        """Wait (gevent.socket.wait_read) until the connection has input, an EOF or
+        a reset; on a reset cancel the command, else let the sweeper watch for one."""
+        wait_read(self.sock.fileno())
         if tcp_state(self.sock) == TCP_CLOSE:
-            self.greenlet.kill(ClientGone, block=False)
+            self.interrupt(ClientGone, RUNNING)
         else:  # input or a half-close: the sweeper looks for a reset from now on
             self.watch_reset = True
 
@@ -246,18 +268,22 @@ class Client:
     # --- writing ---------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        """Write all of ``data``: WRITING while the client does not take it; Ended
-        when it takes no byte for the idle timeout."""
-        sent = self.sock.send(data) if data else 0  # most replies leave at once
-        if sent == len(data):
+        """WRITING: write all of ``data``; Ended when the client takes no byte of it
+        for the idle timeout (gevent's TLS send writes all it is given before it
+        returns: it is given SEND_CHUNK bytes at a time)."""
+        if not data:
             return
-        view = memoryview(data)[sent:]
         idle = self.server.config.idle_timeout
+        send, chunk = self.sock.send, SEND_CHUNK if self.tls else len(data)
         self.state = WRITING
         try:
-            while view:
-                self.deadline = monotonic() + idle
-                view = view[self.sock.send(view):]
+            self.deadline = monotonic() + idle
+            sent = send(data if chunk >= len(data) else data[:chunk])  # most replies leave at once
+            if sent < len(data):
+                view = memoryview(data)[sent:]
+                while view:
+                    self.deadline = monotonic() + idle
+                    view = view[send(view[:chunk]):]
         except Deadline:
             raise Ended("the client accepted no reply bytes in time", None) from None
         finally:
@@ -281,12 +307,19 @@ class Client:
             if line:
                 self.sock.sendall(line)
             if self.tls:
-                self.sock.settimeout(0.0)  # send ours; the client's is its business
-                self.sock.unwrap()
-            else:
-                self._linger()
+                self._close_notify()
+            self._linger()
         except (OSError, ValueError):
             pass
+
+    def _close_notify(self) -> None:
+        """Send TLS close_notify; the client's own is not awaited."""
+        self.sock.settimeout(0.0)
+        try:
+            self.sock.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        self.sock.settimeout(None)
 
     def _linger(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)
@@ -316,6 +349,8 @@ class Client:
         replies = b""
         try:
             while True:
+                if self.server.closing:
+                    raise Shutdown
                 self.state = FOLLOWING
                 data = self.sock.recv(RECV_SIZE)
                 if not data:

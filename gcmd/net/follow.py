@@ -18,6 +18,7 @@ import gevent
 from gevent.event import Event
 
 from gcmd.logs.lines import FollowBuffer
+from gcmd.net.ends import ClientGone
 
 #: TCP keepalive of a follower (idle seconds, seconds between probes, probes):
 #: a quiet log sends nothing, and a client that went away (its machine gone,
@@ -57,9 +58,15 @@ class FollowStream:
         self.ready.set()
 
     def start(self) -> None:
-        """The reply that began the follow is sent: the lines may flow."""
+        """The reply that began the follow is sent: the lines may flow. A writer
+        that stops (the client is gone) ends the client's follow too."""
         keepalive(self.client.sock, *FOLLOW_KEEPALIVE)
         self.writer = gevent.spawn(self._write)
+        self.writer.rawlink(self._writer_stopped)
+
+    def _writer_stopped(self, writer: gevent.Greenlet) -> None:
+        # it stopped by itself (stop unlinks this first): the client is gone
+        self.client.interrupt(ClientGone, "following")
 
     def _write(self) -> None:
         """Send what waits, as it comes. The client's deadline runs while a chunk
@@ -85,12 +92,14 @@ class FollowStream:
         if self.error is not None:
             raise self.error
 
-    def stop(self) -> bytes:
+    def stop(self, block: bool = True) -> bytes:
         """Stop following; what still waits for the client: the rest of a chunk
-        begun, then whole lines (the drop marker first if lines were dropped)."""
+        begun, then whole lines (the drop marker first if lines were dropped).
+        ``block``: wait until the writer has stopped, as whoever writes next must."""
         self.source.unsubscribe(self.deliver)
         if self.writer is not None:
-            self.writer.kill()
+            self.writer.unlink(self._writer_stopped)
+            self.writer.kill(block=block)
         self.client.deadline = float("inf")
         rest = [bytes(self.out)]
         while chunk := self.buffer.take():

@@ -41,13 +41,25 @@ from gcmd.hashing import HashService
 from gcmd.logs.memory import MemoryLog
 from gcmd.logs.sources import Logs, served_sources
 from gcmd.net import wire
-from gcmd.net.client import TCP_CLOSE, Client, tcp_state
+from gcmd.net.client import (
+    CLOSING,
+    FOLLOWING,
+    OPENING,
+    READING,
+    RUNNING,
+    TCP_CLOSE,
+    WRITING,
+    Client,
+    tcp_state,
+)
 from gcmd.net.ends import ClientGone, Deadline, Ended, Shutdown
 from gcmd.observe.stats import ServerStats
 from gcmd.serverlog.formats import TextFormatter
 
 log = logging.getLogger(__name__)
 
+#: the states whose waits have a deadline
+DEADLINED = (OPENING, READING, WRITING, FOLLOWING, CLOSING)
 #: seconds between the sweeper's looks at the clients' deadlines
 SWEEP_EVERY = 0.25
 #: threads that resolve paths, open files and stat the log
@@ -184,11 +196,10 @@ class GcmdServer(StreamServer):
             now = monotonic()
             for client in list(self.clients):
                 if client.deadline <= now:
-                    client.deadline = float("inf")  # once
-                    client.greenlet.kill(Deadline, block=False)
+                    client.interrupt(Deadline, *DEADLINED)
                 elif client.watch_reset and tcp_state(client.sock) == TCP_CLOSE:
                     client.watch_reset = False
-                    client.greenlet.kill(ClientGone, block=False)
+                    client.interrupt(ClientGone, RUNNING, FOLLOWING)
 
     # --- accepting -------------------------------------------------------------------------
 
@@ -224,10 +235,10 @@ class GcmdServer(StreamServer):
         for client in list(self.clients):
             client.shutdown_began()
         if not self.pool.join(timeout=self.config.shutdown_timeout):
-            log.warning("Cutting %d commands still running after %g s", len(self.pool),
+            log.warning("Cutting %d clients still served after %g s", len(self.pool),
                         self.config.shutdown_timeout)
             for client in list(self.clients):
-                client.greenlet.kill(Shutdown, block=False)
+                client.interrupt(Shutdown, OPENING, READING, RUNNING, WRITING, FOLLOWING)
             if not self.pool.join(timeout=CUT_GRACE):
                 self.pool.kill(block=True, timeout=1)
         if self._sweeper is not None:
