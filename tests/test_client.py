@@ -2,7 +2,10 @@
 as exceptions, and a follow that resumes across a reset and a restart."""
 
 import hashlib
+import json
 import os
+import queue
+import re
 import shutil
 import socket
 import struct
@@ -10,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from support import LOG_LINES, sha1_of, wait_for
@@ -424,3 +428,58 @@ def test_pydoc_reads_the_public_api():
 ])
 def test_a_note_reads_as_the_text_format_says_it(note, text):
     assert note.text == text
+
+
+# --- the script of docs/client.md -----------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_the_script_of_the_docs_follows_a_log_across_restarts_of_gcmd_and_of_itself(gcmd, tmp_path):
+    from test_clicmd import Lines, append
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "client.md").read_text()
+    script = re.search(r"```python\n(#!.*?)```", page, re.DOTALL).group(1)
+    assert len(script.splitlines()) <= 13
+    auth = tmp_path / "auth.log"
+    auth.write_text("Nov 25 10:00:00 lab sshd[1]: an old line\n")
+    server = gcmd("--logfile", f"auth={auth}")
+    (tmp_path / "script.py").write_text(script.replace("9999", str(server.port)))
+
+    def start_script():
+        return subprocess.Popen([sys.executable, "script.py"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+
+    script_process = start_script()
+    try:
+        lines = Lines(script_process)
+        for attempt in range(100):  # the follow begins once the script is up: the first line it shows
+            append(auth, f"sshd[2]: probe {attempt}")
+            try:
+                first = lines.next(timeout=0.2)
+                break
+            except queue.Empty:
+                pass
+        expected = [first]
+        append(auth, "cron[3]: not a line for this script")
+        append(auth, "sshd[4]: before the restart")
+        expected.append(lines.next())
+        server.stop()
+        append(auth, "sshd[5]: while gcmd is down")
+        server = gcmd("--logfile", f"auth={auth}", port=server.port)
+        append(auth, "sshd[6]: after the restart")
+        expected += [lines.next(), lines.next()]
+        assert expected[1:] == ["sshd[4]: before the restart\n", "sshd[5]: while gcmd is down\n",
+                                "sshd[6]: after the restart\n"]
+        # the script saves the cursor of the last line just after printing it: a file's cursor
+        # names the offset of the line's newline (docs/log-queries.md, "Cursors")
+        end = auth.stat().st_size - 1
+        cursor_file = tmp_path / "auth.cursor"
+        wait_for(lambda: cursor_file.exists()
+                 and int(json.loads(cursor_file.read_text())["auth"].split(":")[4], 16) == end)
+        script_process.terminate()
+        script_process.wait(10)
+        append(auth, "sshd[7]: while the script is down")
+        script_process = start_script()
+        assert Lines(script_process).next() == "sshd[7]: while the script is down\n"
+    finally:
+        script_process.kill()
+        script_process.wait()
