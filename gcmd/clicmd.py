@@ -22,6 +22,7 @@ is needed: ``gcmd-cli ping`` starts as fast as Python does, nearly.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import re
@@ -137,18 +138,12 @@ class Printer:
     def lines(self, item: LogLine | Note) -> Iterator[str]:
         if self.as_json:
             text = item.json()
-            yield text if self.host is None else f'{{"host":{_json_string(self.host)},{text[1:]}'
+            yield text if self.host is None else f'{{"host":{json.dumps(self.host)},{text[1:]}'
             return
         if self.several and isinstance(item, LogLine) and item.log != self.last_log:
             self.last_log = item.log
             yield f"==> {item.log} <=="
         yield shown(item)
-
-
-def _json_string(text: str) -> str:
-    import json
-
-    return json.dumps(text)
 
 
 # --- the commands on one client ----------------------------------------------------------
