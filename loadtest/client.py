@@ -1,117 +1,81 @@
-"""A gcmd client for load tests: one TCP (or TLS) connection, one request at a time.
+"""The load test's client: gcmd.client, each request reported to locust.
 
-Every request is reported to locust's ``events.request`` (when given), with a
-failure for an error reply, a timeout or a dropped connection. Under locust
-the socket module is gevent's, so a user waiting for its reply blocks nobody.
+locust's custom-client pattern ("Testing other systems/protocols" in
+locust's documentation): a thin wrapper times each call of a method of
+:class:`gcmd.client.Client` and fires locust's ``events.request`` (when
+given), with a failure for an error reply, a refusal, a timeout or a
+dropped connection (every :class:`gcmd.client.GcmdError`). Under locust the
+socket module is gevent's, so a user waiting for its reply blocks nobody.
 
-A reply that ends in ``bye !`` (the cap is full, the server shuts down) ends
-the connection: the next request opens another. The server speaks unasked
-only to say goodbye (``Idle timeout. bye !``), so bytes waiting before a
-request are such a goodbye: they are dropped with the connection, and the
-request goes on a new one instead of taking them as its reply.
+The connection is gcmd.client's: it opens on the first request (with
+``auth`` when a token is given, which the first request's time includes),
+and a request that finds it closed by the server since the last reply (a
+goodbye: ``Idle timeout. bye !``, a restart) is sent again on a new one.
 """
 
 from __future__ import annotations
 
-import select
-import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
-#: how the server's last line on a connection ends
-GOODBYE = b"bye !\n"
+from gcmd.client import Client, GcmdError, LogLine, Note
 
-#: first lines of replies that mean the request failed
-FAILURES = (b"An error occured : ", b"Authentication required.", b"Authentication failed.",
-            b"Command not found.", b"Too many connections", b"Line too long.", b"Idle timeout.",
-            b"Server shutting down.", b"Usage: ", b"Please provide a path.")
+Reply = TypeVar("Reply")
 
 
-class GcmdError(Exception):
-    """The server answered, but with a failure."""
+def reply_size(reply: object) -> int:
+    """The bytes of a reply's content, as locust's ``response_length``: each
+    line and its newline, without the Begin/End markers (a log line as
+    written in the log; a ``stats`` figure as ``key value``)."""
+    if isinstance(reply, str):
+        return len(reply.encode()) + 1
+    if isinstance(reply, dict):
+        return sum(len(f"{key} {value}".encode()) + 1 for key, value in reply.items())
+    if isinstance(reply, list):
+        return sum(len(item.data) + 1 if isinstance(item, LogLine) else len(item.text) + 1
+                   for item in reply if isinstance(item, (LogLine, Note)))
+    return 0
 
 
 class GcmdClient:
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0,
-                 tls: ssl.SSLContext | None = None, fire: Callable[..., None] | None = None) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.tls = tls
+    """One gcmd.client connection whose requests locust sees (``fire``:
+    ``environment.events.request.fire``; None: nothing reported)."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+                 token: str | None = None, fire: Callable[..., None] | None = None) -> None:
+        self.client = Client(host, port, ssl=tls, token=token or None, timeout=timeout)
         self.fire = fire
-        self.sock: socket.socket | None = None
-        self.buffer = b""
 
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-        self.sock = sock
-        self.buffer = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            finally:
-                self.sock = None
-
-    def request(self, line: str, name: str | None = None) -> list[bytes]:
-        """Send one request and read its whole reply (one line, or a Begin/End block).
-
-        Reconnects first if the last connection ended (a goodbye, a drop).
-        Raises GcmdError for a failure reply and OSError for a timeout or a
-        dropped connection, after reporting the request either way.
-        """
-        name = name or line.split(" ", 1)[0]
+    def request(self, name: str, call: Callable[..., Reply], *args) -> Reply:
+        """``call(*args)``, a method of ``self.client``, reported to locust as
+        ``name``; its reply, or its GcmdError raised once reported."""
         started = time.perf_counter()
-        lines: list[bytes] = []
-        error: Exception | None = None
+        reply = None
+        error: GcmdError | None = None
         try:
-            self._drop_goodbye()
-            if self.sock is None:
-                self.connect()
-            self.sock.sendall(line.encode() + b"\n")
-            lines.append(self._line())
-            if lines[0].startswith(b"Begin "):
-                end = b"End " + lines[0][6:]
-                while lines[-1] != end:
-                    lines.append(self._line())
-            elif lines[0].startswith(FAILURES):
-                error = GcmdError(lines[0].decode(errors="replace").strip())
-            if lines[-1].endswith(GOODBYE):
-                self.close()
-        except OSError as exc:
-            self.close()
+            reply = call(*args)
+        except GcmdError as exc:
             error = exc
         if self.fire is not None:
-            self.fire(request_type="gcmd", name=name,
-                      response_time=(time.perf_counter() - started) * 1000,
-                      response_length=sum(len(x) for x in lines), exception=error, context={})
+            self.fire(request_type="gcmd", name=name, response_time=(time.perf_counter() - started) * 1000,
+                      response_length=reply_size(reply), exception=error, context={})
         if error is not None:
             raise error
-        return lines
+        return reply
 
-    def _drop_goodbye(self) -> None:
-        """If the server spoke unasked (a goodbye) or closed since the last reply,
-        read what it said, drop it and close: the next request needs a new connection."""
-        if self.sock is None:
-            return
-        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-        if not (self.buffer or pending or select.select([self.sock], [], [], 0)[0]):
-            return
-        try:
-            self.sock.recv(65536)
-        except OSError:
-            pass  # a reset after the goodbye: the connection ends all the same
-        self.close()
+    def ping(self) -> str:
+        return self.request("ping", self.client.ping)
 
-    def _line(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("the server closed the connection")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
+    def comphash(self, path: str) -> str:
+        return self.request("comphash", self.client.comphash, path)
+
+    def lastlog(self, lines: int) -> list:
+        return self.request("lastlog", self.client.lastlog, lines)
+
+    def stats(self) -> dict:
+        return self.request("stats", self.client.stats)
+
+    def close(self) -> None:
+        self.client.close()

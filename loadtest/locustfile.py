@@ -1,8 +1,8 @@
 """Locust load test of gcmd: ``locust -f loadtest/locustfile.py --host 127.0.0.1:9999``.
 
-Each user holds one connection (re-opened after a drop) and sends ``ping``,
-``comphash``, ``lastlog`` and ``stats`` with the weights of the ``--*-weight``
-options. ``comphash`` hashes the regular files of ``--gcmd-files DIR``, sent
+Each user holds one connection of gcmd.client (re-opened after a drop) and
+sends ``ping``, ``comphash``, ``lastlog`` and ``stats`` with the weights of
+the ``--*-weight`` options. ``comphash`` hashes the regular files of ``--gcmd-files DIR``, sent
 as absolute paths of this machine: the server must serve the same files at
 the same paths, inside its ``--root``. Without ``--gcmd-files``, each locust
 process makes one set of files in the system's temporary directory, shared by
@@ -31,7 +31,8 @@ from locust import User, between, events, task
 from locust.runners import WorkerRunner
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-from loadtest.client import GcmdClient, GcmdError
+from gcmd.client import GcmdError
+from loadtest.client import GcmdClient
 
 log = logging.getLogger(__name__)
 
@@ -139,48 +140,35 @@ class GcmdUser(User):
                       + [GcmdUser.lastlog] * options.lastlog_weight
                       + [GcmdUser.stats] * options.stats_weight)
         host, port = target(self.host or environment.host)
+        # the token is sent as each connection opens (gcmd.client)
         self.client = GcmdClient(host, port, timeout=options.gcmd_timeout, tls=tls_context(options),
-                                 fire=environment.events.request.fire)
+                                 token=options.gcmd_token, fire=environment.events.request.fire)
         self.files = []
         if options.comphash_weight:
             self.files = hash_files(options.gcmd_files or shared_files.get(environment))
-        self.token = options.gcmd_token
-
-    def on_start(self) -> None:
-        if self.token:
-            self.authenticate()
 
     def on_stop(self) -> None:
         self.client.close()
 
-    def authenticate(self) -> None:
+    def send(self, call, *args) -> None:
         try:
-            self.client.request(f"auth {self.token}", name="auth")
-        except (GcmdError, OSError):
-            pass  # reported as a failure; the next request reconnects
-
-    def send(self, line: str, name: str) -> None:
-        reconnecting = self.client.sock is None
-        if reconnecting and self.token:
-            self.authenticate()
-        try:
-            self.client.request(line, name)
-        except (GcmdError, OSError):
-            pass  # already reported to locust as a failure
+            call(*args)
+        except GcmdError:
+            pass  # already reported to locust as a failure; the next request reconnects if need be
 
     @task
     def ping(self) -> None:
-        self.send("ping", "ping")
+        self.send(self.client.ping)
 
     @task
     def comphash(self) -> None:
         if self.files:
-            self.send(f"comphash {random.choice(self.files)}", "comphash")
+            self.send(self.client.comphash, random.choice(self.files))
 
     @task
     def lastlog(self) -> None:
-        self.send("lastlog 20", "lastlog")
+        self.send(self.client.lastlog, 20)
 
     @task
     def stats(self) -> None:
-        self.send("stats", "stats")
+        self.send(self.client.stats)

@@ -174,9 +174,9 @@ class GcmdProcess:
     """``python -m gcmd`` on a free loopback port, with a root and a log in ``tmp_path``."""
 
     def __init__(self, tmp_path: Path, *extra, logfile: Path | None = None, root: Path | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
-        self.port = free_port()
+        self.port = port or free_port()  # a port given: a restart on the same port
         self.root = root or tmp_path / "root"
         self.root.mkdir(exist_ok=True)
         self.outside = tmp_path / "outside"

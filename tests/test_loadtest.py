@@ -1,4 +1,4 @@
-"""The load-test client and runner, against a real gcmd."""
+"""The load-test client (gcmd.client reported to locust) and runner, against a real gcmd."""
 
 import importlib.machinery
 import importlib.util
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from support import wait_for, write_file
 
-from loadtest.client import GcmdClient, GcmdError
+from gcmd.client import AuthenticationError, GcmdError, Timeout
+from loadtest.client import GcmdClient
 
 pytestmark = pytest.mark.timeout(30)
 HERE = Path(__file__).resolve().parent.parent
@@ -33,31 +34,32 @@ def test_client_reports_replies_failures_and_reconnects(gcmd):
     (server.root / "f.txt").write_text("x")
     fire = Recorder()
     client = GcmdClient("127.0.0.1", server.port, fire=fire)
-    assert client.request("ping") == [b"pong\n"]
-    lastlog = client.request("lastlog 3")
-    assert lastlog[0] == b"Begin lastlog\n" and lastlog[-1] == b"End lastlog\n" and len(lastlog) == 5
-    assert client.request("comphash f.txt")[0].startswith(b"File hash is : ")
+    assert client.ping() == "pong"
+    lastlog = client.lastlog(3)
+    assert len(lastlog) == 3
+    assert len(client.comphash("f.txt")) == 40
     with pytest.raises(GcmdError, match="No such file"):
-        client.request("comphash nope")
-    client.sock.sendall(b"exit\n")  # the server closes: the next request reconnects
-    wait_for(lambda: select.select([client.sock], [], [], 0)[0])
-    assert client.request("ping") == [b"pong\n"]
+        client.comphash("nope")
+    sock = client.client._sock
+    sock.sendall(b"exit\n")  # the server closes: the next request reconnects
+    wait_for(lambda: select.select([sock], [], [], 0)[0])
+    assert client.ping() == "pong"
     names = [(e["name"], e["exception"] is None) for e in fire.events]
     assert names == [("ping", True), ("lastlog", True), ("comphash", True), ("comphash", False),
                      ("ping", True)]
     assert all(e["request_type"] == "gcmd" and e["response_time"] >= 0 for e in fire.events)
-    assert fire.events[1]["response_length"] == sum(map(len, lastlog))
+    assert fire.events[1]["response_length"] == sum(len(line.data) + 1 for line in lastlog)
 
 
 def test_client_idle_goodbye_is_no_failure_and_no_reply(gcmd):
     server = gcmd("--idle-timeout", 1)
     fire = Recorder()
     client = GcmdClient("127.0.0.1", server.port, fire=fire)
-    assert client.request("ping") == [b"pong\n"]
-    first = client.sock
+    assert client.ping() == "pong"
+    first = client.client._sock
     wait_for(lambda: first.recv(64, socket.MSG_PEEK) == b"Idle timeout. bye !\n")
-    assert client.request("ping") == [b"pong\n"]
-    assert client.sock is not first
+    assert client.ping() == "pong"
+    assert client.client._sock is not first
     assert [e["exception"] for e in fire.events] == [None, None]
 
 
@@ -67,13 +69,23 @@ def test_client_refused_by_the_cap_counts_one_failure_then_reconnects(gcmd):
     assert holder.ask("ping") == b"pong\n"
     fire = Recorder()
     client = GcmdClient("127.0.0.1", server.port, fire=fire)
-    with pytest.raises((GcmdError, OSError)):  # the goodbye, or a reset that beat it
-        client.request("ping")
-    assert client.sock is None
+    with pytest.raises(GcmdError):  # the goodbye, or a reset that beat it
+        client.ping()
+    assert not client.client.connected
     holder.close()
     wait_for(lambda: "Lost client connection" in server.log())
-    assert client.request("ping") == [b"pong\n"]
+    assert client.ping() == "pong"
     assert [e["exception"] is None for e in fire.events] == [False, True]
+
+
+def test_client_authenticates_as_it_connects(gcmd, tmp_path):
+    (tmp_path / "token").write_text("s3cret\n")
+    server = gcmd("--token-file", tmp_path / "token")
+    fire = Recorder()
+    assert GcmdClient("127.0.0.1", server.port, token="s3cret", fire=fire).stats()["authenticated"] == 1
+    with pytest.raises(AuthenticationError):
+        GcmdClient("127.0.0.1", server.port, token="wrong", fire=fire).ping()
+    assert [(e["name"], e["exception"] is None) for e in fire.events] == [("stats", True), ("ping", False)]
 
 
 def test_client_times_out(gcmd, tmp_path):
@@ -82,9 +94,9 @@ def test_client_times_out(gcmd, tmp_path):
     server = gcmd("--command-timeout", 20, logfile=fifo)
     fire = Recorder()
     client = GcmdClient("127.0.0.1", server.port, timeout=0.5, fire=fire)
-    with pytest.raises(TimeoutError):
-        client.request("lastlog")
-    assert isinstance(fire.events[0]["exception"], TimeoutError)
+    with pytest.raises(Timeout):
+        client.lastlog(10)
+    assert isinstance(fire.events[0]["exception"], Timeout)
 
 
 def locust_aggregated(output: str) -> tuple[int, int]:
