@@ -94,10 +94,8 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     except OSError as exc:
         return cannot_listen(config.host, config.port, exc)
     # what start-up made (modules, settings, services) lives as long as the
-    # process: the cyclic collector need not look at it again. Each client's
-    # greenlet holds frames, so its full collections grow with the clients;
-    # over the start-up's objects too, a burst of connects stalled in them
-    # long enough to overflow the listen backlog (10,000 connects: 1 s)
+    # process: the cyclic collector need not look at it again (each client's
+    # greenlet holds frames, so full collections already grow with the clients)
     gc.freeze()
     if metrics is not None:  # before the start-up lines: they say the server serves
         metrics.start()
