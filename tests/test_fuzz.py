@@ -24,6 +24,7 @@ from support import (
     GcmdProcess,
 )
 
+from gcmd import __version__
 from gcmd.net.wire import telnet_commands
 
 pytestmark = pytest.mark.timeout(30)
@@ -33,8 +34,9 @@ DATA = b"fuzzing data\n" * 100
 #: the fixed-size algorithms of hashlib.algorithms_guaranteed
 ALGORITHMS = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake_"))
 #: words whose reply ends the session (or needs a token), or streams (follow): never sent
-CLOSING = {b"exit", b"quit", b"auth", b"follow"}
-KNOWN = {b"ping", b"help", b"stats", b"lastlog", b"comphash", b"hash"}
+#: requests that end the connection or change what the next replies are (auth, format)
+CLOSING = {b"exit", b"quit", b"auth", b"follow", b"format"}
+KNOWN = {b"ping", b"help", b"stats", b"lastlog", b"comphash", b"hash", b"version", b"whoami"}
 
 FUZZ = settings(max_examples=1200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -98,6 +100,10 @@ def check_reply(line: bytes, reply: list[bytes], help_lines: list[bytes]) -> Non
             assert reply == [hash_line("sha1")]
         else:
             assert single is not None and single.startswith(ERROR), reply
+    elif word == b"version":
+        assert reply == [f"gcmd {__version__} protocol 1.2\n".encode()]
+    elif word == b"whoami":
+        assert reply == [b"anonymous\n"]
     elif word == b"hash":
         algorithm, _, path = arg.partition(b" ")
         if split_request(arg) is None:  # the server splits the argument as a line: "\r" alone is blank
