@@ -93,10 +93,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
         server.start()
     except OSError as exc:
         return cannot_listen(config.host, config.port, exc)
-    # what start-up made (modules, settings, services) lives as long as the
-    # process: the cyclic collector need not look at it again (each client's
-    # greenlet holds frames, so full collections already grow with the clients)
-    gc.freeze()
+    gc.freeze()  # what start-up made lives as long as the process: never collected again
     if metrics is not None:  # before the start-up lines: they say the server serves
         metrics.start()
     signals: gevent.queue.Queue[int] = gevent.queue.Queue()
