@@ -1,7 +1,8 @@
 """The commands: one ``do_<verb>`` method each, its help text in its docstring.
 
 Commands return their reply as bytes and never touch the socket; a
-:class:`~gcmd.wire.Close` reply asks the session to close afterwards.
+:class:`~gcmd.net.wire.Close` reply asks the client to be closed afterwards.
+The ``session`` a command gets is the connection's gcmd.net.client.Client.
 
 Who may run what (``run``): a --token-file token, and the users and grants
 of gcmd.users. The state of a connection kept here is on its session:

@@ -111,10 +111,14 @@ def _read_proxy_header(client) -> None:
     or a TLS handshake, stays for the session."""
     server, sock = client.server, client.sock
     client.deadline = monotonic() + min(server.config.idle_timeout, PROXY_TIMEOUT)
+    want = proxy.V1_MAX  # a version 1 header fits; a version 2 one says its length in its first 16 bytes
     try:
-        while (found := proxy.parse(peeked := sock.recv(proxy.V2_MAX, socket.MSG_PEEK))) is None:
+        while (found := proxy.parse(peeked := sock.recv(want, socket.MSG_PEEK))) is None:
             if not peeked:
                 raise proxy.ProxyError("closed before its PROXY header")
+            if peeked.startswith(proxy.V2_SIGNATURE) and len(peeked) >= 16 and want == proxy.V1_MAX:
+                want = 16 + int.from_bytes(peeked[14:16], "big")
+                continue
             gevent.sleep(PROXY_PARTIAL_WAIT)  # part of a header: the socket stays readable
         size, address = found
         while size:

@@ -211,7 +211,11 @@ class GcmdServer(StreamServer):
 
     def accept_failed(self, exc: OSError) -> None:
         """An accept failed (out of descriptors): gevent pauses accepting
-        (min_delay, doubling); one warning a second says so, no traceback."""
+        (min_delay, doubling); one warning a second says so, no traceback. An
+        error gevent finds fatal (the listener is gone) closes the server: said once."""
+        if self.is_fatal_error(exc):
+            log.error("cannot accept connections any more: %s", exc.strerror or exc)
+            return
         now = monotonic()
         if now - self._accept_warned > 1:
             self._accept_warned = now

@@ -44,7 +44,8 @@ class Close(bytes):
 
 
 class Follow(bytes):
-    """``Begin follow``: a reply after which the session follows a log (Session._following)."""
+    """``Begin follow`` (and a backlog): a reply after which the client follows the
+    source its command handed to ``start_following`` (gcmd.net.client.Client._follow)."""
 
 
 class CommandError(Exception):
