@@ -6,16 +6,10 @@ import shutil
 
 import gevent.socket
 import pytest
-from gevent.threadpool import ThreadPool
-from support import LOG_LINES, Client, GcmdProcess, make_certificate
+from support import LOG_LINES, Client, CommandTable, GcmdProcess, make_certificate
 
-from gcmd.commands import Commands
 from gcmd.config import Config
-from gcmd.hashing import HashService
-from gcmd.logs.memory import MemoryLog
-from gcmd.logs.sources import Logs, log_sources
 from gcmd.net.server import GcmdServer
-from gcmd.observe.stats import ServerStats
 
 
 @pytest.fixture
@@ -58,48 +52,6 @@ def connect():
     yield open_client
     for client in clients:
         client.close()
-
-
-class PlainSession:
-    """What a command sees of a session, without a socket."""
-
-    def __init__(self) -> None:
-        self.ip = "127.0.0.1"
-        self.context = {"context": "Session,0,127.0.0.1"}
-        self.authenticated = False
-        self.client_cn = None
-        self.user = None
-        self.following = None
-
-    def start_following(self, log) -> None:
-        self.following = log
-
-
-class CommandTable:
-    """The commands over real services (files, tail, threads), with no server or socket."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.pool = ThreadPool(2)
-        self.hashing = HashService(config.root, 2, config.max_pending, config.hash_cache, self.pool)
-        self.logs = Logs(log_sources(list(config.logfiles)), MemoryLog(), self.pool,
-                         config.command_timeout)
-        self.commands = Commands(config, self.hashing, self.logs, ServerStats())
-        self.session = PlainSession()
-
-    def ask(self, request: bytes | str) -> bytes | None:
-        """The reply to one request line (without its newline); None for a blank line."""
-        parsed = self.commands.parse(request.encode() if isinstance(request, str) else request)
-        if parsed is None:
-            return None
-        handler, arg = parsed
-        run = self.commands.run_slow if handler.slow else self.commands.run
-        return run(handler, self.session, arg)
-
-    def close(self) -> None:
-        self.logs.close()
-        self.hashing.close()
-        self.pool.kill()
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ import time
 
 import gevent
 import pytest
-from conftest import CommandTable
 from gevent.threadpool import ThreadPool
-from support import ERROR, LOG_LINES, poll
+from support import ERROR, LOG_LINES, CommandTable, poll
 
 from gcmd import __version__
 from gcmd.config import Config

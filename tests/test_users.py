@@ -120,7 +120,7 @@ def test_without_users_the_token_file_token_is_auth_token_as_in_1_1(make_server,
 
 
 def test_without_users_a_verified_certificate_is_all_a_server_without_token_asks(server):
-    from conftest import PlainSession
+    from support import PlainSession
 
     session = PlainSession()
     session.client_cn = "alice"
