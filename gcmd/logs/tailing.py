@@ -14,8 +14,8 @@ import signal
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -162,6 +162,32 @@ def _read_lines(fd: int, spans: list[tuple[int, int]], job: Job):
             yield None if dropped(os.pread(fd, min(length, DECIDING_BYTES), start)) else b""
 
 
+def _read_at_one_moment(path: str, read: Callable[[int, tuple[int, int], int, int], Any], job: Job,
+                        complete: bool = False) -> tuple[tuple[int, int], int, Any] | None:
+    """``read(fd, identity, size, end)`` of the file at ``path`` as it is at one
+    moment: again while the file got shorter during the read (truncated: what was
+    read may mix contents). ``end``: ``size``, or with ``complete`` the end of its
+    last complete line. Returns the file's (device, inode), ``end`` and what
+    ``read`` returned; None if the path is not a regular file. Raises OSError
+    when it cannot be opened or read."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        while True:
+            size = end = st.st_size
+            if complete and size and os.pread(fd, 1, size - 1) != b"\n":
+                end = _last_spans(fd, size, 1, job)[0][0][0]
+            identity = (st.st_dev, st.st_ino)
+            result = read(fd, identity, size, end)
+            st = os.fstat(fd)
+            if st.st_size >= size:
+                return identity, end, result
+    finally:
+        os.close(fd)
+
+
 def query_last_lines(path: str, count: int, pattern: Pattern | None, shape: Shape, limit: int,
                      job: Job) -> list[bytes] | None:
     """The lines of one log in a lastlog block of a query: the last ``count``
@@ -171,20 +197,9 @@ def query_last_lines(path: str, count: int, pattern: Pattern | None, shape: Shap
 
     Raises OSError when the path cannot be opened or read.
     """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = _fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        while True:
-            size = st.st_size
-            block = _block(fd, (st.st_dev, st.st_ino), size, count, pattern, shape, limit, job)
-            st = os.fstat(fd)
-            # shorter now: truncated while it was read, what was read may mix contents
-            if st.st_size >= size:
-                return block
-    finally:
-        os.close(fd)
+    found = _read_at_one_moment(path, lambda fd, identity, size, end: _block(
+        fd, identity, size, count, pattern, shape, limit, job), job)
+    return None if found is None else found[2]
 
 
 def follow_backlog(path: str, count: int, pattern: Pattern | None, shape: Shape, limit: int,
@@ -194,23 +209,12 @@ def follow_backlog(path: str, count: int, pattern: Pattern | None, shape: Shape,
     the file read and the offset of the last ``\\n`` read (-1: none), which
     live lines that end there or before repeat. None if not a regular file.
     """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = _fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        while True:
-            size = st.st_size
-            complete = size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                complete = _last_spans(fd, size, 1, job)[0][0][0]
-            identity = (st.st_dev, st.st_ino)
-            block = _block(fd, identity, complete, count, pattern, shape, limit, job)
-            st = os.fstat(fd)
-            if st.st_size >= size:
-                return identity, complete - 1, block
-    finally:
-        os.close(fd)
+    found = _read_at_one_moment(path, lambda fd, identity, size, complete: _block(
+        fd, identity, complete, count, pattern, shape, limit, job), job, complete=True)
+    if found is None:
+        return None
+    identity, complete, block = found
+    return identity, complete - 1, block
 
 
 def resume_lines(path: str, cursor: FileCursor, pattern: Pattern | None, shape: Shape, limit: int,
@@ -221,25 +225,16 @@ def resume_lines(path: str, cursor: FileCursor, pattern: Pattern | None, shape: 
     line (then the lines are those of the file now at ``path``, from its start).
     None if not a regular file.
     """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = _fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        while True:
-            size = st.st_size
-            complete = size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                complete = _last_spans(fd, size, 1, job)[0][0][0]
-            identity = (st.st_dev, st.st_ino)
-            start = _after(fd, identity, size, cursor, job)
-            lost = start is None
-            block = _lines_from(fd, identity, 0 if lost else start, complete, pattern, shape, limit, job)
-            st = os.fstat(fd)
-            if st.st_size >= size:
-                return identity, complete - 1, lost, block
-    finally:
-        os.close(fd)
+    def read(fd: int, identity: tuple[int, int], size: int, complete: int) -> tuple[bool, list[bytes]]:
+        start = _after(fd, identity, size, cursor, job)
+        lines = _lines_from(fd, identity, start or 0, complete, pattern, shape, limit, job)
+        return start is None, lines
+
+    found = _read_at_one_moment(path, read, job, complete=True)
+    if found is None:
+        return None
+    identity, complete, (lost, block) = found
+    return identity, complete - 1, lost, block
 
 
 def _after(fd: int, identity: tuple[int, int], size: int, cursor: FileCursor, job: Job) -> int | None:
