@@ -81,20 +81,8 @@ def read_last_lines(path: str, count: int, job: Job) -> list[bytes] | None:
 
     Raises OSError when the path cannot be opened or read.
     """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = _fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        while True:
-            size = st.st_size
-            block = _last_lines(fd, size, count, job)
-            st = os.fstat(fd)
-            # shorter now: truncated while it was read, what was read may mix contents
-            if st.st_size >= size:
-                return block
-    finally:
-        os.close(fd)
+    found = _read_at_one_moment(path, lambda fd, identity, size, end: _last_lines(fd, size, count, job), job)
+    return None if found is None else found[2]
 
 
 def _fstat(fd: int) -> os.stat_result:
