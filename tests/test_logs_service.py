@@ -20,9 +20,10 @@ import pytest
 from gevent.threadpool import ThreadPool
 from support import poll
 
+from gcmd.logs.journal import JournalLog
 from gcmd.logs.lines import MAX_REPLY, LineSplitter, Recent, lastlog_lines, wire_line
 from gcmd.logs.memory import MemoryLog
-from gcmd.logs.readers import DRAIN_QUIET, FileLog, JournalLog
+from gcmd.logs.readers import DRAIN_QUIET, FileLog
 from gcmd.logs.sources import Logs, default_source, log_sources, parse_logfile
 from gcmd.logs.tailing import restart_delays
 from gcmd.net.wire import CommandError

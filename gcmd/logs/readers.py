@@ -59,11 +59,10 @@ import gevent.lock
 from gevent.threadpool import ThreadPool
 
 from gcmd.flight import NextFlight, outcome, unwrap
-from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, Batch, LineSplitter, Recent
+from gcmd.logs.lines import MAX_REPLY, Batch, Recent
 from gcmd.logs.queries import (
     Cursor,
     FileCursor,
-    JournalCursor,
     Pattern,
     Shape,
     file_cursor,
@@ -301,7 +300,7 @@ class _ProcessLog(Broadcast):
         return self.recent.last(count)
 
     def _query_memory(self, count: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
-        """A query's lines from what the reader read (no cursors: see JournalLog)."""
+        """A query's lines from what the reader read (a FIFO: no cursors)."""
         self._check_reader("lastlog")
         return recent_block(self.recent, count, pattern, shape, limit)
 
@@ -494,90 +493,3 @@ class FileLog(_ProcessLog):
         hint = (" (start gcmd with --logfile PATH to serve another log)"
                 if exc.errno in _PATH_ERRORS else "")
         log.warning("cannot read the log file '%s': %s%s", self.source, exc.strerror or exc, hint)
-
-
-class JournalLog(_ProcessLog):
-    """The systemd journal (``journal``) or the journal files in a directory (``journal:DIR``).
-
-    One ``journalctl --follow`` runs from start() to close(); lastlog is
-    answered from the last 1000 lines it printed.
-    """
-
-    def __init__(self, source: str, command_timeout: float) -> None:
-        super().__init__(source, command_timeout)
-        self.directory = source.partition(":")[2] or None
-
-    def start(self) -> None:
-        try:
-            self._ensure_reader()
-        except CommandError as exc:
-            log.warning("%s", exc)
-
-    def lastlog(self, count: int) -> list[bytes]:
-        """The lastlog block of the last ``count`` entries; CommandError when unreadable or slow."""
-        self._ensure_reader()
-        return self._from_memory(count)
-
-    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
-        """The lines of the journal in a lastlog block of a query, from its last 1000 entries.
-
-        Its JSON lines have no cursor yet: the reader prints the ``short`` format,
-        which does not carry journald's cursor.
-        """
-        self._ensure_reader()
-        return self._query_memory(count, pattern, shape, limit)
-
-    def subscribe(self, callback: Subscriber) -> None:
-        """Follow the journal from the end of its backlog; CommandError when its
-        reader failed (the lastlog error) or its backlog took more than the
-        command timeout."""
-        self._ensure_reader()
-        self._check_reader("follow")
-        super().subscribe(callback)
-
-    def subscribe_lines(self, callback: LineSubscriber) -> None:
-        """As subscribe, for a feed."""
-        self._ensure_reader()
-        self._check_reader("follow")
-        super().subscribe_lines(callback)
-
-    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
-                limit: int = MAX_REPLY) -> tuple[None, list[bytes]]:
-        """A follow's backlog: the kept entries as they are just after subscribe_lines
-        (called without a wait in between, so that no line is missed or repeated)."""
-        return None, self._query_memory(count, pattern, shape, limit)
-
-    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape,
-               limit: int = MAX_REPLY) -> tuple[None, bool, list[bytes]]:
-        """Not served yet: the journal's lines carry no cursor (see query)."""
-        if not isinstance(cursor, JournalCursor):
-            raise CommandError("bad cursor")
-        raise CommandError("follow from a journal cursor is not served yet")
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.stop()
-        self.children.close()
-        self.stop_delivery()
-
-    def argv(self, reader: Reader) -> list[str]:
-        # --merge: with --follow alone, journalctl (252) shows the current boot
-        # only, and fails on journal files from other machines
-        argv = ["journalctl", "--follow", "--lines", str(RECENT_LINES), "--output", "short",
-                "--no-pager", "--quiet", "--merge"]
-        return argv + ["--directory", self.directory] if self.directory else argv
-
-    def restartable(self, reader: Reader) -> bool:
-        # it prints its backlog again: remembered anew, never sent
-        reader.ready.clear()
-        reader.settled.clear()
-        reader.splitter = LineSplitter()
-        self.recent.clear()
-        return True
-
-    def _ensure_reader(self) -> None:
-        with self._starting:
-            if self._reader is None:
-                reader = Reader(self, backlog=True)
-                reader.start()
-                self._reader = reader

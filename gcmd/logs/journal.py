@@ -1,0 +1,441 @@
+"""The systemd journal as a log: ``journal`` or the journal files in a directory (``journal:DIR``).
+
+One ``journalctl --follow --output json`` per journal log reads its entries
+with journald's cursor (``__CURSOR``) on each; gcmd prints each entry in
+journalctl's ``short`` format itself (:func:`short_lines`), so that a line
+and its cursor come from one reader. The format follows ``output_short``
+of systemd 252 (src/shared/logs-show.c, the journalctl of Debian 12) with
+journalctl's defaults for a pipe (full width, no ``--all``): the time
+(``_SOURCE_REALTIME_TIMESTAMP``, else ``__REALTIME_TIMESTAMP``, local time,
+``%b %d %H:%M:%S`` in the C locale), `` HOST``, `` IDENT`` (``SYSLOG_IDENTIFIER``,
+else ``_COMM``, else ``unknown``), ``[PID]`` (``_PID``, else ``SYSLOG_PID``),
+``: `` and the message; a message of several lines continues under its first
+one; tabs become 8 spaces and colour sequences (SGR) are taken out; a message
+with other control characters or that is not UTF-8 is ``[N blob data]``;
+an entry without ``MESSAGE`` is not shown. A field of 300 bytes or more, or
+not printable, is not shown.
+
+Cursors: the lines of an entry carry its cursor, ``j1:LOG:CURSOR``. A follow
+resumed after a cursor still in the last 1000 lines kept is answered from
+them; an older one runs ``journalctl --cursor CURSOR`` once for the request
+(the entries from the cursor's on: its first entry tells whether the journal
+still holds the cursor's, else journalctl went on from the nearest one,
+``cursor_lost``). A reader that exits is started again after the last cursor
+it read (``--after-cursor``), so that no entry written meanwhile is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import deque
+
+import gevent
+
+from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, LineSplitter, capped, wire_line
+from gcmd.logs.queries import (
+    Cursor,
+    JournalCursor,
+    Pattern,
+    Shape,
+    journal_cursor,
+    recent_after,
+    recent_block,
+)
+from gcmd.logs.readers import LineSubscriber, Subscriber, _ProcessLog
+from gcmd.logs.tailing import Reader
+from gcmd.net.wire import CommandError
+
+log = logging.getLogger(__name__)
+
+#: a field shown in the prefix must be shorter than this (bytes): PRINT_CHAR_THRESHOLD
+_PRINT_THRESHOLD = 300
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
+#: the control characters that make a text not printable (systemd's unichar_is_control): C0 but tab
+#: and newline, DEL and C1
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]").search
+#: seconds a resume waits for the reader to read the entries journalctl --cursor printed
+_CATCH_UP = 2.0
+_SEQNUM = re.compile(r"s=([0-9a-f]+);i=([0-9a-f]+)").match
+
+
+def _value(field: object) -> bytes | None:
+    """A field of journalctl's JSON as bytes: a string, an array of its bytes, or
+    (a field given several times) an array of those, of which the last counts."""
+    if isinstance(field, str):
+        return field.encode("utf-8", "surrogateescape")
+    if isinstance(field, list) and field:
+        if isinstance(field[0], int):
+            return bytes(field)
+        return _value(field[-1])
+    return None
+
+
+def _printable(value: bytes) -> bool:
+    try:
+        return not _CONTROL(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        return False
+
+
+def _shown(value: bytes | None) -> bool:
+    return value is not None and len(value) < _PRINT_THRESHOLD and _printable(value)
+
+
+def strip_tab_ansi(message: bytes) -> bytes:
+    """``message`` with tabs as 8 spaces and colour (SGR ``ESC [ digits ; m``) and
+    OSC (``ESC ] ... BEL``) sequences taken out, as systemd 252's strip_tab_ansi."""
+    if b"\x1b" not in message and b"\t" not in message:
+        return message
+    out, i, n = bytearray(), 0, len(message)
+    while i < n:
+        byte = message[i]
+        if byte == 0x09:
+            out += b"        "
+        elif byte != 0x1B or i + 1 >= n:
+            out.append(byte)
+        elif message[i + 1] in b"[]":
+            end = _sequence_end(message, i + 2, message[i + 1] == 0x5B)
+            if end is None:  # not a sequence: ESC and the bracket stay, the rest is read again
+                out += message[i:i + 2]
+                i += 2
+                continue
+            i = end
+        else:  # ESC and the next byte stay as they are
+            out += message[i:i + 2]
+            i += 1
+        i += 1
+    return bytes(out)
+
+
+def _sequence_end(message: bytes, start: int, csi: bool) -> int | None:
+    """The index of the last byte of a colour (``csi``) or OSC sequence starting at
+    ``start`` (after ``ESC [`` or ``ESC ]``), or None if it is not one."""
+    for j in range(start, len(message)):
+        byte = message[j]
+        if csi:
+            if byte == 0x6D:  # m
+                return j
+            if byte not in b"0123456789;":
+                return None
+        else:
+            if byte == 0x07:
+                return j
+            if byte < 32 or byte > 126:
+                return None
+    return None
+
+
+def format_bytes(size: int) -> bytes:
+    """A size as systemd's FORMAT_BYTES: ``12B``, ``1.9K``, ``3.0M`` (IEC, one digit cut, not rounded)."""
+    if size < 1024:
+        return b"%dB" % size
+    for exponent, suffix in ((6, b"E"), (5, b"P"), (4, b"T"), (3, b"G"), (2, b"M"), (1, b"K")):
+        factor = 1024 ** exponent
+        if size >= factor:
+            digit = (size // (factor // 1024) * 10 // 1024) % 10
+            return b"%d.%d%s" % (size // factor, digit, suffix)
+    raise AssertionError  # unreachable
+
+
+def _timestamp(entry: dict) -> bytes:
+    usec = None
+    for key in ("_SOURCE_REALTIME_TIMESTAMP", "__REALTIME_TIMESTAMP"):
+        value = _value(entry.get(key))
+        if value is not None and value.isdigit() and 0 < int(value) < (1 << 63):
+            usec = int(value)
+            break
+    if usec is None:
+        return b""
+    when = time.localtime(usec // 1_000_000)
+    return b"%s %02d %02d:%02d:%02d" % (_MONTHS[when.tm_mon - 1], when.tm_mday, when.tm_hour,
+                                          when.tm_min, when.tm_sec)
+
+
+def short_lines(entry: dict) -> list[bytes]:
+    """The lines journalctl's ``short`` format prints for ``entry`` (its ``-o json``
+    object, decoded); none for an entry without ``MESSAGE``. See the module's text."""
+    message = _value(entry.get("MESSAGE"))
+    if message is None:
+        return []
+    message = strip_tab_ansi(message)
+    prefix = _timestamp(entry)
+    hostname = _value(entry.get("_HOSTNAME"))
+    if _shown(hostname):
+        prefix += b" " + hostname
+    width = len(prefix)
+    identifier, comm = _value(entry.get("SYSLOG_IDENTIFIER")), _value(entry.get("_COMM"))
+    name = identifier if _shown(identifier) else comm if _shown(comm) else None
+    if name is None:
+        prefix += b" unknown"  # not counted in the width (as journalctl)
+    else:
+        prefix += b" " + name
+        width += len(name) + 1
+    pid, syslog_pid = _value(entry.get("_PID")), _value(entry.get("SYSLOG_PID"))
+    pid = pid if _shown(pid) else syslog_pid if _shown(syslog_pid) else None
+    if pid is not None:
+        prefix += b"[" + pid + b"]"
+        width += len(pid) + 2
+    prefix += b": "
+    if not _printable(message):
+        return [prefix + b"[" + format_bytes(len(message)) + b" blob data]"]
+    if not message:
+        return [prefix]
+    parts = message.split(b"\n")
+    if message.endswith(b"\n"):
+        parts.pop()
+    indent = b" " * (width + 2)
+    return [prefix + parts[0]] + [indent + part for part in parts[1:]]
+
+
+def decode_entry(raw: bytes, cut: int) -> tuple[str | None, list[bytes]]:
+    """journald's cursor and the short lines of one line of ``journalctl -o json``
+    (``cut``: bytes of it not kept). An entry of more than MAX_LINE bytes of JSON
+    is shown as ``[N bytes of journal entry not shown]``, with its cursor when the
+    kept part names it; a line that is not an entry, as itself."""
+    if not cut:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict):
+            cursor = entry.get("__CURSOR")
+            return (cursor if isinstance(cursor, str) else None), short_lines(entry)
+    found = re.search(rb'"__CURSOR":"([^"]{1,200})"', raw)
+    if cut:
+        return (found[1].decode() if found else None), [b"[%d bytes of journal entry not shown]" % (len(raw) + cut)]
+    return None, [raw]
+
+
+class JournalLog(_ProcessLog):
+    """The systemd journal (``journal``) or the journal files in a directory (``journal:DIR``).
+
+    One ``journalctl --follow --output json`` runs from start() to close();
+    lastlog is answered from the last 1000 lines it printed, each kept with
+    its entry's cursor.
+    """
+
+    #: every reader's output is decoded here (publish): the raw lines are JSON
+    wants_lines = True
+
+    def __init__(self, source: str, command_timeout: float) -> None:
+        super().__init__(source, command_timeout)
+        self.directory = source.partition(":")[2] or None
+        #: journald's cursor of each line kept in ``recent``, in the same order
+        self._cursors: deque[str | None] = deque()
+        #: journald's cursor of the last entry read: a restarted reader goes on after it
+        self._last_cursor: str | None = None
+
+    def start(self) -> None:
+        try:
+            self._ensure_reader()
+        except CommandError as exc:
+            log.warning("%s", exc)
+
+    def publish(self, reader: Reader, wire: list[bytes | None], backlog: bool,
+                lines: list[tuple[bytes, int, int]] | None = None) -> None:
+        """Entries from the reader (JSON lines): made short lines, kept with their
+        cursors, sent unless ``backlog``."""
+        raws: list[bytes] = []
+        cursors: list[str | None] = []
+        for raw, cut, _end in lines or ():
+            cursor, shown = decode_entry(raw, cut)
+            raws += shown
+            cursors += [cursor] * len(shown)
+            self._last_cursor = cursor or self._last_cursor
+        wire = [wire_line(raw) for raw in raws]
+        self.stats.lines_read += len(wire)
+        first = self.recent.appended + 1
+        self.recent.extend(wire)
+        self._cursors.extend(cursors)
+        while len(self._cursors) > len(self.recent):
+            self._cursors.popleft()
+        if not backlog and wire:
+            self._deliver(wire)
+            if self._line_subscribers:
+                self._deliver_lines([(raw, 0, (first + n, cursor))
+                                     for n, (raw, cursor) in enumerate(zip(raws, cursors))], None)
+
+    def lastlog(self, count: int) -> list[bytes]:
+        """The lastlog block of the last ``count`` lines; CommandError when unreadable or slow."""
+        self._ensure_reader()
+        return self._from_memory(count)
+
+    def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
+        """The lines of the journal in a lastlog block of a query, from its last 1000 lines."""
+        self._ensure_reader()
+        self._check_reader("lastlog")
+        return self._kept(count, pattern, shape, limit)
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Follow the journal from the end of its backlog; CommandError when its
+        reader failed (the lastlog error) or its backlog took more than the
+        command timeout."""
+        self._ensure_reader()
+        self._check_reader("follow")
+        super().subscribe(callback)
+
+    def subscribe_lines(self, callback: LineSubscriber) -> None:
+        """As subscribe, for a feed."""
+        self._ensure_reader()
+        self._check_reader("follow")
+        super().subscribe_lines(callback)
+
+    def backlog(self, count: int, pattern: Pattern | None, shape: Shape,
+                limit: int = MAX_REPLY) -> tuple[None, list[bytes]]:
+        """A follow's backlog: the kept lines as they are just after subscribe_lines
+        (called without a wait in between, so that no line is missed or repeated)."""
+        return None, self._kept(count, pattern, shape, limit)
+
+    def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape,
+               limit: int = MAX_REPLY) -> tuple[tuple[None, tuple[int, str]] | None, bool, list[bytes]]:
+        """A follow resumed after ``cursor``, just after subscribe_lines: where the
+        lines sent end (as a feed's ``seen``: the live lines up to it are not sent
+        again), whether the journal no longer holds the cursor's entry, and the
+        lines after it. From the kept lines when they hold the cursor's entry (no
+        wait), else from ``journalctl --cursor`` (see the module's text).
+        CommandError ``bad cursor`` for a cursor that is not a journal's, or
+        one journalctl cannot seek to."""
+        if not isinstance(cursor, JournalCursor):
+            raise CommandError("bad cursor")
+        numbers = self._numbers()
+        for number, journald in reversed(numbers):
+            if journald == cursor.journald:
+                return None, False, self._kept_after(number, pattern, shape, limit)
+        lost, last, lines = self._read_from(cursor.journald, pattern, shape, limit)
+        return self._seen_after(last), lost, lines
+
+    def cursor(self, log: str, tag: object, where: object, raw: bytes, cut: int) -> str | None:
+        journald = where[1] if isinstance(where, tuple) else None
+        return None if journald is None else journal_cursor(log, journald)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+        self.children.close()
+        self.stop_delivery()
+
+    def argv(self, reader: Reader) -> list[str]:
+        # --merge: with --follow alone, journalctl (252) shows the current boot
+        # only, and fails on journal files from other machines
+        start = (["--after-cursor", self._last_cursor] if self._last_cursor and not reader.backlog
+                 else ["--lines", str(RECENT_LINES)])
+        return self._journalctl("--follow", *start)
+
+    def restartable(self, reader: Reader) -> bool:
+        if self._last_cursor is not None:
+            # on after the last entry read: what was written meanwhile is sent, not lost
+            reader.backlog = False
+            return True
+        # it prints its backlog again: remembered anew, never sent
+        reader.ready.clear()
+        reader.settled.clear()
+        self.recent.clear()
+        self._cursors.clear()
+        return True
+
+    def _journalctl(self, *args: str) -> list[str]:
+        argv = ["journalctl", *args, "--output", "json", "--all", "--no-pager", "--quiet", "--merge"]
+        return argv + ["--directory", self.directory] if self.directory else argv
+
+    def _ensure_reader(self) -> None:
+        with self._starting:
+            if self._reader is None:
+                reader = Reader(self, backlog=True)
+                reader.start()
+                self._reader = reader
+
+    def _numbers(self) -> list[tuple[int, str | None]]:
+        """(number, journald cursor) of each kept line, oldest first."""
+        lines, first = self.recent.numbered()
+        return list(zip(range(first, first + len(lines)), self._cursors))
+
+    def _cursor_of(self, shape: Shape):
+        first = self.recent.numbered()[1]
+        cursors = list(self._cursors)
+
+        def cursor(number: int) -> str | None:
+            journald = cursors[number - first]
+            return None if journald is None else journal_cursor(shape.name, journald)
+        return cursor
+
+    def _kept(self, count: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
+        return recent_block(self.recent, count, pattern, shape, limit, self._cursor_of(shape))
+
+    def _kept_after(self, number: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
+        return recent_after(self.recent, number, pattern, shape, limit, self._cursor_of(shape))
+
+    def _read_from(self, journald: str, pattern: Pattern | None, shape: Shape,
+                   limit: int) -> tuple[bool, str | None, list[bytes]]:
+        """The entries from journald's cursor ``journald`` on, read by one
+        ``journalctl --cursor``: whether the cursor's entry is gone, the cursor
+        of the last entry printed, and the lines after the cursor's entry that
+        match, shaped, the newest ``limit`` bytes of them (the rest left out)."""
+        argv = self._journalctl("--cursor", journald)
+        try:
+            proc = self.children.start(argv)
+        except OSError as exc:
+            raise CommandError(f"cannot read the log '{self.source}': {exc.strerror or exc}") from None
+        kept: deque[bytes] = deque()
+        size = left_out = 0
+        first: str | None = None
+        last: str | None = None
+        splitter = LineSplitter()
+        try:
+            with gevent.Timeout(self.command_timeout, CommandError(
+                    f"follow timed out after {self.command_timeout:g} s")):
+                while chunk := proc.stdout.read(65536):
+                    for raw, cut, _end in splitter.feed_lines(chunk, 0):
+                        cursor, shown = decode_entry(raw, cut)
+                        if first is None:
+                            first = cursor or ""
+                            if cursor == journald:
+                                continue  # the cursor's own entry: sent before
+                        last = cursor or last
+                        for line in shown:
+                            if pattern is not None and not pattern.matches(line):
+                                continue
+                            out = shape.line(line, 0, journal_cursor(shape.name, cursor) if cursor else None)
+                            if out is None:
+                                continue
+                            kept.append(out)
+                            size += len(out) + 1
+                            while size > limit:
+                                size -= len(kept.popleft()) + 1
+                                left_out += 1
+                status = proc.wait()
+                error = proc.stderr.read().decode("utf-8", "replace").strip()
+        finally:
+            self.children.stop(proc)
+        if status != 0 and first is None:
+            if "cursor" in error.lower():
+                raise CommandError("bad cursor")
+            raise CommandError(f"cannot read the log '{self.source}': {error or f'status {status}'}")
+        lines = capped(reversed(kept), left_out, limit, shape.left_out)
+        return first != journald, last, lines
+
+    def _seen_after(self, last: str | None) -> tuple[None, tuple[int, str]] | None:
+        """Where the entries journalctl --cursor printed end among the reader's lines,
+        once the reader has read them too (waiting up to _CATCH_UP seconds when
+        the reader is behind): the live lines up to there are not sent again."""
+        if last is None:
+            return None
+        deadline = time.monotonic() + _CATCH_UP
+        while True:
+            numbers = self._numbers()
+            for number, journald in reversed(numbers):
+                if journald == last:
+                    return None, (number, journald)
+            if not self._behind(numbers, last) or time.monotonic() > deadline:
+                return None
+            gevent.sleep(0.02)
+
+    @staticmethod
+    def _behind(numbers: list[tuple[int, str | None]], last: str) -> bool:
+        """Whether the reader has not read the entry of cursor ``last`` yet: its newest
+        entry is of the same journal (seqnum ID) and older (seqnum)."""
+        newest = next((journald for _n, journald in reversed(numbers) if journald), None)
+        a, b = newest and _SEQNUM(newest), _SEQNUM(last)
+        return bool(a and b and a[1] == b[1] and int(a[2], 16) < int(b[2], 16))

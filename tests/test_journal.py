@@ -1,0 +1,288 @@
+"""The journal as a log: journalctl's ``short`` lines, cursors, resuming a follow.
+
+Real journal files made by systemd-journal-remote in tmp_path, real
+journalctl, a real ``python -m gcmd`` process where a connection matters;
+the short format is checked against what the installed journalctl prints
+for the same entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+
+import pytest
+from support import poll
+
+from gcmd.logs.journal import (
+    JournalLog,
+    decode_entry,
+    format_bytes,
+    short_lines,
+    strip_tab_ansi,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+JOURNAL_REMOTE = shutil.which("systemd-journal-remote") or next(
+    (p for p in ("/lib/systemd/systemd-journal-remote", "/usr/lib/systemd/systemd-journal-remote")
+     if os.path.exists(p)), None)
+needs_journal = pytest.mark.skipif(
+    JOURNAL_REMOTE is None or shutil.which("journalctl") is None,
+    reason="needs journalctl and systemd-journal-remote (apt-get install systemd systemd-journal-remote)")
+
+BEGIN_FOLLOW = b"Begin follow\n"
+
+
+def export(entries: list[dict], first_time: int = 1_700_000_000_000_000) -> bytes:
+    """Entries in the journal export format (binary fields where needed)."""
+    out = b""
+    for n, entry in enumerate(entries):
+        out += b"__REALTIME_TIMESTAMP=%d\n" % (first_time + n * 1_000_000)
+        for key, value in entry.items():
+            value = value if isinstance(value, bytes) else value.encode()
+            if b"\n" in value or not value.isascii() or any(b < 32 for b in value):
+                out += key.encode() + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+            else:
+                out += key.encode() + b"=" + value + b"\n"
+        out += b"\n"
+    return out
+
+
+def write_journal(path, entries: list[dict], first_time: int = 1_700_000_000_000_000) -> None:
+    subprocess.run([JOURNAL_REMOTE, "-o", str(path), "-"], input=export(entries, first_time), check=True,
+                   capture_output=True, timeout=30)
+
+
+def numbered(first: int, count: int, word: str = "entry") -> list[dict]:
+    return [{"MESSAGE": f"{word} {i}", "SYSLOG_IDENTIFIER": "app", "_PID": str(i), "_HOSTNAME": "lab"}
+            for i in range(first, first + count)]
+
+
+def journalctl(directory, *args: str) -> bytes:
+    return subprocess.run(["journalctl", "--directory", str(directory), "--no-pager", "--quiet", "--merge",
+                           *args], check=True, capture_output=True, timeout=30).stdout
+
+
+#: entries whose short lines take each path of journalctl's output_short
+EDGE_CASES = [
+    {"MESSAGE": "plain", "SYSLOG_IDENTIFIER": "app", "_PID": "41", "_HOSTNAME": "lab"},
+    {"MESSAGE": "multi\nline\n\nend\n", "SYSLOG_IDENTIFIER": "app", "_PID": "42", "_HOSTNAME": "lab"},
+    {"MESSAGE": "two\nlines", "_HOSTNAME": "lab"},  # "unknown" is not counted in the indent
+    {"MESSAGE": "tab\there \x1b[1mbold\x1b[0m", "SYSLOG_IDENTIFIER": "app", "_HOSTNAME": "lab"},
+    {"MESSAGE": "tab\there \x1b[1mbold\x1b[0m and \x1b[2Jclear", "SYSLOG_IDENTIFIER": "app", "_HOSTNAME": "lab"},
+    {"MESSAGE": "esc \x1b alone", "_COMM": "cm", "SYSLOG_PID": "7", "_HOSTNAME": "lab"},
+    {"MESSAGE": b"bad \xff utf8", "_HOSTNAME": "lab"},
+    {"MESSAGE": "", "SYSLOG_IDENTIFIER": "e", "_HOSTNAME": "lab"},
+    {"MESSAGE": "x" * 2000 + "\x01", "SYSLOG_IDENTIFIER": "big", "_HOSTNAME": "h" * 301},
+    {"MESSAGE": "cr\r here", "SYSLOG_IDENTIFIER": "app"},
+    {"SYSLOG_IDENTIFIER": "no message"},
+    {"MESSAGE": "source time", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "1600000000000000"},
+    {"MESSAGE": "üñí", "SYSLOG_IDENTIFIER": "äpp", "_PID": "x y"},
+    {"MESSAGE": "c1 \u0085 char", "SYSLOG_IDENTIFIER": "app"},
+]
+
+
+@needs_journal
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York"])
+def test_short_lines_are_what_journalctl_prints(tmp_path, tz):
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = tz
+    time.tzset()  # local time as journalctl sees it (a server reads TZ when it starts)
+    try:
+        check_short_lines(tmp_path)
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def check_short_lines(tmp_path) -> None:
+    write_journal(tmp_path / "a.journal", EDGE_CASES)
+    printed = journalctl(tmp_path, "--output", "short").splitlines()
+    ours = []
+    for raw in journalctl(tmp_path, "--output", "json", "--all").splitlines():
+        ours += decode_entry(raw, 0)[1]
+    assert ours == printed
+
+
+@pytest.mark.parametrize("message, stripped", [
+    (b"plain", b"plain"),
+    (b"a\tb", b"a        b"),
+    (b"\x1b[1;31mred\x1b[0m", b"red"),
+    (b"\x1b[2Jclear", b"\x1b[2Jclear"),          # not a colour: stays
+    (b"\x1b]8;;http://x\x07link", b"link"),      # OSC to BEL
+    (b"end \x1b", b"end \x1b"),
+    (b"\x1bX", b"\x1bX"),
+])
+def test_strip_tab_ansi(message, stripped):
+    assert strip_tab_ansi(message) == stripped
+
+
+@pytest.mark.parametrize("size, text", [
+    (0, b"0B"), (1023, b"1023B"), (1024, b"1.0K"), (2001, b"1.9K"), (1536, b"1.5K"),
+    (1024 * 1024, b"1.0M"), (5 * 1024 ** 3 + 1024 ** 3 // 2, b"5.5G"),
+])
+def test_format_bytes_is_systemds(size, text):
+    assert format_bytes(size) == text
+
+
+@pytest.mark.parametrize("raw, cut, cursor, lines", [
+    (b'{"__CURSOR":"s=1;i=2","MESSAGE":"m","__REALTIME_TIMESTAMP":"0"}', 0, "s=1;i=2", [b" unknown: m"]),  # no time, no name
+    (b'{"__CURSOR":"s=1;i=3"}', 0, "s=1;i=3", []),                    # no MESSAGE: not shown
+    (b'{"__CURSOR":"s=1;i=4","MESSAGE":"' + b"y" * 100, 70000, "s=1;i=4",
+     [b"[70133 bytes of journal entry not shown]"]),
+    (b"not json", 0, None, [b"not json"]),
+])
+def test_decode_entry(raw, cut, cursor, lines):
+    assert decode_entry(raw, cut) == (cursor, lines)
+
+
+def test_short_lines_of_a_message_given_twice_shows_the_last():
+    entry = {"MESSAGE": ["first", "second"], "SYSLOG_IDENTIFIER": "app", "__REALTIME_TIMESTAMP": "0"}
+    assert short_lines(entry)[0].endswith(b"app: second")
+
+
+# --- through a real gcmd ------------------------------------------------------------
+
+def ask_json(client, request: str) -> list[dict]:
+    client.send(request + "\n")
+    block = b"".join(client.block(b"End lastlog\n"))
+    return [json.loads(line) for line in block.splitlines()[1:-1]]
+
+
+def follow_lines(client, count: int) -> list[dict]:
+    return [json.loads(client.line()) for _ in range(count)]
+
+
+@pytest.fixture
+def journal_dir(tmp_path):
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    return directory
+
+
+@needs_journal
+def test_a_real_server_serves_the_journal_as_journalctl_prints_it(gcmd, journal_dir):
+    write_journal(journal_dir / "a.journal", EDGE_CASES)
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    printed = journalctl(journal_dir, "--output", "short").splitlines()
+    client = server.client()
+    client.send(f"lastlog {len(printed)} journal\n")
+    block = b"".join(client.block(b"End lastlog\n"))
+    assert block.splitlines()[1:-1] == printed
+
+
+@needs_journal
+def test_journal_lines_in_json_carry_journalds_cursor(gcmd, journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 5))
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    objects = ask_json(client, "lastlog 3 journal")
+    assert [o["line"].rsplit(" ", 1)[1] for o in objects] == ["2", "3", "4"]
+    journald = [json.loads(line)["__CURSOR"] for line in journalctl(journal_dir, "-o", "json").splitlines()]
+    assert [o["cursor"] for o in objects] == [f"j1:journal:{c}" for c in journald[2:]]
+
+
+@needs_journal
+def test_follow_from_a_kept_cursor_sends_every_entry_after_it_then_the_live_ones_once(gcmd, journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 20))
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    cursor = ask_json(client, "lastlog 20 journal")[9]["cursor"]  # entry 9
+    assert client.ask(f"follow journal from {cursor}") == BEGIN_FOLLOW
+    got = follow_lines(client, 10)
+    assert [o["line"].rsplit(" ", 1)[1] for o in got] == [str(i) for i in range(10, 20)]
+    write_journal(journal_dir / "b.journal", numbered(20, 3), 1_700_001_000_000_000)
+    got = follow_lines(client, 3)
+    assert [o["line"].rsplit(" ", 1)[1] for o in got] == ["20", "21", "22"]
+    assert all(o["cursor"].startswith("j1:journal:s=") for o in got)
+
+
+@needs_journal
+def test_follow_from_a_cursor_older_than_the_kept_lines_reads_the_journal_from_it(gcmd, journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 1500))
+    journald = json.loads(journalctl(journal_dir, "-o", "json").splitlines()[99])["__CURSOR"]  # entry 99
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    assert client.ask(f"follow journal from j1:journal:{journald}") == BEGIN_FOLLOW
+    got = follow_lines(client, 1400)
+    assert [int(o["line"].rsplit(" ", 1)[1]) for o in got] == list(range(100, 1500))
+    write_journal(journal_dir / "b.journal", numbered(1500, 2), 1_700_010_000_000_000)
+    got = follow_lines(client, 2)
+    assert [o["line"].rsplit(" ", 1)[1] for o in got] == ["1500", "1501"]  # none twice
+
+
+@needs_journal
+def test_a_cursor_survives_a_restart_of_gcmd_and_one_vacuumed_away_is_lost(gcmd, journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 5))
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    cursor = ask_json(client, "lastlog 5 journal")[2]["cursor"]
+    client.close()
+    server.stop()
+    write_journal(journal_dir / "b.journal", numbered(5, 2), 1_700_001_000_000_000)
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    assert client.ask(f"follow journal from {cursor}") == BEGIN_FOLLOW
+    assert [o["line"].rsplit(" ", 1)[1] for o in follow_lines(client, 4)] == ["3", "4", "5", "6"]
+    client.close()
+    server.stop()
+    (journal_dir / "a.journal").unlink()  # as journald's vacuum does with the oldest file
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask(f"follow journal from {cursor}") == BEGIN_FOLLOW
+    assert client.line() == b"== cursor lost: journal ==\n"
+    assert client.line().endswith(b"entry 5\n")  # the oldest entry the journal still holds
+    assert client.line().endswith(b"entry 6\n")
+
+
+@needs_journal
+def test_a_cursor_of_another_log_is_a_bad_cursor(gcmd, journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 3))
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    cursor = ask_json(client, "lastlog 1 journal")[0]["cursor"]
+    other = cursor.replace("j1:journal:", "j1:syslog:")
+    assert client.ask(f"follow journal from {other}") == b"An error occured : bad cursor\n"
+    syslog_cursor = ask_json(client, "lastlog 1 syslog")[0]["cursor"]
+    assert client.ask(f"follow journal from {syslog_cursor.replace(':syslog:', ':journal:')}") == (
+        b"An error occured : bad cursor\n")
+
+
+def reader_pids() -> list[int]:
+    """Live children of this test process (a JournalLog's reader is one)."""
+    pid = os.getpid()
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+@needs_journal
+def test_a_restarted_journal_reader_goes_on_after_its_last_entry_and_loses_none(journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 3))
+    log = JournalLog(f"journal:{journal_dir}", 5.0)
+    got: list[bytes] = []
+    try:
+        log.start()
+        log.subscribe(got.extend)
+        [pid] = reader_pids()
+        os.kill(pid, 9)
+        write_journal(journal_dir / "b.journal", numbered(3, 2), 1_700_001_000_000_000)  # while it is down
+        poll(lambda: log.stats.reader_restarts >= 1, 15, "the reader was not started again")
+        write_journal(journal_dir / "c.journal", numbered(5, 1), 1_700_002_000_000_000)
+        poll(lambda: any(line.endswith(b"entry 5") for line in got), 10, f"entry 5 never came: {got!r}")
+        assert [line.rsplit(b" ", 1)[1] for line in got] == [b"3", b"4", b"5"]  # none lost, none twice
+    finally:
+        log.close()
