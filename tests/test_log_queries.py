@@ -559,6 +559,23 @@ def test_lines_that_do_not_match_never_reach_the_follower(tmp_path, file_logs):
     assert calls == [[b"keep 1"]]
 
 
+def test_feeds_that_ask_for_the_same_lines_share_one_filtering_of_each_batch(tmp_path, file_logs):
+    path = tmp_path / "app.log"
+    path.write_text("x\n")
+    log = file_logs(path)
+    feeds = [Feed([("app", log)], 0, Pattern(b"keep")) for _ in range(3)]
+    feeds += [Feed([("app", log)], 0, Pattern(b"other")), Feed([("app", log)], 0, Pattern(b"keep"), JSON)]
+    calls: list[list[list[bytes]]] = [[] for _ in feeds]
+    for feed, got in zip(feeds, calls):
+        feed.subscribe(got.append)
+    with open(path, "a") as f:
+        f.write("keep 1\nother 1\n")
+    poll(lambda: all(calls), 5, "a feed got nothing")
+    assert calls[0] == [[b"keep 1"]] and calls[0][0] is calls[1][0] is calls[2][0]  # filtered once
+    assert calls[3] == [[b"other 1"]]
+    assert json.loads(calls[4][0][0])["line"] == "keep 1"
+
+
 def test_follow_several_logs_headers_when_the_log_changes(tmp_path, file_logs):
     a, b = tmp_path / "a.log", tmp_path / "b.log"
     a.write_text("a0\n")

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from gcmd.logs.lines import MAX_REPLY
+from gcmd.logs.lines import MAX_REPLY, Batch
 from gcmd.logs.queries import JSON, TEXT, Cursor, Pattern, Shape, header
 
 #: (raw, cut, where) of the lines of one log (see Broadcast.subscribe_lines)
@@ -126,30 +126,41 @@ class Feed:
         self.backlog += lines
 
     def _arrived(self, name: str, lines: RawLines, tag: object) -> None:
-        """New lines of the log ``name`` (in its reader's greenlet): filtered, shaped, sent."""
+        """New lines of the log ``name`` (in its reader's greenlet): filtered, shaped, sent.
+
+        Feeds of one log that ask for the same lines (pattern, format) share
+        the work: the first to get a batch filters and shapes it, the others
+        take the same list (see Broadcast.shaped)."""
         if self._held is not None:
             self._held.append((name, lines, tag))
             return
         callback = self._callback
-        if callback is None:
+        if callback is None or not lines:
             return
         seen = self._seen.get(name)
-        pattern, shape = self.pattern, self.shapes[name]
-        out: list[bytes] = []
+        if seen is not None and tag == seen[0] and lines[0][2] <= seen[1]:
+            out = self._shape(name, [line for line in lines if line[2] > seen[1]], tag)  # at the seam
+        else:
+            key = (self.pattern.source if self.pattern is not None else None, self.shapes[name].json, name)
+            out = self._logs[name].shaped(lines, key, partial(self._shape, name, lines, tag))
+        if not out:
+            return
+        if self.several and self._last != name:
+            out = Batch([header(name), *out])
+            self._last = name
+        callback(out)
+
+    def _shape(self, name: str, lines: RawLines, tag: object) -> Batch:
+        """The lines of ``lines`` that match, as sent."""
+        pattern, shape, log = self.pattern, self.shapes[name], self._logs[name]
+        out = []
         for raw, cut, where in lines:
-            if seen is not None and tag == seen[0] and where <= seen[1]:
-                continue
             if pattern is not None and not pattern.matches(raw):
                 continue
             if shape.json:
-                line = shape.line(raw, cut, self._logs[name].cursor(name, tag, where, raw, cut))
+                line = shape.line(raw, cut, log.cursor(name, tag, where, raw, cut))
             else:
                 line = shape.line(raw, cut)
             if line is not None:
                 out.append(line)
-        if not out:
-            return
-        if self.several and self._last != name:
-            out.insert(0, header(name))
-            self._last = name
-        callback(out)
+        return Batch(out)

@@ -160,6 +160,9 @@ class Broadcast:
         self._courier: gevent.Greenlet | None = None
         #: the feeds' subscribers (raw lines, at once, in the reader's greenlet)
         self._line_subscribers: dict[LineSubscriber, None] = {}
+        #: the last raw lines given to the feeds, and what each kind of feed made of them
+        self._shaped_for: object = None
+        self._shaped: dict[object, Batch] = {}
 
     def subscribe(self, callback: Subscriber) -> None:
         """Send ``callback`` every line that ends from now on."""
@@ -194,6 +197,17 @@ class Broadcast:
     def cursor(self, log: str, tag: object, where: int | None, raw: bytes, cut: int) -> str | None:
         """The cursor of a line a feed got (see subscribe_lines); None: this log has none."""
         return None
+
+    def shaped(self, lines: object, key: object, make: Callable[[], Batch]) -> Batch:
+        """What the feeds that ask ``key`` (their pattern and format) make of
+        ``lines``, the list every feed of this log is given at once: made by the
+        first (``make()``), shared by the others (never to be changed)."""
+        if lines is not self._shaped_for:
+            self._shaped_for, self._shaped = lines, {}
+        out = self._shaped.get(key)
+        if out is None:
+            out = self._shaped[key] = make()
+        return out
 
     def _count_followers(self) -> None:
         self.stats.followers = len(self._subscribers) + len(self._line_subscribers)
