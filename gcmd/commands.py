@@ -22,6 +22,7 @@ from time import monotonic
 from gcmd import __version__
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
+from gcmd.logs.cursors import parse_cursor
 from gcmd.logs.feed import Feed
 from gcmd.logs.lines import MAX_REPLY
 from gcmd.logs.queries import (
@@ -32,7 +33,6 @@ from gcmd.logs.queries import (
     Shape,
     Usage,
     header,
-    parse_cursor,
     parse_query,
 )
 from gcmd.logs.sources import Logs

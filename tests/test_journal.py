@@ -18,8 +18,8 @@ import time
 import pytest
 from support import poll
 
-from gcmd.logs.journal import (
-    JournalLog,
+from gcmd.logs.journal import JournalLog
+from gcmd.logs.journal_short import (
     decode_entry,
     format_bytes,
     short_lines,

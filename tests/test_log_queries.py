@@ -22,26 +22,28 @@ from support import ERROR, LOG_LINES, CommandTable, poll
 
 from gcmd import __version__
 from gcmd.config import Config
+from gcmd.logs.cursors import (
+    FileCursor,
+    JournalCursor,
+    MemoryCursor,
+    file_cursor,
+    journal_cursor,
+    line_hash,
+    memory_cursor,
+    parse_cursor,
+)
 from gcmd.logs.feed import Feed
 from gcmd.logs.lines import MAX_LINE, MAX_REPLY, FollowBuffer
 from gcmd.logs.memory import MemoryLog
 from gcmd.logs.queries import (
     JSON,
     TEXT,
-    FileCursor,
-    JournalCursor,
-    MemoryCursor,
     Pattern,
     Query,
     Shape,
     Usage,
-    file_cursor,
-    journal_cursor,
     json_line,
-    line_hash,
     matching_lines,
-    memory_cursor,
-    parse_cursor,
     parse_query,
 )
 from gcmd.logs.readers import FileLog

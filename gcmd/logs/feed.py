@@ -29,8 +29,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from gcmd.logs.cursors import Cursor
 from gcmd.logs.lines import MAX_REPLY, Batch
-from gcmd.logs.queries import JSON, TEXT, Cursor, Pattern, Shape, header
+from gcmd.logs.queries import JSON, TEXT, Pattern, Shape, header
 
 #: (raw, cut, where) of the lines of one log (see Broadcast.subscribe_lines)
 RawLines = list[tuple[bytes, int, int | None]]

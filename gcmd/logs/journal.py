@@ -2,18 +2,8 @@
 
 One ``journalctl --follow --output json`` per journal log reads its entries
 with journald's cursor (``__CURSOR``) on each; gcmd prints each entry in
-journalctl's ``short`` format itself (:func:`short_lines`), so that a line
-and its cursor come from one reader. The format follows ``output_short``
-of systemd 252 (src/shared/logs-show.c, the journalctl of Debian 12) with
-journalctl's defaults for a pipe (full width, no ``--all``): the time
-(``_SOURCE_REALTIME_TIMESTAMP``, else ``__REALTIME_TIMESTAMP``, local time,
-``%b %d %H:%M:%S`` in the C locale), `` HOST``, `` IDENT`` (``SYSLOG_IDENTIFIER``,
-else ``_COMM``, else ``unknown``), ``[PID]`` (``_PID``, else ``SYSLOG_PID``),
-``: `` and the message; a message of several lines continues under its first
-one; tabs become 8 spaces and colour sequences (SGR) are taken out; a message
-with other control characters or that is not UTF-8 is ``[N blob data]``;
-an entry without ``MESSAGE`` is not shown. A field of 300 bytes or more, or
-not printable, is not shown.
+journalctl's ``short`` format itself (gcmd.logs.journal_short), so that a
+line and its cursor come from one reader.
 
 Cursors: the lines of an entry carry its cursor, ``j1:LOG:CURSOR``. A follow
 resumed after a cursor still in the last 1000 lines kept is answered from
@@ -26,7 +16,6 @@ it read (``--after-cursor``), so that no entry written meanwhile is lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -34,179 +23,20 @@ from collections import deque
 
 import gevent
 
+from gcmd.logs.broadcast import LineSubscriber, Subscriber
+from gcmd.logs.cursors import Cursor, JournalCursor, journal_cursor
+from gcmd.logs.journal_short import decode_entry
 from gcmd.logs.lines import MAX_REPLY, RECENT_LINES, LineSplitter, capped, wire_line
-from gcmd.logs.queries import (
-    Cursor,
-    JournalCursor,
-    Pattern,
-    Shape,
-    journal_cursor,
-    recent_after,
-    recent_block,
-)
-from gcmd.logs.readers import LineSubscriber, Subscriber, _ProcessLog
+from gcmd.logs.queries import Pattern, Shape, recent_after, recent_block
+from gcmd.logs.readers import _ProcessLog
 from gcmd.logs.tailing import Reader
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
 
-#: a field shown in the prefix must be shorter than this (bytes): PRINT_CHAR_THRESHOLD
-_PRINT_THRESHOLD = 300
-_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
-#: the control characters that make a text not printable (systemd's unichar_is_control): C0 but tab
-#: and newline, DEL and C1
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]").search
 #: seconds a resume waits for the reader to read the entries journalctl --cursor printed
 _CATCH_UP = 2.0
 _SEQNUM = re.compile(r"s=([0-9a-f]+);i=([0-9a-f]+)").match
-
-
-def _value(field: object) -> bytes | None:
-    """A field of journalctl's JSON as bytes: a string, an array of its bytes, or
-    (a field given several times) an array of those, of which the last counts."""
-    if isinstance(field, str):
-        return field.encode("utf-8", "surrogateescape")
-    if isinstance(field, list) and field:
-        if isinstance(field[0], int):
-            return bytes(field)
-        return _value(field[-1])
-    return None
-
-
-def _printable(value: bytes) -> bool:
-    try:
-        return not _CONTROL(value.decode("utf-8"))
-    except UnicodeDecodeError:
-        return False
-
-
-def _shown(value: bytes | None) -> bool:
-    return value is not None and len(value) < _PRINT_THRESHOLD and _printable(value)
-
-
-def strip_tab_ansi(message: bytes) -> bytes:
-    """``message`` with tabs as 8 spaces and colour (SGR ``ESC [ digits ; m``) and
-    OSC (``ESC ] ... BEL``) sequences taken out, as systemd 252's strip_tab_ansi."""
-    if b"\x1b" not in message and b"\t" not in message:
-        return message
-    out, i, n = bytearray(), 0, len(message)
-    while i < n:
-        byte = message[i]
-        if byte == 0x09:
-            out += b"        "
-        elif byte != 0x1B or i + 1 >= n:
-            out.append(byte)
-        elif message[i + 1] in b"[]":
-            end = _sequence_end(message, i + 2, message[i + 1] == 0x5B)
-            if end is None:  # not a sequence: ESC and the bracket stay, the rest is read again
-                out += message[i:i + 2]
-                i += 2
-                continue
-            i = end
-        else:  # ESC and the next byte stay as they are
-            out += message[i:i + 2]
-            i += 1
-        i += 1
-    return bytes(out)
-
-
-def _sequence_end(message: bytes, start: int, csi: bool) -> int | None:
-    """The index of the last byte of a colour (``csi``) or OSC sequence starting at
-    ``start`` (after ``ESC [`` or ``ESC ]``), or None if it is not one."""
-    for j in range(start, len(message)):
-        byte = message[j]
-        if csi:
-            if byte == 0x6D:  # m
-                return j
-            if byte not in b"0123456789;":
-                return None
-        else:
-            if byte == 0x07:
-                return j
-            if byte < 32 or byte > 126:
-                return None
-    return None
-
-
-def format_bytes(size: int) -> bytes:
-    """A size as systemd's FORMAT_BYTES: ``12B``, ``1.9K``, ``3.0M`` (IEC, one digit cut, not rounded)."""
-    if size < 1024:
-        return b"%dB" % size
-    for exponent, suffix in ((6, b"E"), (5, b"P"), (4, b"T"), (3, b"G"), (2, b"M"), (1, b"K")):
-        factor = 1024 ** exponent
-        if size >= factor:
-            digit = (size // (factor // 1024) * 10 // 1024) % 10
-            return b"%d.%d%s" % (size // factor, digit, suffix)
-    raise AssertionError  # unreachable
-
-
-def _timestamp(entry: dict) -> bytes:
-    usec = None
-    for key in ("_SOURCE_REALTIME_TIMESTAMP", "__REALTIME_TIMESTAMP"):
-        value = _value(entry.get(key))
-        if value is not None and value.isdigit() and 0 < int(value) < (1 << 63):
-            usec = int(value)
-            break
-    if usec is None:
-        return b""
-    when = time.localtime(usec // 1_000_000)
-    return b"%s %02d %02d:%02d:%02d" % (_MONTHS[when.tm_mon - 1], when.tm_mday, when.tm_hour,
-                                          when.tm_min, when.tm_sec)
-
-
-def short_lines(entry: dict) -> list[bytes]:
-    """The lines journalctl's ``short`` format prints for ``entry`` (its ``-o json``
-    object, decoded); none for an entry without ``MESSAGE``. See the module's text."""
-    message = _value(entry.get("MESSAGE"))
-    if message is None:
-        return []
-    message = strip_tab_ansi(message)
-    prefix = _timestamp(entry)
-    hostname = _value(entry.get("_HOSTNAME"))
-    if _shown(hostname):
-        prefix += b" " + hostname
-    width = len(prefix)
-    identifier, comm = _value(entry.get("SYSLOG_IDENTIFIER")), _value(entry.get("_COMM"))
-    name = identifier if _shown(identifier) else comm if _shown(comm) else None
-    if name is None:
-        prefix += b" unknown"  # not counted in the width (as journalctl)
-    else:
-        prefix += b" " + name
-        width += len(name) + 1
-    pid, syslog_pid = _value(entry.get("_PID")), _value(entry.get("SYSLOG_PID"))
-    pid = pid if _shown(pid) else syslog_pid if _shown(syslog_pid) else None
-    if pid is not None:
-        prefix += b"[" + pid + b"]"
-        width += len(pid) + 2
-    prefix += b": "
-    if not _printable(message):
-        return [prefix + b"[" + format_bytes(len(message)) + b" blob data]"]
-    if not message:
-        return [prefix]
-    parts = message.split(b"\n")
-    if message.endswith(b"\n"):
-        parts.pop()
-    indent = b" " * (width + 2)
-    return [prefix + parts[0]] + [indent + part for part in parts[1:]]
-
-
-def decode_entry(raw: bytes, cut: int) -> tuple[str | None, list[bytes]]:
-    """journald's cursor and the short lines of one line of ``journalctl -o json``
-    (``cut``: bytes of it not kept). An entry of more than MAX_LINE bytes of JSON
-    is shown as ``[N bytes of journal entry not shown]``, with its cursor when the
-    kept part names it; a line that is not an entry, as itself."""
-    if not cut:
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            entry = None
-        if isinstance(entry, dict):
-            cursor = entry.get("__CURSOR")
-            return (cursor if isinstance(cursor, str) else None), short_lines(entry)
-    found = re.search(rb'"__CURSOR":"([^"]{1,200})"', raw)
-    if cut:
-        return (found[1].decode() if found else None), [b"[%d bytes of journal entry not shown]" % (len(raw) + cut)]
-    return None, [raw]
 
 
 class JournalLog(_ProcessLog):

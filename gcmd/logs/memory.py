@@ -1,7 +1,7 @@
 """The ``gcmd`` log: the server's own log lines, kept in memory and followed.
 
 See MemoryLog; what every log shares (subscribers, passes, recent lines) is
-gcmd.logreader.Broadcast.
+gcmd.logs.broadcast.Broadcast.
 """
 
 from __future__ import annotations
@@ -10,17 +10,10 @@ import logging
 import secrets
 from collections import deque
 
+from gcmd.logs.broadcast import Broadcast, LineSubscriber, Subscriber
+from gcmd.logs.cursors import Cursor, MemoryCursor, memory_cursor
 from gcmd.logs.lines import MAX_LINE, MAX_REPLY, RECENT_LINES, LineSplitter
-from gcmd.logs.queries import (
-    Cursor,
-    MemoryCursor,
-    Pattern,
-    Shape,
-    memory_cursor,
-    recent_after,
-    recent_block,
-)
-from gcmd.logs.readers import Broadcast, LineSubscriber, Subscriber
+from gcmd.logs.queries import Pattern, Shape, recent_after, recent_block
 from gcmd.net.wire import CommandError
 from gcmd.serverlog.setup import LineHandler, flush_lines
 

@@ -14,9 +14,10 @@ from collections.abc import Collection
 from gevent import subprocess
 from gevent.threadpool import ThreadPool
 
+from gcmd.logs.broadcast import LogStats
 from gcmd.logs.journal import JournalLog
 from gcmd.logs.memory import MemoryLog
-from gcmd.logs.readers import FileLog, LogStats
+from gcmd.logs.readers import FileLog
 from gcmd.net.wire import CommandError, escape
 
 #: the name of the server's own log

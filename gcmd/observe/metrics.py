@@ -125,7 +125,7 @@ def _command_families(server: GcmdServer) -> Iterator:
 
 
 def _log_families(logs: dict) -> Iterator:
-    """Per-log figures, labelled by the log's name (see gcmd.logreader.LogStats)."""
+    """Per-log figures, labelled by the log's name (see gcmd.logs.broadcast.LogStats)."""
     families = (
         (GaugeMetricFamily, "gcmd_log_followers", "Clients following the log now", "followers"),
         (CounterMetricFamily, "gcmd_log_lines_read", "Lines read from the log", "lines_read"),

@@ -59,7 +59,7 @@ class ServerStats:
     auth_failed: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(AUTH_FAILURES, 0)))
     #: answers and their latency, by command name
     by_command: dict[str, CommandStats] = field(default_factory=dict)
-    #: the server log's output, whose ``dropped`` counts the lines it dropped (gcmd.logoutput.LogOutput)
+    #: the server log's output, whose ``dropped`` counts the lines it dropped (gcmd.serverlog.output.LogOutput)
     log_output: object = None
 
     @property

@@ -46,7 +46,7 @@ class LineFormatter(logging.Formatter):
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
         """The lines of records from the logger ``name`` at DEBUG or INFO, given by
-        their parts (see Part; gcmd.logsetup.LineRun): one text a part, its lines
+        their parts (see Part; gcmd.serverlog.setup.LineRun): one text a part, its lines
         joined."""
         line = self.line
         return ["\n".join([line(created, levelno, BATCHED_LEVELS[levelno], name, extra["context"], head + tail,
@@ -169,7 +169,7 @@ def _part_ends(stamp: str, level: str, logger: str, head: str, extra: dict[str, 
     return start, end + "}"
 
 
-#: the levels whose lines are batched (gcmd.logsetup.LineRun), and their names
+#: the levels whose lines are batched (gcmd.serverlog.setup.LineRun), and their names
 BATCHED_LEVELS = {logging.DEBUG: "DEBUG", _INFO: "INFO"}
 #: as a JSON line holds them
 _JSON_LEVELS = {levelno: _quote(levelname.lower()) for levelno, levelname in BATCHED_LEVELS.items()}
