@@ -7,19 +7,18 @@ The ``session`` a command gets is the connection's gcmd.net.client.Client.
 Who may run what (``run``): a --token-file token, and the users and grants
 of gcmd.users. The state of a connection kept here is on its session:
 ``authenticated`` (the token, a certificate, or a user), and ``user`` (the
-gcmd.users.User it is, else None), which also names it in ``context``.
+gcmd.users.User it is, else None), which also names it in ``context``
+(gcmd.authentication). The figures of ``stats``: gcmd.observe.figures.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
-import re
 from collections.abc import Callable
 from time import monotonic
 
 from gcmd import __version__
+from gcmd.authentication import authenticate, become
 from gcmd.config import Config
 from gcmd.hashing import ALGORITHMS, HashService, OutsideRoot
 from gcmd.logs.cursors import parse_cursor
@@ -46,14 +45,12 @@ from gcmd.net.wire import (
     escape,
     split_request,
 )
+from gcmd.observe.figures import stats_figures
 from gcmd.observe.stats import ServerStats
-from gcmd.serverlog.setup import flush_lines
-from gcmd.users import User, Users
+from gcmd.users import Users
 
 log = logging.getLogger(__name__)
 
-#: what separates the words of an argument (PROTOCOL.md: spaces and tabs only)
-_SPACES = re.compile(rb"[ \t]+")
 
 def command(*, slow: bool = False, public: bool = False, secret: bool = False) -> Callable:
     """Mark a ``do_`` method: ``slow`` ones wait on a thread or a process, so the
@@ -213,29 +210,10 @@ class Commands:
         if self.users:
             user = self.users.with_cn(cn)
             if user is not None:
-                self._become(session, user)
+                become(session, self.stats, user)
         elif self.config.token is None:
             session.authenticated = True
             self.stats.authenticated += 1
-
-    def _become(self, session, user: User | None) -> None:
-        """Authenticate ``session`` as ``user`` (None: with the --token-file token),
-        and name the user in its log lines' context (``Session,4,10.0.0.7,alice``,
-        and a ``user`` key: gcmd.serverlog.formats), updated in place."""
-        if not session.authenticated:
-            session.authenticated = True
-            self.stats.authenticated += 1
-        # the lines logged so far, batched a few milliseconds, are made now: the
-        # dict they hold changes, and they came before the user was known
-        flush_lines()
-        context = session.context
-        if session.user is not None:  # it was another user: its name goes
-            context["context"] = context["context"].removesuffix(f",{session.user.name}")
-            del context["user"]
-        session.user = user
-        if user is not None:
-            context["context"] = f"{context['context']},{user.name}"
-            context["user"] = user.name
 
     def set_users(self, users: Users) -> None:
         """The users from now on (SIGHUP). A connection keeps its user while that
@@ -370,31 +348,7 @@ class Commands:
     @command()
     def do_stats(self, session, arg: bytes) -> bytes:
         """stats - figures about this server, one 'key value' per line"""
-        stats, hashing = self.stats, self.hashing.stats
-        figures = {
-            "uptime_s": stats.uptime_s,
-            "pid": os.getpid(),
-            "clients": stats.clients,
-            "authenticated": stats.authenticated,
-            "max_clients": self.config.max_clients,
-            "connections": stats.connections,
-            "commands": stats.commands,
-            "errors": stats.errors,
-            "internal_errors": stats.internal_errors,
-            "rejected": stats.rejected,
-            "auth_failures": stats.auth_failures,
-            **{f"auth_failures_{reason}": count for reason, count in stats.auth_failed.items()},
-            "hash_pending": self.hashing.pending,
-            "hash_bytes": hashing.hashed_bytes,
-            "hash_runs": hashing.hashes,
-            "hash_cache_hits": hashing.cache_hits,
-            "hash_shared": hashing.shared,
-            "hash_busy": hashing.busy,
-            "log_output_dropped": getattr(stats.log_output, "dropped", 0),
-        }
-        for name, figures_of_log in self.logs.stats().items():
-            for key, value in vars(figures_of_log).items():
-                figures[f"log.{name}.{key}"] = value
+        figures = stats_figures(self.stats, self.hashing, self.config.max_clients, self.logs)
         return block(b"stats", [f"{key} {value}".encode() for key, value in figures.items()])
 
     @command(public=True)
@@ -410,34 +364,7 @@ class Commands:
     @command(public=True, secret=True)
     def do_auth(self, session, arg: bytes) -> bytes:
         """auth [USER] TOKEN - authenticate as USER, or with the server's token"""
-        token = self.config.token
-        if self.users:
-            words = _SPACES.split(arg)
-            if len(words) == 2:
-                user, reason = self.users.authenticate(*words)
-                if user is None:
-                    return self._auth_failed(session, reason, words[0] if reason == "bad_user_token" else None)
-                self._become(session, user)
-                return wire.AUTH_OK
-        elif token is None:
-            return wire.AUTH_DISABLED
-        if token is not None and hmac.compare_digest(arg, token):
-            self._become(session, None)
-            return wire.AUTH_OK
-        return self._auth_failed(session, "bad_token")
-
-    def _auth_failed(self, session, reason: str, name: bytes | None = None) -> Close:
-        """The reply to a failed auth, the same whatever the ``reason`` (one of
-        gcmd.users.AUTH_FAILURES, counted in stats: the operator's, never the
-        client's); the log names the user when it exists (``name``)."""
-        self.stats.auth_failed[reason] += 1
-        if name is not None:
-            log.warning("Authentication failed from %s: a wrong token for user %s", session.ip,
-                        escape(name), extra=session.context)
-        else:  # an unknown user's name is not written: it may be a token typed in the wrong place
-            log.warning("Authentication failed from %s%s", session.ip,
-                        ": no such user" if reason == "unknown_user" else "", extra=session.context)
-        return Close(wire.AUTH_FAILED, "closed by the server after a failed auth")
+        return authenticate(session, arg, self.users, self.config.token, self.stats)
 
     @command(public=True)
     def do_whoami(self, session, arg: bytes) -> bytes:

@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import os
+import pty
 import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -142,6 +145,38 @@ def test_without_a_command_the_prompt_runs_a_command_a_line(server):
     assert done.stdout == f"pong\n{LOG_LINES[-1]}\n"
     assert done.stderr.splitlines() == [f"(error) 127.0.0.1:{server.port}: Command not found.",
                                         "(error) auth: give --user and --token-file"]
+
+
+def read_until(fd: int, wanted: bytes, timeout: float = 10) -> bytes:
+    """What a terminal's ``fd`` shows until ``wanted`` appears; AssertionError after ``timeout`` seconds."""
+    shown = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in shown:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{wanted!r} not shown: {shown!r}"
+        if select.select([fd], [], [], left)[0]:
+            shown += os.read(fd, 4096)
+    return shown
+
+
+def test_at_a_terminal_the_prompt_names_the_server_and_keeps_a_history(server, tmp_path):
+    pytest.importorskip("readline", reason="needs a Python built with readline")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "gcmd.clicmd", "-p", str(server.port)], stdin=terminal,
+                               stdout=terminal, stderr=terminal, env={**os.environ, "HOME": str(tmp_path)})
+    os.close(terminal)
+    try:
+        read_until(controller, f"127.0.0.1:{server.port}> ".encode())
+        os.write(controller, b"ping\r")
+        read_until(controller, b"pong")
+        os.write(controller, b"exit\r")
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+    assert (tmp_path / ".gcmd_cli_history").read_text().splitlines()[-2:] == ["ping", "exit"]
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl (apt-get install openssl)")
