@@ -41,7 +41,7 @@ class LineFormatter(logging.Formatter):
         ``client_cn``: the CN of the client's certificate, if it showed one;
         ``user``: the user the connection is (gcmd.users), once known. The text
         line names the user in its context (``Session,4,10.0.0.7,alice``), as
-        gcmd.commands writes it there."""
+        gcmd.authentication writes it there."""
         raise NotImplementedError
 
     def batch_lines(self, name: str, parts: list[Part]) -> list[str]:
