@@ -8,7 +8,7 @@ cell (see bench_logs).
 
 from __future__ import annotations
 
-from bench_logs import FOLLOW
+from bench_logs import is_follow
 
 #: the targets of a full run, on the medians (the worst round for the
 #: follow cell's misses): (cell, what must hold, as docs/benchmarks.md says
@@ -86,10 +86,10 @@ def report(results: dict, rounds: dict | None = None) -> None:
     """Print the table and the ratios (one line instead when one server ran);
     with several ``rounds`` of each server, each ratio's lowest and highest of
     the rounds (round i of one server beside round i of the other) are in
-    brackets. The follow cell has its own section (bench_logs.report_follow)."""
+    brackets. The follow cells have their own section (bench_logs.report_follow)."""
     names = list(results)
     base = "gcmd" if "gcmd" in results else names[0]
-    cells = [cell for cell in results[base] if cell != FOLLOW]
+    cells = [cell for cell, figures in results[base].items() if not is_follow(figures)]
     print(f"\n{'cell':<20}" + "".join(f"{n:>22}" for n in names))
     for cell in cells:
         print(f"{cell:<20}" + "".join(f"{_figures(results[name].get(cell, {})):>22}" for name in names))

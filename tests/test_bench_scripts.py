@@ -228,6 +228,47 @@ def test_bench_rows_that_log_get_their_share_of_gcmd_beside_what_is_asked(tmp_pa
     assert "follow (" not in result.stdout
 
 
+def writer_lines(count: int) -> list[bytes]:
+    """The lines the follow cells' writer writes, numbered from 0."""
+    logs = scripts_module("bench_logs")
+    return [b"%d %.6f lab app[1]: %s\n" % (i, 1000 + i / 1000, logs.line_text(i)) for i in range(count)]
+
+
+@pytest.mark.parametrize(("request_line", "expected"), [
+    (b"follow\n", list(range(20))),
+    (b"follow grep failed session\n", [1, 6, 11, 16]),
+    (b"follow grep Failed session\n", []),  # an upper-case letter: case-sensitive, as journalctl --grep
+    (b"follow grep \\buser07\\b\n", [7]),
+    (b"follow grep \\buser0\\d\\b\n", list(range(10))),
+])
+def test_a_follow_request_selects_the_writers_lines_its_pattern_matches(request_line, expected):
+    seqs, _ = scripts_module("bench_logs").selected(request_line, 20)
+    assert list(seqs) == expected
+
+
+@pytest.mark.parametrize(("received", "complete"), [
+    (lambda lines: [lines[i] for i in (1, 6, 11, 16)], True),
+    (lambda lines: [lines[i] for i in (1, 11, 16)], False),  # a line of the pattern missing
+    (lambda lines: [lines[i] for i in (1, 6, 7, 11, 16)], False),  # a line of another pattern
+    (lambda lines: [lines[i] for i in (1, 11, 6, 16)], False),  # out of order
+    (lambda lines: [lines[i] for i in (1, 6)] + [b"6 1000.0 failed session, forged\n"]
+     + [lines[i] for i in (11, 16)], False),  # a line twice
+])
+def test_a_follower_of_a_pattern_is_checked_against_the_lines_it_selects(received, complete):
+    logs = scripts_module("bench_logs")
+    stream, delays = logs.Stream(*logs.selected(b"follow grep failed session\n", 20)), Counter()
+    follower = logs.Follower()
+    receive(follower, b"".join(received(writer_lines(20))), [30, 31], stream, delays, 0)
+    assert (follower.lines == len(stream.seqs) and not follower.bad) == complete
+
+
+def test_a_line_with_the_right_number_that_does_not_match_is_caught():
+    logs = scripts_module("bench_logs")
+    stream = logs.Stream(*logs.selected(b"follow grep failed session\n", 20))
+    assert stream.extend(writer_lines(20)[1])
+    assert not stream.extend(writer_lines(20)[6].replace(b"failed", b"closed"))
+
+
 def stamped_lines(count: int, first_stamp: float = 1000.0) -> list[bytes]:
     """Lines as the follow cell's writer writes them: number, monotonic stamp, text."""
     return [b"%d %.6f lab app[1]: a line of the growing log\n" % (i, first_stamp + i / 1000) for i in range(count)]
