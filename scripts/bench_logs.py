@@ -15,18 +15,25 @@
   of /proc/PID/stat, its ``tail`` apart) from the first write to the last
   line received, and its RSS per follower, parked (before the first write)
   and at the peak of the stream.
+
+The follow cell is written for any follow request: each follower may send
+its own (``follow grep PATTERN``, see bench_queries), and is checked
+against the lines of the writer that its request selects.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import resource
 import selectors
 import socket
+import sys
 import time
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: lines a second appended to the log during lastlog of a growing log
@@ -38,6 +45,12 @@ FOLLOW_SECONDS = 10.0
 FOLLOW_PROCESSES = 2
 #: the follow cell's name among the cells of a server
 FOLLOW = "follow"
+#: the request of a follower of the follow cell
+PLAIN_FOLLOW = b"follow\n"
+#: what the writer's line ``seq`` says after its number, stamp and program: a
+#: verb of VERBS and a user of USERS, so that ``follow grep`` has lines to pick
+VERBS = ("accepted", "failed", "closed", "opened", "refused")
+USERS = 50
 #: seconds a follower may take to receive the last line once the writer stopped
 DRAIN_LIMIT = 30.0
 #: seconds between two pings of the client that measures latency beside a load
@@ -57,12 +70,40 @@ def write_log(path: Path, lines: int = 2000) -> None:
                             for i in range(lines)))
 
 
+def line_text(seq: int) -> bytes:
+    """The text of the writer's line ``seq``, after ``SEQ STAMP lab app[PID]: ``."""
+    return b"%s session of user%02d, a line of the growing log" % (VERBS[seq % len(VERBS)].encode(),
+                                                                     seq % USERS)
+
+
+def grep_regex(pattern: bytes) -> re.Pattern:
+    """``pattern`` as gcmd matches it (PROTOCOL.md, "Log queries"): case-insensitive
+    without an upper-case letter, as journalctl --grep. Python's ``re``, not RE2:
+    an oracle of its own, for the patterns of the cells (plain words, ``\\b``)."""
+    return re.compile(pattern, 0 if re.search(rb"[A-Z]", pattern) else re.IGNORECASE)
+
+
+def selected(request: bytes, lines: int) -> tuple[Sequence[int], re.Pattern | None]:
+    """The numbers of the writer's lines that a follower sending ``request``
+    (``follow\\n`` or ``follow grep PATTERN\\n``) must get when ``lines`` are
+    written, and the pattern each of them must match. The patterns of the cells
+    match only the lines' text (line_text), never their number or stamp."""
+    words = request.split(None, 2)
+    if len(words) == 1:
+        return range(lines), None
+    if words[1] != b"grep" or len(words) != 3:
+        raise ValueError(f"the follow cell sends follow or follow grep PATTERN, not {request!r}")
+    regex = grep_regex(words[2].strip())
+    return [seq for seq in range(lines) if regex.search(line_text(seq))], regex
+
+
 # --- the writer, the pinger and the followers: each in a process of its own --------------
 
 def append_lines(path: Path, rate: float, count: int, out: multiprocessing.Queue) -> None:
     """Append ``count`` lines to ``path`` at ``rate`` lines a second, one write
-    each, as a logging program does: ``SEQ STAMP text``, STAMP the monotonic
-    clock at the write. Puts (lines, first stamp, last stamp)."""
+    each, as a logging program does: ``SEQ STAMP lab app[PID]: TEXT``, STAMP the
+    monotonic clock at the write, TEXT line_text(SEQ). Puts (lines, first
+    stamp, last stamp)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     started = time.monotonic()
     stamp = started
@@ -73,19 +114,20 @@ def append_lines(path: Path, rate: float, count: int, out: multiprocessing.Queue
             if now < due:
                 time.sleep(due - now)
             stamp = time.monotonic()
-            os.write(fd, b"%d %.6f lab app[%d]: a line of the growing log\n" % (seq, stamp, os.getpid()))
+            os.write(fd, b"%d %.6f lab app[%d]: %s\n" % (seq, stamp, os.getpid(), line_text(seq)))
     finally:
         os.close(fd)
     out.put((count, started, stamp))
 
 
-def paced_pings(port: int, seconds: float, out: multiprocessing.Queue) -> None:
-    """One client: a ping every PING_INTERVAL for ``seconds``; puts the latencies in seconds."""
-    latencies = []
+def _pings(port: int, until: Callable[[], bool]) -> list[tuple[float, float]]:
+    """A ping every PING_INTERVAL until ``until()``: (when it was sent, on the
+    monotonic clock, which every process of the machine shares; its latency), in seconds."""
+    pings = []
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stop = time.perf_counter() + seconds
-        while (started := time.perf_counter()) < stop:
+        while not until():
+            started = time.monotonic()
             sock.sendall(b"ping\n")
             reply = b""
             while not reply.endswith(b"\n"):
@@ -93,19 +135,34 @@ def paced_pings(port: int, seconds: float, out: multiprocessing.Queue) -> None:
                 if not chunk:
                     raise ConnectionError("the server closed the ping client")
                 reply += chunk
-            latencies.append(time.perf_counter() - started)
-            time.sleep(max(0.0, started + PING_INTERVAL - time.perf_counter()))
-    out.put(latencies)
+            pings.append((started, time.monotonic() - started))
+            time.sleep(max(0.0, started + PING_INTERVAL - time.monotonic()))
+    return pings
 
 
-def _subscribe(port: int, count: int) -> tuple[selectors.BaseSelector, dict]:
-    """``count`` connections that sent ``follow`` and read its ``Begin follow``:
-    {socket: its Follower}."""
+def paced_pings(port: int, seconds: float, out: multiprocessing.Queue) -> None:
+    """One client: a ping every PING_INTERVAL for ``seconds``; puts the latencies in seconds."""
+    stop = time.monotonic() + seconds
+    out.put([latency for _, latency in _pings(port, lambda: time.monotonic() >= stop)])
+
+
+def stamped_pings(port: int, stop_at, out: multiprocessing.Queue) -> None:
+    """paced_pings until the monotonic clock passes ``stop_at`` (a shared double),
+    but puts (when each ping was sent, its latency): a load that comes and goes
+    picks the pings sent while it ran."""
+    out.put(_pings(port, lambda: time.monotonic() >= stop_at.value))
+
+
+def _subscribe(port: int, requests: list[bytes]) -> tuple[selectors.BaseSelector, dict, dict]:
+    """A connection for each of ``requests`` (follow requests) that sent it and
+    read its ``Begin follow``: {socket: its Follower}, {socket: its request}."""
     selector = selectors.DefaultSelector()
-    state = {}
-    for _ in range(count):
+    state, asked = {}, {}
+    count = len(requests)
+    for request in requests:
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        sock.sendall(b"follow\n")
+        sock.sendall(request)
+        asked[sock] = request
         sock.setblocking(False)
         state[sock] = Follower()
         selector.register(sock, selectors.EVENT_READ)
@@ -125,27 +182,35 @@ def _subscribe(port: int, count: int) -> tuple[selectors.BaseSelector, dict]:
                 waiting.discard(key.fileobj)
             elif not b"Begin follow\n".startswith(follower.tail):
                 raise ConnectionError(f"follow answered {follower.tail[:200]!r}")
-    return selector, state
+    return selector, state, asked
 
 
 class Stream:
-    """The lines every follower of a client process must get, as far as one
-    got them: line i is ``i STAMP ...``. Each line is parsed once per
-    process, then each follower's bytes are compared with these in C: the
-    check costs no Python work per line and follower."""
+    """The lines every follower of a client process that sent one request must
+    get, as far as one got them: the writer's lines ``seqs`` (by default
+    every line: line i is ``i STAMP ...``), each matching ``pattern`` if
+    given. Each line is parsed once per process, then each follower's bytes
+    are compared with these in C: the check costs no Python work per line
+    and follower."""
 
-    def __init__(self) -> None:
+    def __init__(self, seqs: Sequence[int] = range(sys.maxsize), pattern: re.Pattern | None = None) -> None:
+        self.seqs = seqs
+        self.pattern = pattern
         self.data = bytearray()
         #: the offset after each line, and its stamp in DELAY_BIN units
         self.ends: list[int] = []
         self.stamps: list[int] = []
 
     def extend(self, lines: bytes) -> bool:
-        """Add ``lines`` (complete lines); False when one is not the next line."""
+        """Add ``lines`` (complete lines); False when one is not the next line
+        (or does not match the pattern)."""
         for line in lines.split(b"\n")[:-1]:
             seq, stamp, _ = (line.split(b" ", 2) + [b"", b""])[:3]
-            if not seq.isdigit() or int(seq) != len(self.ends):
-                return False  # a line out of order, or == N lines dropped ==
+            index = len(self.ends)
+            if not seq.isdigit() or index >= len(self.seqs) or int(seq) != self.seqs[index]:
+                return False  # a line missed, out of order, or == N lines dropped ==
+            if self.pattern is not None and self.pattern.search(line) is None:
+                return False
             self.data += line + b"\n"
             self.ends.append(len(self.data))
             self.stamps.append(int(float(stamp) / DELAY_BIN))
@@ -184,30 +249,33 @@ class Follower:
         self.lines = done
 
 
-def followers(port: int, count: int, lines: int, ready: multiprocessing.Queue,
+def followers(port: int, requests: list[bytes], lines: int, ready: multiprocessing.Queue,
               stop_at, out: multiprocessing.Queue) -> None:
-    """``count`` followers: tells ``ready`` once all follow, then reads until
-    each got ``lines`` lines (or went wrong) or the clock passes ``stop_at``
-    (a shared double); puts what they got."""
-    selector, state = _subscribe(port, count)
-    ready.put(count)
-    stream = Stream()
+    """A follower for each of ``requests``: tells ``ready`` once all follow,
+    then reads until each got the lines its request selects of the
+    ``lines`` written (or went wrong) or the clock passes ``stop_at`` (a
+    shared double); puts what they got."""
+    selector, state, asked = _subscribe(port, requests)
+    ready.put(len(requests))
+    streams = {request: Stream(*selected(request, lines)) for request in set(requests)}
     delays: Counter = Counter()
-    unfinished = set(state)
+    unfinished = {sock for sock in state if streams[asked[sock]].seqs}
     while unfinished and time.monotonic() < stop_at.value:
         for key, _ in selector.select(timeout=0.2):
             sock, follower = key.fileobj, state[key.fileobj]
+            stream = streams[asked[sock]]
             data = sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionError("the server closed a follower")
             if not follower.bad:
                 follower.take(data, stream, int(time.monotonic() / DELAY_BIN), delays)
-            if follower.bad or follower.lines >= lines:
+            if follower.bad or follower.lines >= len(stream.seqs):
                 unfinished.discard(sock)
     for sock in state:
         sock.close()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    out.put({"complete": sum(1 for f in state.values() if f.lines == lines and not f.bad),
+    out.put({"complete": sum(1 for sock, f in state.items()
+                             if f.lines == len(streams[asked[sock]].seqs) and not f.bad),
              "drops": sum(f.drops for f in state.values()), "delays": delays,
              "cpu_s": usage.ru_utime + usage.ru_stime, "done_at": time.monotonic()})
 
@@ -281,14 +349,18 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def follow_cell(pid: int, port: int, log: Path, count: int, seconds: float) -> dict:
+def follow_cell(pid: int, port: int, log: Path, requests: list[bytes], seconds: float,
+                cell: str = FOLLOW) -> dict:
     """The follow cell against the server ``pid`` listening on ``port`` and
-    serving ``log``: {FOLLOW: figures}. Every process it starts is gone when it returns."""
+    serving ``log`` as its default log: a follower for each of ``requests``
+    (``follow`` or ``follow grep PATTERN``, see selected): {cell: figures}.
+    Every process it starts is gone when it returns."""
     lines = int(FOLLOW_RATE * seconds)
     rss = {"before": rss_kib(pid)}
     ready: multiprocessing.Queue = multiprocessing.Queue()
     stop_at = multiprocessing.RawValue("d", float("inf"))
-    shares = [count // FOLLOW_PROCESSES + (i < count % FOLLOW_PROCESSES) for i in range(FOLLOW_PROCESSES)]
+    # each process gets its share of every request: it parses each stream once
+    shares = [requests[i::FOLLOW_PROCESSES] for i in range(FOLLOW_PROCESSES)]
     clients = [start(followers, port, share, lines, ready, stop_at) for share in shares if share]
     started = list(clients)
     try:
@@ -318,16 +390,19 @@ def follow_cell(pid: int, port: int, log: Path, count: int, seconds: float) -> d
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-    return {FOLLOW: _follow_figures(count, written, got, pings, cpu, rss)}
+    return {cell: _follow_figures(requests, written, got, pings, cpu, rss)}
 
 
-def _follow_figures(count: int, written: tuple, got: list[dict], pings: list[float],
+def _follow_figures(requests: list[bytes], written: tuple, got: list[dict], pings: list[float],
                     cpu: tuple[float, float], rss: dict) -> dict:
-    """The figures of the follow cell from what its processes measured."""
+    """The figures of a follow cell from what its processes measured."""
+    count = len(requests)
     lines, first, last = written
     delays = sum((g["delays"] for g in got), Counter())
+    delivered = sum(delays.values())
     return {
-        "followers": count, "lines": lines, "write_rate": lines / max(last - first, 1e-9),
+        "followers": count, "patterns": len({r for r in requests if r != PLAIN_FOLLOW}),
+        "lines": lines, "write_rate": lines / max(last - first, 1e-9), "delivered": delivered,
         "incomplete": count - sum(g["complete"] for g in got), "drops": sum(g["drops"] for g in got),
         "delivery_p50_ms": binned_percentile(delays, 0.5) * 1000,
         "delivery_p99_ms": binned_percentile(delays, 0.99) * 1000,
@@ -335,7 +410,8 @@ def _follow_figures(count: int, written: tuple, got: list[dict], pings: list[flo
         "drain_s": max(g["done_at"] for g in got) - last,
         "ping_p99_ms": percentile(pings, 0.99) * 1000,
         "cpu_s": cpu[0], "tail_cpu_s": cpu[1],
-        "cpu_us_per_line": cpu[0] / max(sum(delays.values()), 1) * 1e6,
+        "cpu_us_per_line": cpu[0] / max(delivered, 1) * 1e6,
+        "cpu_us_per_line_read": cpu[0] / max(lines, 1) * 1e6,
         "client_cpu_s": sum(g["cpu_s"] for g in got),
         "rss_parked_kib": (rss["parked"] - rss["before"]) / count,
         "rss_peak_kib": (rss["peak"] - rss["before"]) / count}
@@ -348,12 +424,14 @@ FOLLOW_ROWS = [
     ("incomplete", "followers that missed a line or got one out of order", "{:.0f}"),
     ("drops", "'lines dropped' notices received", "{:.0f}"),
     ("write_rate", "lines written a second", "{:.0f}"),
+    ("delivered", "lines delivered, all followers", "{:.0f}"),
     ("delivery_p50_ms", "delivery p50 (write to receipt)", "{:.1f} ms"),
     ("delivery_p99_ms", "delivery p99", "{:.1f} ms"),
     ("delivery_max_ms", "delivery max", "{:.1f} ms"),
     ("drain_s", "last line received, after the last write", "{:.2f} s"),
     ("ping_p99_ms", "ping p99 from another client", "{:.2f} ms"),
     ("cpu_s", "server CPU, first write to last receipt", "{:.2f} s"),
+    ("cpu_us_per_line_read", "server CPU per line read (written to the log)", "{:.2f} us"),
     ("cpu_us_per_line", "server CPU per line delivered", "{:.2f} us"),
     ("tail_cpu_s", "CPU of the log's tail process", "{:.2f} s"),
     ("rss_parked_kib", "server RSS per follower, parked", "{:.2f} KiB"),
@@ -362,18 +440,35 @@ FOLLOW_ROWS = [
 ]
 
 
+def is_follow(figures: dict) -> bool:
+    """Whether ``figures`` are those of a follow cell (follow_cell), which has a section of its own."""
+    return "followers" in figures
+
+
+def _followers_text(cell: dict) -> str:
+    followers, patterns = cell["followers"], cell["patterns"]
+    if not patterns:
+        return f"{followers:.0f} followers"
+    if patterns == followers:
+        return f"{followers:.0f} followers, each with a pattern of its own"
+    return f"{followers:.0f} followers sharing {patterns:.0f} patterns ({followers / patterns:.0f} each)"
+
+
 def report_follow(results: dict, rounds: dict) -> None:
-    """Print the follow cell of each server that has one: medians, and the range of the rounds."""
+    """Print each follow cell of each server that has one: medians, and the range of the rounds."""
     for name, cells in results.items():
-        cell = cells.get(FOLLOW)
-        if cell is None:
-            continue
-        each = [r[FOLLOW] for r in rounds.get(name, ()) if FOLLOW in r]
-        print(f"\nfollow ({name} only: the peers have no follow): {cell['followers']:.0f} followers, "
-              f"{cell['lines']:.0f} lines at {FOLLOW_RATE:,}/s"
-              + (f"; medians of {len(each)} rounds [lowest-highest]" if len(each) > 1 else ""))
-        for key, label, fmt in FOLLOW_ROWS:
-            text = fmt.format(cell[key])
-            if len(each) > 1:
-                text += f" [{fmt.format(min(c[key] for c in each))}-{fmt.format(max(c[key] for c in each))}]"
-            print(f"  {label:<54}{text:>30}")
+        for cell_name, cell in cells.items():
+            if is_follow(cell):
+                _report_follow_cell(name, cell_name, cell,
+                                    [r[cell_name] for r in rounds.get(name, ()) if cell_name in r])
+
+
+def _report_follow_cell(name: str, cell_name: str, cell: dict, each: list[dict]) -> None:
+    print(f"\n{cell_name} ({name} only: the peers have no follow): {_followers_text(cell)}, "
+          f"{cell['lines']:.0f} lines at {FOLLOW_RATE:,}/s"
+          + (f"; medians of {len(each)} rounds [lowest-highest]" if len(each) > 1 else ""))
+    for key, label, fmt in FOLLOW_ROWS:
+        text = fmt.format(cell[key])
+        if len(each) > 1:
+            text += f" [{fmt.format(min(c[key] for c in each))}-{fmt.format(max(c[key] for c in each))}]"
+        print(f"  {label:<54}{text:>30}")

@@ -2,18 +2,27 @@
 
 A server's results are {cell: figures}; the figures of a cell are some of
 ``rps`` (requests a second), ``p50_ms``/``p99_ms`` (latency), ``kib``
-(memory per idle connection), ``slowest_connect_s``, or those of the follow
-cell (see bench_logs).
+(memory per idle connection), ``slowest_connect_s``, those of the follow
+cells (see bench_logs), ``ms``/``grep_ms``/``grep_ratio`` (lastlog grep
+beside grep -c) or ``text_share`` (lastlog in JSON beside text; see
+bench_queries).
 """
 
 from __future__ import annotations
 
-from bench_logs import FOLLOW
+from bench_logs import is_follow
+from bench_queries import (
+    FOLLOW_GREP_DISTINCT,
+    FOLLOW_GREP_SHARED,
+    JSON_LASTLOG,
+    LASTLOG_GREP,
+    PING_BESIDE_GREP,
+)
 
 #: the targets of a full run, on the medians (the worst round for the
-#: follow cell's misses): (cell, what must hold, as docs/benchmarks.md says
-#: it), what being ("ratio", server, least ratio), ("below" or "at most",
-#: figure, bound) or ("none", figure, 0). A ratio is round_ratio: more
+#: follow cells' misses): (cell, what must hold, as docs/benchmarks.md says
+#: it), what being ("ratio", server, least ratio), ("below", "at most" or
+#: "at least", figure, bound) or ("none", figure, 0). A ratio is round_ratio: more
 #: requests, less memory, or a shorter p99. "ping 1c" has none: at one
 #: connection the round trip is the hypervisor waking the other CPU, and
 #: every server lands within noise.
@@ -35,6 +44,12 @@ TARGETS = [
     ("follow", ("none", "incomplete", 0)),
     ("follow", ("below", "delivery_p99_ms", 250)),
     ("follow", ("below", "ping_p99_ms", 10)),
+    # the log queries of 1.2, gcmd only: a figure of gcmd beside a baseline of the same round
+    (LASTLOG_GREP, ("at most", "grep_ratio", 3)),
+    (PING_BESIDE_GREP, ("below", "p99_ms", 10)),
+    (JSON_LASTLOG, ("at least", "text_share", 0.8)),
+    *((cell, target) for cell in (FOLLOW_GREP_SHARED, FOLLOW_GREP_DISTINCT) for target in (
+        ("none", "incomplete", 0), ("below", "delivery_p99_ms", 250), ("below", "ping_p99_ms", 10))),
     # one greenlet per client, as the design asks: its stack is the price (about 10 KiB)
     ("idle KiB/conn", ("at most", "kib", 12)),
     ("idle KiB/conn", ("below", "slowest_connect_s", 1)),
@@ -51,7 +66,9 @@ OWN_LOG_CELLS = ("ping 10c", "ping 100c", "ping 100c x16")
 FIGURES = {"p99_ms": ("p99", "ms", ".2f"), "kib": ("memory", "KiB", ".2f"),
            "slowest_connect_s": ("slowest connect", "s", ".3f"),
            "incomplete": ("follower misses a line or gets one out of order", "", ".0f"),
-           "delivery_p99_ms": ("delivery p99", "ms", ".1f"), "ping_p99_ms": ("ping p99", "ms", ".2f")}
+           "delivery_p99_ms": ("delivery p99", "ms", ".1f"), "ping_p99_ms": ("ping p99", "ms", ".2f"),
+           # a figure of gcmd over a baseline of the same round
+           "grep_ratio": ("time", "x grep -c", ".2f"), "text_share": ("rate", "x text lastlog 10", ".2f")}
 
 
 def round_ratio(mine: dict, theirs: dict) -> float | None:
@@ -63,6 +80,8 @@ def round_ratio(mine: dict, theirs: dict) -> float | None:
         if mine["kib"] <= 0 or theirs["kib"] <= 0:
             return None
         return theirs["kib"] / mine["kib"]
+    if "ms" in mine:  # the time of a request
+        return theirs["ms"] / max(mine["ms"], 0.001)
     if "rps" not in mine:
         return theirs["p99_ms"] / max(mine["p99_ms"], 0.001)
     return mine["rps"] / max(theirs["rps"], 0.01)
@@ -71,6 +90,10 @@ def round_ratio(mine: dict, theirs: dict) -> float | None:
 def _figures(c: dict) -> str:
     if "kib" in c:
         return f"{c['kib']:.2f} KiB"
+    if "grep_ratio" in c:
+        return f"{c['ms']:.0f} ms {c['grep_ratio']:.2f}x grep"
+    if "text_share" in c:
+        return f"{c['rps']:.0f}/s {c['text_share']:.2f}x text"
     if "rps" not in c:
         return f"p99 {c['p99_ms']:.2f} ms" if c else "-"
     if "p99_ms" in c:
@@ -86,10 +109,10 @@ def report(results: dict, rounds: dict | None = None) -> None:
     """Print the table and the ratios (one line instead when one server ran);
     with several ``rounds`` of each server, each ratio's lowest and highest of
     the rounds (round i of one server beside round i of the other) are in
-    brackets. The follow cell has its own section (bench_logs.report_follow)."""
+    brackets. The follow cells have their own section (bench_logs.report_follow)."""
     names = list(results)
     base = "gcmd" if "gcmd" in results else names[0]
-    cells = [cell for cell in results[base] if cell != FOLLOW]
+    cells = [cell for cell, figures in results[base].items() if not is_follow(figures)]
     print(f"\n{'cell':<20}" + "".join(f"{n:>22}" for n in names))
     for cell in cells:
         print(f"{cell:<20}" + "".join(f"{_figures(results[name].get(cell, {})):>22}" for name in names))
@@ -148,6 +171,15 @@ def report_own_log(results: dict, rounds: dict) -> None:
         print(row)
 
 
+#: the comparison of each kind of bound
+BOUNDS = {"below": "<", "at most": "<=", "at least": ">="}
+
+
+def _amount(value: float, unit: str, fmt: str = "g") -> str:
+    """``value`` with its ``unit``: ``10 ms``, ``3x grep -c``."""
+    return f"{value:{fmt}}{unit}" if unit.startswith("x") else f"{value:{fmt}} {unit}".rstrip()
+
+
 def describe(target: tuple) -> str:
     """A target as docs/benchmarks.md states it: ``>= 1.25x naive_gevent``, ``p99 < 10 ms``."""
     kind, what, bound = target
@@ -156,7 +188,7 @@ def describe(target: tuple) -> str:
     if kind == "none":
         return f"no {FIGURES[what][0]}"
     name, unit, _ = FIGURES[what]
-    return f"{name} {'<' if kind == 'below' else '<='} {bound:g} {unit}".rstrip()
+    return f"{name} {BOUNDS[kind]} {_amount(bound, unit)}"
 
 
 def targets_table() -> str:
@@ -190,8 +222,11 @@ def check(results: dict) -> list[str]:
             if what not in me.get(cell, {}):
                 continue
             value = me[cell][what]
-            ok = value < bound if kind == "below" else value <= bound  # "none": bound is 0
-            shown = f"{value:{FIGURES[what][2]}} {FIGURES[what][1]}".rstrip()
+            if kind == "at least":
+                ok = value >= bound
+            else:
+                ok = value < bound if kind == "below" else value <= bound  # "none": bound is 0
+            shown = _amount(value, FIGURES[what][1], FIGURES[what][2])
         what_held = f"{cell}: {shown} ({describe(target)})"
         print(f"  {'PASS' if ok else 'FAIL'}  {what_held}")
         if not ok:

@@ -136,9 +136,12 @@ def test_documented_figures_meet_the_targets_but_those_listed_as_missed(capsys):
     report = scripts_module("bench_report")
     missed = {re.fullmatch(r"(.+?): .+ \((.+)\)", text).groups() for text in report.check(results)}
     assert missed == page_missed()
-    # every target was judged: none is about a cell or a server the tables lack
+    # every target was judged: none is about a cell or a server the tables lack,
+    # but the log query cells, whose figures the page does not give yet
+    undocumented = {cell for cell, _ in report.TARGETS} - set(results["gcmd"])
+    assert undocumented <= set(scripts_module("bench_queries").CELLS)
     out = capsys.readouterr().out
-    assert out.count("PASS") + out.count("FAIL") == len(report.TARGETS)
+    assert out.count("PASS") + out.count("FAIL") == len([t for t in report.TARGETS if t[0] not in undocumented])
 
 
 @pytest.mark.slow
@@ -226,6 +229,98 @@ def test_bench_rows_that_log_get_their_share_of_gcmd_beside_what_is_asked(tmp_pa
         assert re.search(rf"^{re.escape(cell)}\s+[\d.]+x \(>= {log}x: (met|not met)\)\s+[\d.]+x {asked}$",
                          own, re.MULTILINE), cell
     assert "follow (" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_bench_log_query_cells_quick():
+    result = run_bench("--quick", "--logs-only", "--only", "gcmd", "--duration", 0.5, "--followers", 20,
+                       "--follow-seconds", 1)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = result.stdout.split("no ratios:")[0]
+    assert re.search(r"^lastlog grep 64MiB\s+\d+ ms [\d.]+x grep$", table, re.MULTILINE)
+    assert re.search(r"^ping beside grep\s+p99 [\d.]+ ms$", table, re.MULTILINE)
+    assert re.search(r"^lastlog 10 json 10c\s+\d+/s [\d.]+x text$", table, re.MULTILINE)
+    # each follower gets the lines of 1000 that its pattern selects: a fifth, a fiftieth
+    for cell, followers, delivered in (("follow grep shared", "20 followers sharing 5 patterns (4 each)", 20 * 200),
+                                       ("follow grep distinct", "2 followers, each with a pattern of its own", 2 * 20)):
+        head = f"\n{cell} (gcmd only: the peers have no follow): {followers}, 1000 lines at 1,000/s\n"
+        section = result.stdout.split(head)[1].split("\n\n")[0]
+        assert re.search(r"^  followers that missed a line or got one out of order\s+0$", section, re.MULTILINE)
+        assert re.search(rf"^  lines delivered, all followers\s+{delivered}$", section, re.MULTILINE)
+        for label in ("delivery p99", "ping p99 from another client", "server CPU per line read"):
+            assert re.search(rf"^  {label}.*\s+[\d.]+ \w+$", section, re.MULTILINE), (cell, label)
+    assert "targets:" not in result.stdout
+
+
+def writer_lines(count: int) -> list[bytes]:
+    """The lines the follow cells' writer writes, numbered from 0."""
+    logs = scripts_module("bench_logs")
+    return [b"%d %.6f lab app[1]: %s\n" % (i, 1000 + i / 1000, logs.line_text(i)) for i in range(count)]
+
+
+@pytest.mark.parametrize(("request_line", "expected"), [
+    (b"follow\n", list(range(20))),
+    (b"follow grep failed session\n", [1, 6, 11, 16]),
+    (b"follow grep Failed session\n", []),  # an upper-case letter: case-sensitive, as journalctl --grep
+    (b"follow grep \\buser07\\b\n", [7]),
+    (b"follow grep \\buser0\\d\\b\n", list(range(10))),
+])
+def test_a_follow_request_selects_the_writers_lines_its_pattern_matches(request_line, expected):
+    seqs, _ = scripts_module("bench_logs").selected(request_line, 20)
+    assert list(seqs) == expected
+
+
+@pytest.mark.parametrize(("received", "complete"), [
+    (lambda lines: [lines[i] for i in (1, 6, 11, 16)], True),
+    (lambda lines: [lines[i] for i in (1, 11, 16)], False),  # a line of the pattern missing
+    (lambda lines: [lines[i] for i in (1, 6, 7, 11, 16)], False),  # a line of another pattern
+    (lambda lines: [lines[i] for i in (1, 11, 6, 16)], False),  # out of order
+    (lambda lines: [lines[i] for i in (1, 6)] + [b"6 1000.0 failed session, forged\n"]
+     + [lines[i] for i in (11, 16)], False),  # a line twice
+])
+def test_a_follower_of_a_pattern_is_checked_against_the_lines_it_selects(received, complete):
+    logs = scripts_module("bench_logs")
+    stream, delays = logs.Stream(*logs.selected(b"follow grep failed session\n", 20)), Counter()
+    follower = logs.Follower()
+    receive(follower, b"".join(received(writer_lines(20))), [30, 31], stream, delays, 0)
+    assert (follower.lines == len(stream.seqs) and not follower.bad) == complete
+
+
+def test_a_line_with_the_right_number_that_does_not_match_is_caught():
+    logs = scripts_module("bench_logs")
+    stream = logs.Stream(*logs.selected(b"follow grep failed session\n", 20))
+    assert stream.extend(writer_lines(20)[1])
+    assert not stream.extend(writer_lines(20)[6].replace(b"failed", b"closed"))
+
+
+def test_the_searched_log_varies_every_line_and_holds_rare_on_one_in_ten_thousand(tmp_path):
+    queries = scripts_module("bench_queries")
+    log = tmp_path / "big.log"
+    rare = queries.write_searched_log(log, 3 << 20)
+    data = log.read_bytes()
+    assert (3 << 20) - 200 < len(data) <= 3 << 20 and data.endswith(b"\n")
+    lines = data.split(b"\n")[:-1]
+    assert len(set(lines)) == len(lines)
+    assert [i for i, line in enumerate(lines) if b"RARE" in line] == list(range(9999, len(lines), 10_000))
+    assert rare == len(lines) // 10_000 == 3
+
+
+@pytest.mark.parametrize(("cell", "figures", "met"), [
+    ("lastlog grep 64MiB", {"ms": 90.0, "grep_ms": 30.0, "grep_ratio": 3.0}, True),
+    ("lastlog grep 64MiB", {"ms": 90.3, "grep_ms": 30.0, "grep_ratio": 3.01}, False),
+    ("lastlog 10 json 10c", {"rps": 8000.0, "text_rps": 10000.0, "text_share": 0.8}, True),
+    ("lastlog 10 json 10c", {"rps": 7900.0, "text_rps": 10000.0, "text_share": 0.79}, False),
+])
+def test_the_query_cells_are_judged_beside_their_baseline_of_the_same_round(cell, figures, met, capsys):
+    report = scripts_module("bench_report")
+    missed = report.check({"gcmd": {cell: figures}})
+    assert (missed == []) == met
+    verdict = "PASS" if met else "FAIL"
+    shown = {"lastlog grep 64MiB": f"{figures.get('grep_ratio', 0):.2f}x grep -c (time <= 3x grep -c)",
+             "lastlog 10 json 10c": f"{figures.get('text_share', 0):.2f}x text lastlog 10 "
+                                    "(rate >= 0.8x text lastlog 10)"}[cell]
+    assert capsys.readouterr().out == f"\ntargets:\n  {verdict}  {cell}: {shown}\n"
 
 
 def stamped_lines(count: int, first_stamp: float = 1000.0) -> list[bytes]:
