@@ -152,6 +152,8 @@ class FileLog(_ProcessLog):
         self._checker: gevent.Greenlet | None = None
         #: lastlog reads by line count: requests that arrive during a read share the next one
         self._reads = NextFlight()
+        #: the same for the queries (1.2), by what they ask
+        self._queries = NextFlight()
         #: the errno of the last failure to read the file the operator was warned of
         self._told: int | None = None
 
@@ -177,8 +179,15 @@ class FileLog(_ProcessLog):
 
     def query(self, count: int, pattern: Pattern | None, shape: Shape, limit: int = MAX_REPLY) -> list[bytes]:
         """The lines of this log in a lastlog block of a query (see query_last_lines),
-        read in the pool; CommandError when the file cannot be read."""
-        lines = self._call(query_last_lines, "lastlog", count, pattern, shape, limit)
+        read in the pool (queries asking the same that arrive during a read share
+        the next one, as lastlog); CommandError when the file cannot be read."""
+        # the queries that ask the same, arriving while a read is under way, share the next one
+        key = (count, None if pattern is None else pattern.source, shape.json, shape.name, limit)
+        try:
+            lines = self._queries.run(key, self._call, query_last_lines, "lastlog", count, pattern, shape, limit,
+                                      timeout=self.command_timeout)
+        except TimeoutError:
+            raise CommandError(f"lastlog timed out after {self.command_timeout:g} s") from None
         if lines is not None:
             return lines
         self._follow_path()  # not a regular file: what its reader read
