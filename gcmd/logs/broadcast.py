@@ -59,8 +59,9 @@ class Broadcast:
     New lines are delivered in passes, by one greenlet per log (its courier):
     a pass hands the lines that ended since the last one, as one
     :class:`~gcmd.logs.lines.Batch` (a list every subscriber shares: never
-    changed), to every subscriber, letting the others run every PASS_SLICE
-    subscribers. A pass starts at once after a quiet spell, else
+    changed), to every subscriber, and their raw lines, as one list per file
+    they came from, to every feed (subscribe_lines), letting the others run
+    every PASS_SLICE subscribers. A pass starts at once after a quiet spell, else
     DELIVERY_INTERVAL after the last one (sooner when DELIVERY_BATCH bytes
     wait), so a log that grows fast costs a pass per interval, not one per
     chunk its reader reads. A subscriber must not block; one that raises is
@@ -85,8 +86,11 @@ class Broadcast:
         #: set when a pass has taken the waiting lines
         self._taken = gevent.event.Event()
         self._courier: gevent.Greenlet | None = None
-        #: the feeds' subscribers (raw lines, at once, in the reader's greenlet)
-        self._line_subscribers: dict[LineSubscriber, None] = {}
+        #: the feeds' subscribers -> the number of the first raw line each gets
+        self._line_subscribers: dict[LineSubscriber, int] = {}
+        #: raw lines for the feeds' next pass, as (lines, tag) runs, and the number of the next one
+        self._waiting_raw: list[tuple[list, object]] = []
+        self._raw_numbered = 0
         #: the last raw lines given to the feeds, and what each kind of feed made of them
         self._shaped_for: object = None
         self._shaped: dict[object, Batch] = {}
@@ -103,15 +107,18 @@ class Broadcast:
         self._count_followers()
 
     def subscribe_lines(self, callback: LineSubscriber) -> None:
-        """Call ``callback(lines, tag)`` with the raw lines that end from now on, as
-        soon as they are read (no pass: a feed filters them before any
-        follower's buffer). ``lines``: (raw, cut, where), ``raw`` the line's
-        first MAX_LINE bytes, ``cut`` the bytes after them; ``where`` and
-        ``tag`` place the line: for a file, the offset of its ``\\n`` in the
-        file (device, inode) ``tag``; for the ``gcmd`` log, its number; else None.
+        """Call ``callback(lines, tag)`` with the raw lines that end from now on, in
+        passes (a feed filters them before any follower's buffer). ``lines``:
+        (raw, cut, where), ``raw`` the line's first MAX_LINE bytes, ``cut`` the
+        bytes after them; ``where`` and ``tag`` place the line: for a file, the
+        offset of its ``\\n`` in the file (device, inode) ``tag``; for the
+        ``gcmd`` log, its number; for the journal, (its number, journald's
+        cursor); else None. Every feed gets the same list (see shaped).
         """
-        self._line_subscribers[callback] = None
+        self._line_subscribers[callback] = self._raw_numbered
         self._count_followers()
+        if self._courier is None or self._courier.dead:
+            self._courier = gevent.spawn(self._deliver_passes)
 
     def unsubscribe_lines(self, callback: LineSubscriber) -> None:
         self._line_subscribers.pop(callback, None)
@@ -139,12 +146,16 @@ class Broadcast:
     def _count_followers(self) -> None:
         self.stats.followers = len(self._subscribers) + len(self._line_subscribers)
 
-    def _deliver_lines(self, lines: list[tuple[bytes, int, int | None]], tag: object) -> None:
-        for callback in tuple(self._line_subscribers):
-            try:
-                callback(lines, tag)
-            except Exception:
-                log.exception("a follower of the log '%s' failed", self.source)
+    def _deliver_lines(self, lines: list[tuple[bytes, int, object]], tag: object) -> None:
+        """Queue new raw lines, placed by ``tag`` (see subscribe_lines), for the feeds' next pass."""
+        if not self._line_subscribers or not lines:
+            return
+        if self._waiting_raw and self._waiting_raw[-1][1] == tag:
+            self._waiting_raw[-1][0].extend(lines)
+        else:
+            self._waiting_raw.append((list(lines), tag))
+        self._raw_numbered += len(lines)
+        self._queued(sum(len(raw) + 1 for raw, _cut, _where in lines))
 
     def stop_delivery(self) -> None:
         """Stop the courier (no more passes)."""
@@ -161,7 +172,13 @@ class Broadcast:
                 self._waiting_bytes += len(line) + 1
                 self._numbered += 1
         if self._waiting:
-            self._lines_wait.set()
+            self._queued(0)
+
+    def _queued(self, size: int) -> None:
+        """``size`` more bytes wait for the next pass: wake the courier, and hold
+        the reader back while more than DELIVERY_BATCH wait."""
+        self._waiting_bytes += size
+        self._lines_wait.set()
         if self._waiting_bytes >= DELIVERY_BATCH and gevent.getcurrent() is not gevent.get_hub():
             # a reader's greenlet waits for the pass to take them: what follows
             # waits in the reader's pipe, not here (at most ~DELIVERY_BATCH)
@@ -182,20 +199,40 @@ class Broadcast:
 
     def _pass(self) -> None:
         lines, first = Batch(self._waiting), self._numbered - len(self._waiting)
-        self._waiting, self._waiting_bytes = [], 0
+        runs, raw_first = self._waiting_raw, self._raw_numbered - sum(len(run) for run, _tag in self._waiting_raw)
+        self._waiting, self._waiting_raw, self._waiting_bytes = [], [], 0
         self._taken.set()
         self._last_pass = monotonic()
-        for n, callback in enumerate(tuple(self._subscribers)):
-            if n and n % PASS_SLICE == 0:
-                gevent.sleep(PASS_PAUSE)  # the others run between slices of a long pass
+        served = 0
+        for callback in tuple(self._subscribers):
+            served = self._pause_between_slices(served)
             # looked up now: it may have left, or left and come back, meanwhile
             since = self._subscribers.get(callback)
             if since is None:
                 continue
             part = lines if since <= first else Batch(lines[since - first:])
-            if not part:
-                continue  # it came after these lines ended
-            try:
-                callback(part)
-            except Exception:
-                log.exception("a follower of the log '%s' failed", self.source)
+            if part:  # else it came after these lines ended
+                self._hand(callback, part)
+        for callback in tuple(self._line_subscribers):
+            served = self._pause_between_slices(served)
+            since = self._line_subscribers.get(callback)
+            if since is None:
+                continue
+            number = raw_first
+            for run, tag in runs:
+                if since < number + len(run):
+                    # the same list for every feed that gets all of it (see shaped)
+                    self._hand(callback, run if since <= number else run[since - number:], tag)
+                number += len(run)
+
+    @staticmethod
+    def _pause_between_slices(served: int) -> int:
+        if served and served % PASS_SLICE == 0:
+            gevent.sleep(PASS_PAUSE)  # the others run between slices of a long pass
+        return served + 1
+
+    def _hand(self, callback: Callable, *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("a follower of the log '%s' failed", self.source)
