@@ -112,6 +112,38 @@ def check_short_lines(tmp_path) -> None:
     assert ours == printed
 
 
+#: entries where journalctl 252 does more than the cases above show: carriage
+#: returns at a line's end are dropped, not a reason for a blob; a source time
+#: is read as strtoull reads it and must be below 2^55 microseconds
+CARRIAGE_RETURNS_AND_ODD_TIMES = [
+    {"MESSAGE": "crlf\r\nline\r\n", "SYSLOG_IDENTIFIER": "app"},
+    {"MESSAGE": "ends with cr\r\r", "SYSLOG_IDENTIFIER": "app"},
+    {"MESSAGE": "\r", "SYSLOG_IDENTIFIER": "app"},
+    {"MESSAGE": "cr then colour\x1b[1m\r", "SYSLOG_IDENTIFIER": "app"},
+    {"MESSAGE": "cr before colour\r\x1b[1m", "SYSLOG_IDENTIFIER": "app"},
+    {"MESSAGE": "cr\r inside", "SYSLOG_IDENTIFIER": "app"},
+    {"MESSAGE": "far future", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "253402214399999999"},
+    {"MESSAGE": "just below 2^55", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": str((1 << 55) - 1)},
+    {"MESSAGE": "2^55", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": str(1 << 55)},
+    {"MESSAGE": "hex", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "0x5af3107a4000"},
+    {"MESSAGE": "plus", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "+1600000000000000"},
+    {"MESSAGE": "blank", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": " 1600000000000000"},
+    {"MESSAGE": "blank after", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "1600000000000000 "},
+    {"MESSAGE": "octal", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "0100000000"},
+    {"MESSAGE": "minus", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "-1"},
+]
+
+
+@needs_journal
+def test_short_lines_of_carriage_returns_and_odd_times_are_what_journalctl_prints(tmp_path):
+    write_journal(tmp_path / "a.journal", CARRIAGE_RETURNS_AND_ODD_TIMES)
+    printed = journalctl(tmp_path, "--output", "short").split(b"\n")[:-1]  # a \r is no line end here
+    ours = []
+    for raw in journalctl(tmp_path, "--output", "json", "--all").splitlines():
+        ours += decode_entry(raw, 0)[1]
+    assert ours == printed
+
+
 @pytest.mark.parametrize("message, stripped", [
     (b"plain", b"plain"),
     (b"a\tb", b"a        b"),
@@ -120,6 +152,9 @@ def check_short_lines(tmp_path) -> None:
     (b"\x1b]8;;http://x\x07link", b"link"),      # OSC to BEL
     (b"end \x1b", b"end \x1b"),
     (b"\x1bX", b"\x1bX"),
+    (b"a\r\nb\r", b"a\nb"),                  # a CR before a newline or at the end goes
+    (b"a\r\rb", b"a\r\rb"),
+    (b"a\r\t", b"a\r        "),
 ])
 def test_strip_tab_ansi(message, stripped):
     assert strip_tab_ansi(message) == stripped
@@ -284,5 +319,23 @@ def test_a_restarted_journal_reader_goes_on_after_its_last_entry_and_loses_none(
         write_journal(journal_dir / "c.journal", numbered(5, 1), 1_700_002_000_000_000)
         poll(lambda: any(line.endswith(b"entry 5") for line in got), 10, f"entry 5 never came: {got!r}")
         assert [line.rsplit(b" ", 1)[1] for line in got] == [b"3", b"4", b"5"]  # none lost, none twice
+    finally:
+        log.close()
+
+
+@needs_journal
+def test_an_entry_with_a_time_of_thousands_of_digits_does_not_stop_the_reader(journal_dir):
+    write_journal(journal_dir / "a.journal", [
+        {"MESSAGE": "odd time", "SYSLOG_IDENTIFIER": "app", "_SOURCE_REALTIME_TIMESTAMP": "1" * 5000},
+        *numbered(1, 1)])
+    log = JournalLog(f"journal:{journal_dir}", 5.0)
+    got: list[bytes] = []
+    try:
+        log.start()
+        assert [line.split(b" ", 3)[3] for line in log.lastlog(5)] == [b"app: odd time", b"lab app[1]: entry 1"]
+        log.subscribe(got.extend)
+        write_journal(journal_dir / "b.journal", numbered(2, 1), 1_700_001_000_000_000)
+        poll(lambda: got, 10, "the reader read no new entry")
+        assert got[0].endswith(b"entry 2")
     finally:
         log.close()
