@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -18,6 +19,8 @@ import time
 import pytest
 from support import poll
 
+from gcmd.logs.cursors import parse_cursor
+from gcmd.logs.feed import Feed
 from gcmd.logs.journal import JournalLog
 from gcmd.logs.journal_short import (
     decode_entry,
@@ -337,5 +340,39 @@ def test_an_entry_with_a_time_of_thousands_of_digits_does_not_stop_the_reader(jo
         write_journal(journal_dir / "b.journal", numbered(2, 1), 1_700_001_000_000_000)
         poll(lambda: got, 10, "the reader read no new entry")
         assert got[0].endswith(b"entry 2")
+    finally:
+        log.close()
+
+
+def entry_numbers(lines: list[bytes]) -> list[int]:
+    """The N of each ``entry N`` line of a feed's JSON lines."""
+    return [int(json.loads(line)["line"].rsplit(" ", 1)[1]) for line in lines]
+
+
+@needs_journal
+def test_a_resume_while_the_reader_lags_sends_each_entry_once(journal_dir):
+    write_journal(journal_dir / "a.journal", numbered(0, 1500))
+    journald = json.loads(journalctl(journal_dir, "-o", "json").splitlines()[99])["__CURSOR"]  # entry 99
+    log = JournalLog(f"journal:{journal_dir}", 10.0)
+    got: list[bytes] = []
+    try:
+        log.start()
+        log.lastlog(1)
+        [reader] = reader_pids()
+        os.kill(reader, signal.SIGSTOP)  # a reader behind: it has not read what is written now
+        try:
+            # journal-remote writes another file: entries of another seqnum ID, as from another machine
+            write_journal(journal_dir / "b.journal", numbered(1500, 3), 1_700_010_000_000_000)
+            feed = Feed([("journal", log)], format="json",
+                        cursors={"journal": parse_cursor(f"j1:journal:{journald}".encode())})
+            feed.subscribe(got.extend)
+        finally:
+            os.kill(reader, signal.SIGCONT)
+        poll(lambda: any(line.endswith(b"entry 1502") for line in log.recent.numbered()[0]), 10,
+             "the reader did not catch up")
+        write_journal(journal_dir / "c.journal", numbered(1503, 1), 1_700_020_000_000_000)
+        poll(lambda: got and got[-1].endswith(b'entry 1503"}'), 10, f"entry 1503 never came: {got[-3:]!r}")
+        assert entry_numbers(feed.backlog) == list(range(100, 1503))
+        assert entry_numbers(got) == [1503]  # none of the resumed ones again
     finally:
         log.close()
