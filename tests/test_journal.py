@@ -376,3 +376,35 @@ def test_a_resume_while_the_reader_lags_sends_each_entry_once(journal_dir):
         assert entry_numbers(got) == [1503]  # none of the resumed ones again
     finally:
         log.close()
+
+
+@needs_journal
+def test_a_reader_that_died_in_the_middle_of_an_entry_goes_on_with_that_entry_whole(journal_dir, tmp_path,
+                                                                                    monkeypatch):
+    write_journal(journal_dir / "a.journal", numbered(0, 5))
+    printed = journalctl(journal_dir, "-o", "json", "--all").splitlines()
+    # a journalctl that prints its backlog, stops in the middle of entry 2 (killed,
+    # crashed) and exits; the next one is the real journalctl
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "journalctl"
+    script.write_text(f"""#!/bin/sh
+if [ ! -e {tmp_path}/died ]; then
+    : > {tmp_path}/died
+    for a; do shift; [ "$a" = --follow ] || set -- "$@" "$a"; done
+    {shutil.which("journalctl")} "$@" | head -c {len(printed[0]) + len(printed[1]) + 2 + 40}
+    exit 1
+fi
+exec {shutil.which("journalctl")} "$@"
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    log = JournalLog(f"journal:{journal_dir}", 5.0)
+    try:
+        log.start()
+        poll(lambda: log.stats.reader_restarts >= 1, 15, "the reader was not started again")
+        poll(lambda: len(log.recent) >= 5, 10, f"the entries after the restart never came: {log.recent.numbered()}")
+        assert [line.rsplit(b" ", 2)[1:] for line in log.lastlog(10)] == [
+            [b"entry", str(i).encode()] for i in range(5)]
+    finally:
+        log.close()

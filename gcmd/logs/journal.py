@@ -200,6 +200,9 @@ class JournalLog(_ProcessLog):
         return self._journalctl("--follow", *start)
 
     def restartable(self, reader: Reader) -> bool:
+        # the next journalctl starts at an entry: a line the last one left
+        # unfinished (it was killed, it crashed) is printed again, whole
+        reader.splitter = LineSplitter()
         if self._last_cursor is not None:
             # on after the last entry read: what was written meanwhile is sent, not lost
             reader.backlog = False
