@@ -578,6 +578,25 @@ def test_feeds_that_ask_for_the_same_lines_share_one_filtering_of_each_batch(tmp
     assert json.loads(calls[4][0][0])["line"] == "keep 1"
 
 
+def test_a_follow_with_a_backlog_gets_the_lines_written_after_a_copytruncate(tmp_path, file_logs):
+    path = tmp_path / "app.log"
+    path.write_text("".join(f"old line {i:04d} of some length\n" for i in range(100)))
+    feed = Feed([("app", file_logs(path))], 1)
+    got: list[bytes] = []
+    feed.subscribe(got.extend)
+    assert feed.backlog == [b"old line 0099 of some length"]
+    with open(path, "a") as f:
+        f.write("one more\n")
+    poll(lambda: got == [b"one more"], 5, f"the live line never came: {got!r}")
+    with open(path, "r+") as f:  # logrotate's copytruncate; the new lines end before the old ones did
+        f.truncate(0)
+    poll(lambda: os.path.getsize(path) == 0)
+    with open(path, "a") as f:
+        f.write("new 1\nnew 2\n")
+    poll(lambda: got[-1:] == [b"new 2"], 5, f"the lines after the truncation never came: {got!r}")
+    assert got == [b"one more", b"new 1", b"new 2"]
+
+
 def test_follow_several_logs_headers_when_the_log_changes(tmp_path, file_logs):
     a, b = tmp_path / "a.log", tmp_path / "b.log"
     a.write_text("a0\n")

@@ -21,7 +21,10 @@ filter, after the backlog.
 
 Resuming after a cursor is the same seam: the lines after the cursor's line
 (read from the file up to its last complete line, or taken from what the
-``gcmd`` log keeps at the instant of the subscription) stand for the backlog.
+``gcmd`` log or the journal keeps at the instant of the subscription, or
+the entries a ``journalctl --cursor`` printed, up to the place of its last
+one in the journal) stand for the backlog. Once a line of the log's
+reader ends past the seam, the filter is gone: every later line is new.
 """
 
 from __future__ import annotations
@@ -139,6 +142,10 @@ class Feed:
         if callback is None or not lines:
             return
         seen = self._seen.get(name)
+        if seen is not None and tag == seen[0] and lines[-1][2] > seen[1]:
+            # past the seam: what comes later is new, even where it stands (a file
+            # truncated and written again, an entry of a late journal file)
+            del self._seen[name]
         if seen is not None and tag == seen[0] and lines[0][2] <= seen[1]:
             out = self._shape(name, [line for line in lines if line[2] > seen[1]], tag)  # at the seam
         else:

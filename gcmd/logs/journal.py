@@ -16,9 +16,9 @@ it read (``--after-cursor``), so that no entry written meanwhile is lost.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-import time
 from collections import deque
 
 import gevent
@@ -34,9 +34,53 @@ from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
 
-#: seconds a resume waits for the reader to read the entries journalctl --cursor printed
-_CATCH_UP = 2.0
-_SEQNUM = re.compile(r"s=([0-9a-f]+);i=([0-9a-f]+)").match
+#: journald's cursor, as sd_journal_get_cursor writes it: seqnum ID, seqnum, boot ID,
+#: monotonic time, realtime, xor hash
+_JOURNALD = re.compile(r"s=([0-9a-f]{32});i=([0-9a-f]+);b=([0-9a-f]{32});m=([0-9a-f]+);t=([0-9a-f]+);x=([0-9a-f]+)")
+
+
+class Position:
+    """Where an entry stands in the journal, from journald's cursor (None: a
+    line that is not an entry, after every entry): ``<`` orders entries as
+    sd-journal does (compare_locations in sd-journal.c, systemd 252): by
+    seqnum within one seqnum ID, else by monotonic time within one boot,
+    else by realtime, then by xor hash. It is where a feed's journal line
+    stands (see Broadcast.subscribe_lines)."""
+
+    def __init__(self, journald: str | None) -> None:
+        self.journald = journald
+
+    @functools.cached_property
+    def _fields(self) -> tuple[str, int, str, int, int, int] | None:
+        match = self.journald and _JOURNALD.fullmatch(self.journald)
+        if not match:
+            return None
+        return match[1], int(match[2], 16), match[3], int(match[4], 16), int(match[5], 16), int(match[6], 16)
+
+    def _order(self, other: Position) -> int:
+        a, b = self._fields, other._fields
+        if a is None or b is None:
+            return (a is None) - (b is None)
+        if a[0] == b[0] and a[1] != b[1]:
+            return -1 if a[1] < b[1] else 1
+        if a[2] == b[2] and a[3] != b[3]:
+            return -1 if a[3] < b[3] else 1
+        for n in (4, 5):
+            if a[n] != b[n]:
+                return -1 if a[n] < b[n] else 1
+        return 0
+
+    def __lt__(self, other: Position) -> bool:
+        return self._order(other) < 0
+
+    def __le__(self, other: Position) -> bool:
+        return self._order(other) <= 0
+
+    def __gt__(self, other: Position) -> bool:
+        return self._order(other) > 0
+
+    def __ge__(self, other: Position) -> bool:
+        return self._order(other) >= 0
 
 
 class JournalLog(_ProcessLog):
@@ -77,7 +121,6 @@ class JournalLog(_ProcessLog):
             self._last_cursor = cursor or self._last_cursor
         wire = [wire_line(raw) for raw in raws]
         self.stats.lines_read += len(wire)
-        first = self.recent.appended + 1
         self.recent.extend(wire)
         self._cursors.extend(cursors)
         while len(self._cursors) > len(self.recent):
@@ -85,8 +128,7 @@ class JournalLog(_ProcessLog):
         if not backlog and wire:
             self._deliver(wire)
             if self._line_subscribers:
-                self._deliver_lines([(raw, 0, (first + n, cursor))
-                                     for n, (raw, cursor) in enumerate(zip(raws, cursors))], None)
+                self._deliver_lines([(raw, 0, Position(cursor)) for raw, cursor in zip(raws, cursors)], None)
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines; CommandError when unreadable or slow."""
@@ -120,12 +162,15 @@ class JournalLog(_ProcessLog):
         return None, self._kept(count, pattern, shape, limit)
 
     def resume(self, cursor: Cursor, pattern: Pattern | None, shape: Shape,
-               limit: int = MAX_REPLY) -> tuple[tuple[None, tuple[int, str]] | None, bool, list[bytes]]:
+               limit: int = MAX_REPLY) -> tuple[tuple[None, Position] | None, bool, list[bytes]]:
         """A follow resumed after ``cursor``, just after subscribe_lines: where the
-        lines sent end (as a feed's ``seen``: the live lines up to it are not sent
-        again), whether the journal no longer holds the cursor's entry, and the
-        lines after it. From the kept lines when they hold the cursor's entry (no
-        wait), else from ``journalctl --cursor`` (see the module's text).
+        lines sent end (as a feed's ``seen``: the live lines at or before it in
+        the journal's order are not sent again), whether the journal no longer
+        holds the cursor's entry, and the lines after it. From the kept lines
+        when they hold the cursor's entry (no wait), else from ``journalctl
+        --cursor`` (see the module's text): its entries are told from the
+        reader's by their place in the journal, not by what the reader has read
+        so far, which may be behind or ahead of them.
         CommandError ``bad cursor`` for a cursor that is not a journal's, or
         one journalctl cannot seek to."""
         if not isinstance(cursor, JournalCursor):
@@ -135,10 +180,10 @@ class JournalLog(_ProcessLog):
             if journald == cursor.journald:
                 return None, False, self._kept_after(number, pattern, shape, limit)
         lost, last, lines = self._read_from(cursor.journald, pattern, shape, limit)
-        return self._seen_after(last), lost, lines
+        return (None if last is None else (None, Position(last))), lost, lines
 
     def cursor(self, log: str, tag: object, where: object, raw: bytes, cut: int) -> str | None:
-        journald = where[1] if isinstance(where, tuple) else None
+        journald = where.journald if isinstance(where, Position) else None
         return None if journald is None else journal_cursor(log, journald)
 
     def close(self) -> None:
@@ -155,6 +200,9 @@ class JournalLog(_ProcessLog):
         return self._journalctl("--follow", *start)
 
     def restartable(self, reader: Reader) -> bool:
+        # the next journalctl starts at an entry: a line the last one left
+        # unfinished (it was killed, it crashed) is printed again, whole
+        reader.splitter = LineSplitter()
         if self._last_cursor is not None:
             # on after the last entry read: what was written meanwhile is sent, not lost
             reader.backlog = False
@@ -245,27 +293,3 @@ class JournalLog(_ProcessLog):
             raise CommandError(f"cannot read the log '{self.source}': {error or f'status {status}'}")
         lines = capped(reversed(kept), left_out, limit, shape.left_out)
         return first != journald, last, lines
-
-    def _seen_after(self, last: str | None) -> tuple[None, tuple[int, str]] | None:
-        """Where the entries journalctl --cursor printed end among the reader's lines,
-        once the reader has read them too (waiting up to _CATCH_UP seconds when
-        the reader is behind): the live lines up to there are not sent again."""
-        if last is None:
-            return None
-        deadline = time.monotonic() + _CATCH_UP
-        while True:
-            numbers = self._numbers()
-            for number, journald in reversed(numbers):
-                if journald == last:
-                    return None, (number, journald)
-            if not self._behind(numbers, last) or time.monotonic() > deadline:
-                return None
-            gevent.sleep(0.02)
-
-    @staticmethod
-    def _behind(numbers: list[tuple[int, str | None]], last: str) -> bool:
-        """Whether the reader has not read the entry of cursor ``last`` yet: its newest
-        entry is of the same journal (seqnum ID) and older (seqnum)."""
-        newest = next((journald for _n, journald in reversed(numbers) if journald), None)
-        a, b = newest and _SEQNUM(newest), _SEQNUM(last)
-        return bool(a and b and a[1] == b[1] and int(a[2], 16) < int(b[2], 16))

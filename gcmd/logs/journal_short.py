@@ -3,11 +3,13 @@
 The format follows ``output_short`` of systemd 252 (src/shared/logs-show.c,
 the journalctl of Debian 12) with journalctl's defaults for a pipe (full
 width, no ``--all``): the time (``_SOURCE_REALTIME_TIMESTAMP``, else
-``__REALTIME_TIMESTAMP``, local time, ``%b %d %H:%M:%S`` in the C locale),
+``__REALTIME_TIMESTAMP``, the first that is a valid time, local time,
+``%b %d %H:%M:%S`` in the C locale),
 `` HOST``, `` IDENT`` (``SYSLOG_IDENTIFIER``, else ``_COMM``, else
 ``unknown``), ``[PID]`` (``_PID``, else ``SYSLOG_PID``), ``: `` and the
 message; a message of several lines continues under its first one; tabs
-become 8 spaces and colour sequences (SGR) are taken out; a message with
+become 8 spaces, colour sequences (SGR) are taken out and carriage returns
+before a newline or at the end dropped; a message with
 other control characters or that is not UTF-8 is ``[N blob data]``; an entry
 without ``MESSAGE`` is not shown. A field of 300 bytes or more, or not
 printable, is not shown.
@@ -25,6 +27,10 @@ _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep
 #: the control characters that make a text not printable (systemd's unichar_is_control): C0 but tab
 #: and newline, DEL and C1
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]").search
+#: a number as strtoull reads it with base 0, after the blanks systemd's safe_atou64 skips
+_STRTOULL = re.compile(rb"[ \t\n\r\v\f]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)").fullmatch
+#: a time at or after this is not one (microseconds): VALID_REALTIME of sd-journal
+_REALTIME_LIMIT = 1 << 55
 
 
 def _value(field: object) -> bytes | None:
@@ -51,13 +57,23 @@ def _shown(value: bytes | None) -> bool:
 
 
 def strip_tab_ansi(message: bytes) -> bytes:
-    """``message`` with tabs as 8 spaces and colour (SGR ``ESC [ digits ; m``) and
-    OSC (``ESC ] ... BEL``) sequences taken out, as systemd 252's strip_tab_ansi."""
-    if b"\x1b" not in message and b"\t" not in message:
+    """``message`` with tabs as 8 spaces, colour (SGR ``ESC [ digits ; m``) and
+    OSC (``ESC ] ... BEL``) sequences taken out, and carriage returns dropped
+    before a newline and at the end, as systemd 252's strip_tab_ansi (a CR
+    elsewhere stays, and makes the message a blob)."""
+    if b"\x1b" not in message and b"\t" not in message and b"\r" not in message:
         return message
     out, i, n = bytearray(), 0, len(message)
+    returns = 0  # carriage returns not written yet: gone if a newline or the end comes next
     while i < n:
         byte = message[i]
+        if byte == 0x0D:
+            returns += 1
+            i += 1
+            continue
+        if returns and byte != 0x0A:
+            out += b"\r" * returns
+        returns = 0
         if byte == 0x09:
             out += b"        "
         elif byte != 0x1B or i + 1 >= n:
@@ -106,13 +122,31 @@ def format_bytes(size: int) -> bytes:
     raise AssertionError  # unreachable
 
 
+def _realtime(value: bytes | None) -> int | None:
+    """A time in microseconds as journalctl 252 takes it from a field: read as
+    systemd's safe_atou64 reads it (strtoull, base 0: blanks and a ``+`` before,
+    ``0x`` hex, a leading ``0`` octal) and valid when 0 < it < 2^55 (VALID_REALTIME)."""
+    if value is None:
+        return None
+    match = _STRTOULL(value)
+    if match is None or (match[1] == b"-" and match[2].strip(b"0xX")):
+        return None
+    digits, base = match[2], 10
+    if digits[:2] in (b"0x", b"0X"):
+        digits, base = digits[2:], 16
+    elif digits.startswith(b"0"):
+        base = 8
+    digits = digits.lstrip(b"0")
+    if len(digits) > 20:  # over 2^55 whatever the base (and int() refuses thousands of digits)
+        return None
+    usec = int(digits or b"0", base)
+    return usec if 0 < usec < _REALTIME_LIMIT else None
+
+
 def _timestamp(entry: dict) -> bytes:
-    usec = None
-    for key in ("_SOURCE_REALTIME_TIMESTAMP", "__REALTIME_TIMESTAMP"):
-        value = _value(entry.get(key))
-        if value is not None and value.isdigit() and 0 < int(value) < (1 << 63):
-            usec = int(value)
-            break
+    usec = _realtime(_value(entry.get("_SOURCE_REALTIME_TIMESTAMP")))
+    if usec is None:
+        usec = _realtime(_value(entry.get("__REALTIME_TIMESTAMP")))
     if usec is None:
         return b""
     when = time.localtime(usec // 1_000_000)
