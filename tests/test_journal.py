@@ -14,6 +14,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -390,6 +391,7 @@ def test_a_reader_that_died_in_the_middle_of_an_entry_goes_on_with_that_entry_wh
     bin_dir.mkdir()
     script = bin_dir / "journalctl"
     script.write_text(f"""#!/bin/sh
+case " $* " in *" --follow "*) ;; *) exec {shutil.which("journalctl")} "$@" ;; esac
 if [ ! -e {tmp_path}/died ]; then
     : > {tmp_path}/died
     for a; do shift; [ "$a" = --follow ] || set -- "$@" "$a"; done
@@ -426,5 +428,36 @@ def test_a_follow_resumed_after_the_first_line_of_an_entry_of_three_gets_the_oth
         feed.subscribe(lambda lines: None)
         assert [json.loads(line)["line"].strip().rsplit(" ", 1)[-1] for line in feed.backlog] == [
             "second", "third", "1"]
+    finally:
+        log.close()
+
+
+@needs_journal
+def test_a_journal_that_never_goes_quiet_is_ready_once_its_backlog_is_read(journal_dir, tmp_path, monkeypatch):
+    write_journal(journal_dir / "a.journal", numbered(0, 5))
+    # a journalctl whose follow prints the backlog, then a new entry every 20 ms
+    # for ever: its output never pauses long enough to tell the backlog's end
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "journalctl"
+    script.write_text(f"""#!/bin/sh
+case " $* " in *" --follow "*) ;; *) exec {shutil.which("journalctl")} "$@" ;; esac
+for a; do shift; [ "$a" = --follow ] || set -- "$@" "$a"; done
+{shutil.which("journalctl")} "$@"
+exec {sys.executable} -c '
+import json, time
+for n in range(10**6):
+    print(json.dumps({{"__CURSOR": "s=1;i=%x" % n, "__REALTIME_TIMESTAMP": "1800000000000000",
+                      "MESSAGE": "busy %d" % n}}), flush=True)
+    time.sleep(0.02)'
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    log = JournalLog(f"journal:{journal_dir}", 5.0)
+    try:
+        log.start()
+        lines = log.lastlog(5)  # before: "lastlog timed out after 5 s"
+        assert lines[0].endswith(b"entry 0") or b"busy" in lines[-1]
+        assert any(line.endswith(b"entry 4") for line in lines)
     finally:
         log.close()

@@ -101,6 +101,9 @@ class JournalLog(_ProcessLog):
         self._cursors: deque[str | None] = deque()
         #: journald's cursor of the last entry read: a restarted reader goes on after it
         self._last_cursor: str | None = None
+        #: the newest entry when the reader started, whose cursor ends its backlog
+        #: (see _newest_entry): (known, cursor), cursor None for an empty journal
+        self._backlog_end: tuple[bool, str | None] = (False, None)
 
     def start(self) -> None:
         try:
@@ -119,6 +122,8 @@ class JournalLog(_ProcessLog):
             raws += shown
             cursors += [cursor] * len(shown)
             self._last_cursor = cursor or self._last_cursor
+            if backlog and cursor is not None and cursor == self._backlog_end[1]:
+                reader.backlog_over()  # exact, even while the journal never goes quiet
         wire = [wire_line(raw) for raw in raws]
         self.stats.lines_read += len(wire)
         self.recent.extend(wire)
@@ -212,6 +217,8 @@ class JournalLog(_ProcessLog):
         reader.settled.clear()
         self.recent.clear()
         self._cursors.clear()
+        # (an empty journal: the backlog ends when its output pauses, as when not known)
+        self._backlog_end = self._newest_entry()
         return True
 
     def _journalctl(self, *args: str) -> list[str]:
@@ -221,9 +228,36 @@ class JournalLog(_ProcessLog):
     def _ensure_reader(self) -> None:
         with self._starting:
             if self._reader is None:
+                self._backlog_end = self._newest_entry()
                 reader = Reader(self, backlog=True)
                 reader.start()
                 self._reader = reader
+                if self._backlog_end == (True, None):
+                    reader.backlog_over()  # an empty journal: whatever it prints is new
+
+    def _newest_entry(self) -> tuple[bool, str | None]:
+        """Whether ``journalctl --lines 1`` told the newest entry, and its cursor
+        (None: the journal is empty). The reader's backlog ends at that entry;
+        when it is not known (journalctl failed, or took more than the command
+        timeout) the backlog ends when the reader's output pauses."""
+        try:
+            proc = self.children.start(self._journalctl("--lines", "1"))
+        except OSError:
+            return False, None
+        status, out = None, b""
+        try:
+            with gevent.Timeout(self.command_timeout, False):
+                out = proc.stdout.read()
+                status = proc.wait()
+        finally:
+            self.children.stop(proc)
+        if status != 0:
+            return False, None
+        entries = out.splitlines()
+        if not entries:
+            return True, None
+        cursor = decode_entry(entries[-1], 0)[0]
+        return cursor is not None, cursor
 
     def _numbers(self) -> list[tuple[int, str | None]]:
         """(number, journald cursor) of each kept line, oldest first."""

@@ -261,15 +261,27 @@ class Reader:
                     self.failures = 0
                 if not self.backlog:
                     self._set_ready()
-                if self.owner.wants_lines:
-                    lines = self.splitter.feed_lines(chunk, self.position - len(chunk))
-                    wire = [wire_line(raw, cut) for raw, cut, _end in lines]
-                    self.owner.publish(self, wire, backlog, lines)
-                else:
-                    self.owner.publish(self, self.splitter.feed(chunk), backlog)
+                self._publish(chunk, backlog)
         finally:
             errors.kill()
             self.owner.children.stop(proc)
+
+    def _publish(self, chunk: bytes, backlog: bool) -> None:
+        """Hand the lines ``chunk`` completes to the owner; an error of the owner's
+        is logged and the reader goes on (one bad entry must not stop a log)."""
+        try:
+            if self.owner.wants_lines:
+                lines = self.splitter.feed_lines(chunk, self.position - len(chunk))
+                wire = [wire_line(raw, cut) for raw, cut, _end in lines]
+                self.owner.publish(self, wire, backlog, lines)
+            else:
+                self.owner.publish(self, self.splitter.feed(chunk), backlog)
+        except Exception:
+            log.exception("the lines of the log '%s' could not be taken; reading on", self.owner.source)
+
+    def backlog_over(self) -> None:
+        """The owner saw the backlog's last line: what the process prints next is new."""
+        self._set_ready()
 
     def _set_ready(self) -> None:
         self.ready.set()
