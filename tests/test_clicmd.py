@@ -203,11 +203,12 @@ def test_tls_and_a_user_from_the_command_line(gcmd, tmp_path):
     assert done.returncode == 1 and "Authentication required." in done.stderr
 
 
-def interruptible() -> None:
-    """In the child, before it runs: Ctrl-C (SIGINT) as a terminal's shell gives
-    it. A test run started in the background by a shell without job control
-    inherits SIGINT ignored, and Python keeps it so: the follow would never end."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+#: ``python -m gcmd.clicmd`` with Ctrl-C (SIGINT) as a terminal's shell gives it: a test
+#: run started in the background by a shell without job control inherits SIGINT
+#: ignored, and Python keeps it so (the follow would never end)
+INTERRUPTIBLE_CLI = [sys.executable, "-c", ("import runpy, signal; signal.signal(signal.SIGINT, "
+                     "signal.default_int_handler); runpy.run_module('gcmd.clicmd', run_name='__main__', "
+                     "alter_sys=True)")]
 
 
 class Lines:
@@ -233,9 +234,8 @@ def append(path, line: str) -> None:
 @pytest.mark.timeout(90)
 def test_follow_streams_resumes_across_a_restart_and_ends_on_ctrl_c(gcmd, tmp_path):
     first = gcmd()
-    process = subprocess.Popen([sys.executable, "-m", "gcmd.clicmd", "-p", str(first.port), "follow", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=interruptible)
+    process = subprocess.Popen([*INTERRUPTIBLE_CLI, "-p", str(first.port), "follow", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = Lines(process)
         assert lines.next() == f"{LOG_LINES[-1]}\n"
@@ -277,10 +277,9 @@ def test_a_fleet_prefixes_each_line_with_its_host_and_reports_the_hosts_that_fai
 def test_follow_on_a_fleet_merges_the_hosts_streams(gcmd, tmp_path):
     (tmp_path / "app.log").write_text("first\n")
     servers = [gcmd(logfile=tmp_path / "app.log"), gcmd(logfile=tmp_path / "app.log")]  # one log, two servers
-    process = subprocess.Popen([sys.executable, "-m", "gcmd.clicmd", "--hosts",
+    process = subprocess.Popen([*INTERRUPTIBLE_CLI, "--hosts",
                                 ",".join(f"127.0.0.1:{s.port}" for s in servers), "follow"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=interruptible)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = Lines(process)
         seen = set()  # the follows start once the process is up: append until both hosts showed a line

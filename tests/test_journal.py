@@ -414,8 +414,6 @@ exec {shutil.which("journalctl")} "$@"
 
 
 @needs_journal
-@pytest.mark.xfail(strict=True, reason="the lines of one entry share its cursor: a resume after its first "
-                   "line goes on after its last (a cursor would need the line's index in the entry)")
 def test_a_follow_resumed_after_the_first_line_of_an_entry_of_three_gets_the_other_two(journal_dir):
     write_journal(journal_dir / "a.journal", [
         {"MESSAGE": "first\nsecond\nthird", "SYSLOG_IDENTIFIER": "app", "_HOSTNAME": "lab"}, *numbered(1, 1)])
@@ -430,6 +428,22 @@ def test_a_follow_resumed_after_the_first_line_of_an_entry_of_three_gets_the_oth
             "second", "third", "1"]
     finally:
         log.close()
+
+
+@needs_journal
+def test_a_follow_resumed_inside_an_entry_older_than_the_kept_lines_gets_the_rest_of_it(gcmd, journal_dir):
+    entries = [{"MESSAGE": "first\nsecond\nthird", "SYSLOG_IDENTIFIER": "app", "_HOSTNAME": "lab"},
+               *numbered(1, 1200)]
+    write_journal(journal_dir / "a.journal", entries)
+    journald = json.loads(journalctl(journal_dir, "-o", "json").splitlines()[0])["__CURSOR"]
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    client = server.client()
+    assert client.ask("format json") == b"OK\n"
+    # the cursor of "second", the entry being older than the 1000 lines kept: journalctl --cursor reads it
+    assert client.ask(f"follow journal from j1:journal:{journald}:1") == BEGIN_FOLLOW
+    got = follow_lines(client, 3)
+    assert [o["line"].strip().rsplit(" ", 1)[-1] for o in got] == ["third", "1", "2"]
+    assert got[0]["cursor"] == f"j1:journal:{journald}"  # the entry's last line: journald's cursor alone
 
 
 @needs_journal

@@ -431,6 +431,7 @@ def test_parse_cursor_table(text, cursor):
     b"f1:a:1:2:3:82A9010A", b"f1:a:1:2:3:82a9010a:", b"f1:a:1:2:-3:82a9010a", b"f1:a:1:2:3:82a9010a\n",
     b"f1::1:2:3:82a9010a", b"f1:-a:1:2:3:82a9010a", b"f1:a b:1:2:3:82a9010a", b"f1:a:11111111111111111:2:3:82a9010a",
     b"m1:gcmd:0123:1", b"m1:gcmd:0123456789abcdef:", b"j1:journal:s=1;i=2", f"j1:journal:{JOURNALD};y=1".encode(),
+    f"j1:journal:{JOURNALD}:01".encode(), f"j1:journal:{JOURNALD}:".encode(), f"j1:journal:{JOURNALD}:1:2".encode(),
     b"x" * 300, "f1:a:١:2:3:82a9010a".encode(),
 ])
 def test_parse_cursor_refuses_what_gcmd_did_not_make(text):
@@ -444,6 +445,9 @@ def test_cursors_parse_back_to_what_they_name():
     assert parse_cursor(memory_cursor("gcmd", "00ff00ff00ff00ff", 4096).encode()) == MemoryCursor(
         "gcmd", "00ff00ff00ff00ff", 4096)
     assert parse_cursor(journal_cursor("journal", JOURNALD).encode()) == JournalCursor("journal", JOURNALD)
+    second_line = JournalCursor("journal", JOURNALD, 1)  # of an entry of several lines
+    assert parse_cursor(journal_cursor("journal", second_line.suffix).encode()) == second_line
+    assert second_line.suffix == f"{JOURNALD}:1"
 
 
 def test_a_file_cursor_names_the_file_the_line_end_and_the_line(table, logs):

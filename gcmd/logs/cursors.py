@@ -22,7 +22,8 @@ MAX_CURSOR = 256
 #: ``f1:LOG:DEV:INO:END:HASH``: the line of the file log LOG whose (device, inode) is
 #: (DEV, INO), its end (the offset of its ``\\n``, or the end of an unfinished last line)
 #: at END and whose short hash is HASH; ``m1:LOG:ID:SEQ``: line number SEQ of the
-#: ``gcmd`` log of the process ID; ``j1:LOG:CURSOR``: journald's cursor. Numbers are
+#: ``gcmd`` log of the process ID; ``j1:LOG:CURSOR[:N]``: journald's cursor, and for
+#: a line of an entry of several lines but its last, the line's index. Numbers are
 #: lower-case hex without leading zeros, so that a position has one spelling; the
 #: log's name (never a ``:``) tells a cursor of a log that is not asked for.
 _HEX = rb"(0|[1-9a-f][0-9a-f]{0,15})"
@@ -33,6 +34,7 @@ _MEMORY_CURSOR = re.compile(rb"m1:" + _LOG + rb":([0-9a-f]{16}):" + _HEX).fullma
 _JOURNAL_CURSOR = re.compile(
     rb"j1:" + _LOG
     + rb":(s=[0-9a-f]{32};i=[0-9a-f]{1,16};b=[0-9a-f]{32};m=[0-9a-f]{1,16};t=[0-9a-f]{1,16};x=[0-9a-f]{1,16})"
+    + rb"(?::" + _HEX + rb")?"
 ).fullmatch
 
 
@@ -60,6 +62,15 @@ class JournalCursor:
     log: str
     #: journald's own cursor
     journald: str
+    #: the line's index in its entry (from 0), for every line of an entry of
+    #: several lines but its last; None: the entry's last (or only) line
+    line: int | None = None
+
+    @property
+    def suffix(self) -> str:
+        """What follows the log's name: journald's cursor, and ``:N`` (hex) for
+        a line of an entry that is not its last."""
+        return self.journald if self.line is None else f"{self.journald}:{self.line:x}"
 
 
 Cursor = FileCursor | MemoryCursor | JournalCursor
@@ -80,9 +91,11 @@ def memory_cursor(log: str, process: str, sequence: int) -> str:
     return f"m1:{log}:{process}:{sequence:x}"
 
 
-def journal_cursor(log: str, journald: str) -> str:
-    """The cursor of a journal entry: journald's cursor (``__CURSOR``) inside ours."""
-    return f"j1:{log}:{journald}"
+def journal_cursor(log: str, suffix: str) -> str:
+    """The cursor of a line of a journal entry: journald's cursor (``__CURSOR``)
+    inside ours, then ``:N`` (the line's index in the entry, hex) for a line
+    of an entry of several lines that is not its last (see JournalCursor.suffix)."""
+    return f"j1:{log}:{suffix}"
 
 
 def parse_cursor(text: bytes) -> Cursor:
@@ -94,5 +107,6 @@ def parse_cursor(text: bytes) -> Cursor:
         if match := _MEMORY_CURSOR(text):
             return MemoryCursor(match[1].decode(), match[2].decode(), int(match[3], 16))
         if match := _JOURNAL_CURSOR(text):
-            return JournalCursor(match[1].decode(), match[2].decode())
+            return JournalCursor(match[1].decode(), match[2].decode(),
+                                 None if match[3] is None else int(match[3], 16))
     raise CommandError("bad cursor")

@@ -47,8 +47,10 @@ class Position:
     else by realtime, then by xor hash. It is where a feed's journal line
     stands (see Broadcast.subscribe_lines)."""
 
-    def __init__(self, journald: str | None) -> None:
+    def __init__(self, journald: str | None, suffix: str | None = None) -> None:
         self.journald = journald
+        #: the line's cursor after the log's name (JournalCursor.suffix)
+        self.suffix = suffix
 
     @functools.cached_property
     def _fields(self) -> tuple[str, int, str, int, int, int] | None:
@@ -83,6 +85,15 @@ class Position:
         return self._order(other) >= 0
 
 
+def line_suffixes(journald: str | None, count: int) -> list[str | None]:
+    """The cursors (after the log's name) of the ``count`` lines of the entry of
+    journald's cursor ``journald``: ``CURSOR:N`` for each but the last, ``CURSOR``
+    for the last (None for a line that is not an entry)."""
+    if journald is None:
+        return [None] * count
+    return [f"{journald}:{index:x}" for index in range(count - 1)] + [journald] if count else []
+
+
 class JournalLog(_ProcessLog):
     """The systemd journal (``journal``) or the journal files in a directory (``journal:DIR``).
 
@@ -97,7 +108,8 @@ class JournalLog(_ProcessLog):
     def __init__(self, source: str, command_timeout: float) -> None:
         super().__init__(source, command_timeout)
         self.directory = source.partition(":")[2] or None
-        #: journald's cursor of each line kept in ``recent``, in the same order
+        #: the cursor of each line kept in ``recent`` after the log's name
+        #: (JournalCursor.suffix), in the same order
         self._cursors: deque[str | None] = deque()
         #: journald's cursor of the last entry read: a restarted reader goes on after it
         self._last_cursor: str | None = None
@@ -117,10 +129,12 @@ class JournalLog(_ProcessLog):
         cursors, sent unless ``backlog``."""
         raws: list[bytes] = []
         cursors: list[str | None] = []
+        entries: list[str | None] = []
         for raw, cut, _end in lines or ():
             cursor, shown = decode_entry(raw, cut)
             raws += shown
-            cursors += [cursor] * len(shown)
+            cursors += line_suffixes(cursor, len(shown))
+            entries += [cursor] * len(shown)
             self._last_cursor = cursor or self._last_cursor
             if backlog and cursor is not None and cursor == self._backlog_end[1]:
                 reader.backlog_over()  # exact, even while the journal never goes quiet
@@ -133,7 +147,8 @@ class JournalLog(_ProcessLog):
         if not backlog and wire:
             self._deliver(wire)
             if self._line_subscribers:
-                self._deliver_lines([(raw, 0, Position(cursor)) for raw, cursor in zip(raws, cursors)], None)
+                self._deliver_lines([(raw, 0, Position(entry, suffix))
+                                     for raw, entry, suffix in zip(raws, entries, cursors)], None)
 
     def lastlog(self, count: int) -> list[bytes]:
         """The lastlog block of the last ``count`` lines; CommandError when unreadable or slow."""
@@ -181,15 +196,15 @@ class JournalLog(_ProcessLog):
         if not isinstance(cursor, JournalCursor):
             raise CommandError("bad cursor")
         numbers = self._numbers()
-        for number, journald in reversed(numbers):
-            if journald == cursor.journald:
+        for number, suffix in reversed(numbers):
+            if suffix == cursor.suffix:
                 return None, False, self._kept_after(number, pattern, shape, limit)
-        lost, last, lines = self._read_from(cursor.journald, pattern, shape, limit)
+        lost, last, lines = self._read_from(cursor, pattern, shape, limit)
         return (None if last is None else (None, Position(last))), lost, lines
 
     def cursor(self, log: str, tag: object, where: object, raw: bytes, cut: int) -> str | None:
-        journald = where.journald if isinstance(where, Position) else None
-        return None if journald is None else journal_cursor(log, journald)
+        suffix = where.suffix if isinstance(where, Position) else None
+        return None if suffix is None else journal_cursor(log, suffix)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -260,7 +275,7 @@ class JournalLog(_ProcessLog):
         return cursor is not None, cursor
 
     def _numbers(self) -> list[tuple[int, str | None]]:
-        """(number, journald cursor) of each kept line, oldest first."""
+        """(number, cursor suffix) of each kept line, oldest first."""
         lines, first = self.recent.numbered()
         return list(zip(range(first, first + len(lines)), self._cursors))
 
@@ -269,8 +284,8 @@ class JournalLog(_ProcessLog):
         cursors = list(self._cursors)
 
         def cursor(number: int) -> str | None:
-            journald = cursors[number - first]
-            return None if journald is None else journal_cursor(shape.name, journald)
+            suffix = cursors[number - first]
+            return None if suffix is None else journal_cursor(shape.name, suffix)
         return cursor
 
     def _kept(self, count: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
@@ -279,12 +294,13 @@ class JournalLog(_ProcessLog):
     def _kept_after(self, number: int, pattern: Pattern | None, shape: Shape, limit: int) -> list[bytes]:
         return recent_after(self.recent, number, pattern, shape, limit, self._cursor_of(shape))
 
-    def _read_from(self, journald: str, pattern: Pattern | None, shape: Shape,
+    def _read_from(self, after: JournalCursor, pattern: Pattern | None, shape: Shape,
                    limit: int) -> tuple[bool, str | None, list[bytes]]:
-        """The entries from journald's cursor ``journald`` on, read by one
-        ``journalctl --cursor``: whether the cursor's entry is gone, the cursor
-        of the last entry printed, and the lines after the cursor's entry that
-        match, shaped, the newest ``limit`` bytes of them (the rest left out)."""
+        """The entries from the entry of ``after`` on, read by one ``journalctl
+        --cursor``: whether that entry is gone, journald's cursor of the last
+        entry printed, and the lines after the cursor's line that match, shaped,
+        the newest ``limit`` bytes of them (the rest left out)."""
+        journald = after.journald
         argv = self._journalctl("--cursor", journald)
         try:
             proc = self.children.start(argv)
@@ -301,15 +317,17 @@ class JournalLog(_ProcessLog):
                 while chunk := proc.stdout.read(65536):
                     for raw, cut, _end in splitter.feed_lines(chunk, 0):
                         cursor, shown = decode_entry(raw, cut)
+                        suffixes = line_suffixes(cursor, len(shown))
+                        skip = 0
                         if first is None:
                             first = cursor or ""
-                            if cursor == journald:
-                                continue  # the cursor's own entry: sent before
+                            if cursor == journald:  # the cursor's own entry: its lines up to the cursor's were sent
+                                skip = len(shown) if after.line is None else after.line + 1
                         last = cursor or last
-                        for line in shown:
+                        for line, suffix in list(zip(shown, suffixes))[skip:]:
                             if pattern is not None and not pattern.matches(line):
                                 continue
-                            out = shape.line(line, 0, journal_cursor(shape.name, cursor) if cursor else None)
+                            out = shape.line(line, 0, journal_cursor(shape.name, suffix) if suffix else None)
                             if out is None:
                                 continue
                             kept.append(out)
