@@ -1,15 +1,10 @@
-"""One client's life, in its own greenlet, top to bottom: ``Client.serve``.
-
-Open (gcmd.net.opening), serve (read, split into lines, answer them in order, one
-write per batch), farewell, on gevent's cooperative socket: ``recv`` and ``send``
-are the waits. The named states (``state``): OPENING, READING, RUNNING (a command
-runs: commands bound their own time), WRITING, FOLLOWING (a log streams), CLOSING.
-A wait sets ``deadline``; past it the server's sweeper raises Deadline in the
-greenlet, and the wait that was cut says what it means. ClientGone (a reset while
-a command runs or a log streams) and Shutdown arrive the same way.
+"""One client's life in its own greenlet, top to bottom (``Client.serve``): open (the
+PROXY header, admission, the TLS handshake), serve (read, split into lines, answer
+them in order, one write per batch), farewell. ``recv`` and ``send`` on gevent's socket are the waits; each
+sets ``deadline`` and names its ``state``; the server's sweeper raises Deadline in
+a greenlet past it, ClientGone in one whose connection was reset, and shutdown
+raises Shutdown: the wait that was cut says what it means (docs/architecture.md).
 """
-
-from __future__ import annotations
 
 import logging
 import socket
@@ -20,49 +15,48 @@ from time import monotonic
 import gevent
 from gevent.socket import wait_read
 
-from gcmd.net import wire
+from gcmd.net import proxy, tls, wire
 from gcmd.net.ends import ClientGone, Deadline, Ended, Shutdown
 from gcmd.net.follow import FollowStream
-from gcmd.net.opening import open_connection
-from gcmd.net.proxy import canonical
 from gcmd.net.wire import IAC, Close, Follow, split_lines, telnet_commands
 from gcmd.serverlog.setup import line_run
 
 log = logging.getLogger(__name__)
 
+#: RUNNING: a command runs (commands bound their own time); FOLLOWING: a log streams to the client
 OPENING, READING, RUNNING, WRITING, FOLLOWING, CLOSING = (
     "opening", "reading", "running", "writing", "following", "closing")
 #: bytes asked of the kernel per read (several pipelined requests), and of replies gathered per write
 RECV_SIZE = FLUSH_AT = 65536
 #: bytes given to one TLS send (gevent's writes all it is given): the deadline restarts after each
 SEND_CHUNK = 16384
-#: seconds a farewell line may take to leave
-FAREWELL_TIMEOUT = 2.0
-#: seconds the client's input is drained before closing, lest the kernel answer it with a reset
-#: that destroys the last reply; a client silent for LINGER_QUIET seconds is not waited for
-LINGER, LINGER_QUIET = 1.0, 0.2
+#: seconds a farewell line may take; then the client's input is drained for up to LINGER seconds,
+#: lest the kernel answer it with a reset that destroys the last reply (LINGER_QUIET: silent client)
+FAREWELL_TIMEOUT, LINGER, LINGER_QUIET = 2.0, 1.0, 0.2
 #: seconds a slow command runs before a reset of its connection is watched for (most are over by then)
 GUARD_AFTER = 0.005
 #: Linux tcpi_state of a connection that is over (reset, or its keepalive unanswered)
 TCP_CLOSE = 7
+#: seconds a load balancer has to send the PROXY header, and between two looks at one that came in part
+PROXY_TIMEOUT, PROXY_PARTIAL_WAIT = 5.0, 0.01
+#: seconds a client has to finish its TLS handshake when a certificate is required (it holds
+#: no slot meanwhile), and a refused TLS client to read why (each at most the idle timeout)
+CERTIFICATE_TIMEOUT, REFUSAL_TIMEOUT = 10.0, 2.0
 
 
 class Client:
     """One connection, served by the greenlet that runs ``serve``; commands get it as ``session``."""
 
     def __init__(self, server, sock, address: tuple, number: int) -> None:
-        self.server, self.sock, self.number = server, sock, number
-        self.name(canonical(address[0]))
-        self.greenlet = gevent.getcurrent()
-        self.state = OPENING
-        #: when the sweeper cuts the current wait; the last batch of lines answered (monotonic seconds)
-        self.deadline, self.since = float("inf"), monotonic()
+        self.server, self.sock, self.number, self.greenlet = server, sock, number, gevent.getcurrent()
+        self.name(proxy.canonical(address[0]))
+        #: the sweeper cuts the current wait at ``deadline``; the idle clock runs from ``since``
+        #: (the last batch of lines answered); monotonic seconds
+        self.state, self.deadline, self.since = OPENING, float("inf"), monotonic()
         #: watch_reset: the sweeper raises ClientGone once the connection is reset
         self.watch_reset = self.admitted = self.authenticated = self.tls = False
-        #: the CN of the client's verified certificate (--tls-client-ca); None: none asked
-        self.client_cn: str | None = None
-        #: what commands keep of the client: its user (gcmd.users), the format of its log lines
-        self.user, self.format, self.log_level = None, "text", logging.INFO
+        #: what commands keep: the CN of a verified certificate, the user (gcmd.users), the log's format
+        self.client_cn, self.user, self.format, self.log_level = None, None, "text", logging.INFO
         self.follow: FollowStream | None = None
 
     def name(self, ip: str) -> None:
@@ -89,7 +83,7 @@ class Client:
         """Open, serve, say farewell; why it ended, for the log."""
         try:
             try:
-                open_connection(self)
+                self._open()
                 self.state, self.since = RUNNING, monotonic()
                 self._serve()
                 return "Connection was closed cleanly."
@@ -108,9 +102,84 @@ class Client:
             log.exception("internal error serving %s", self.ip, extra=self.context)
             return "internal error"
 
+    def _open(self) -> None:
+        """OPENING: the PROXY header (it names the client), --allow, then admission and the TLS
+        handshake; with client certificates required, the handshake first, so that the
+        connection line names the certificate. Ended when refused."""
+        server, config = self.server, self.server.config
+        if config.proxy_protocol:
+            self._read_proxy_header()
+        server.screen(self)
+        context = server.ssl_context  # SIGHUP may replace it; this connection keeps this one
+        if context is not None and config.tls_client_ca is not None:
+            self._verify(context)
+            context = None
+        refusal = server.admit(self)
+        if context is not None and (refusal is None or refusal.line is not None):
+            self._handshake(context, config.idle_timeout if refusal is None else REFUSAL_TIMEOUT)
+        if refusal is not None:
+            raise refusal
+
+    def _read_proxy_header(self) -> None:
+        # peeking first, so that what follows (requests, a TLS handshake) stays on the socket
+        sock, self.deadline = self.sock, monotonic() + min(self.server.config.idle_timeout, PROXY_TIMEOUT)
+        want = proxy.V1_MAX  # a version 2 header says its length in its first 16 bytes
+        try:
+            while (found := proxy.parse(peeked := sock.recv(want, socket.MSG_PEEK))) is None:
+                if not peeked:
+                    raise proxy.ProxyError("closed before its PROXY header")
+                if peeked.startswith(proxy.V2_SIGNATURE) and len(peeked) >= 16 and want == proxy.V1_MAX:
+                    want = 16 + int.from_bytes(peeked[14:16], "big")
+                else:
+                    gevent.sleep(PROXY_PARTIAL_WAIT)  # part of a header: the socket stays readable
+            size, address = found
+            while size:
+                if not (chunk := sock.recv(size)):
+                    raise proxy.ProxyError("closed within its PROXY header")
+                size -= len(chunk)
+        except (proxy.ProxyError, OSError, Deadline) as exc:
+            why = "no complete PROXY header in time" if isinstance(exc, Deadline) else exc
+            raise self.server.refuse(self, "proxy_header", "no valid PROXY header",
+                                     f"Closed connection from {self.ip}: no valid PROXY header ({why})") from None
+        finally:
+            self.deadline = float("inf")
+        if address:
+            self.name(address)
+
+    def _verify(self, context) -> None:
+        # the handshakes under way are capped, --max-clients in all and --max-per-ip from one address
+        ip, config, under_way = self.ip, self.server.config, self.server.handshakes
+        if config.max_per_ip and under_way[ip] >= config.max_per_ip:
+            raise self._refused("max_per_ip", "too many handshakes under way from the address")
+        if under_way.total() >= config.max_clients:
+            raise self._refused("max_clients", "too many handshakes under way")
+        under_way[ip] += 1
+        try:
+            self._handshake(context, CERTIFICATE_TIMEOUT)
+        except (ssl.SSLError, Ended) as exc:
+            raise self._refused("tls_handshake", exc.reason if isinstance(exc, Ended)
+                                else tls.handshake_failure(exc)) from None
+        finally:
+            under_way[ip] -= 1
+            if not under_way[ip]:
+                del under_way[ip]
+        self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
+
+    def _refused(self, figure: str, why: str) -> Ended:
+        return self.server.refuse(self, figure, why, f"Refused TLS connection from {self.ip}: {why}")
+
+    def _handshake(self, context, seconds: float) -> None:
+        self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.tls, self.deadline = True, monotonic() + min(seconds, self.server.config.idle_timeout)
+        try:
+            self.sock.do_handshake()
+        except Deadline:
+            raise Ended("TLS handshake not finished in time", None) from None
+        finally:
+            self.deadline = float("inf")
+
     def sweep(self, now: float) -> None:
-        """The server's sweeper looks, ``now`` (monotonic seconds): Deadline past the
-        deadline, ClientGone once a connection watched for a reset is over."""
+        """The sweeper's look at ``now`` (monotonic seconds)."""
         if self.deadline <= now:
             self.interrupt(Deadline, OPENING, READING, WRITING, FOLLOWING, CLOSING)
         elif self.watch_reset and tcp_state(self.sock) == TCP_CLOSE:
@@ -118,14 +187,13 @@ class Client:
             self.interrupt(ClientGone, RUNNING, FOLLOWING)
 
     def stop(self, cut: bool = False) -> None:
-        """The server stops: Shutdown if the client waits for a request or follows (one that
-        opens, runs a command or writes sees ``server.closing`` before its next wait);
-        ``cut``, at the shutdown deadline: in any state but CLOSING."""
-        self.interrupt(Shutdown, *((OPENING, READING, RUNNING, WRITING, FOLLOWING) if cut else (READING, FOLLOWING)))
+        """Shutdown in a client that waits for a request or follows (one that opens, runs a command
+        or writes sees ``server.closing`` before its next wait); ``cut``: in any state but CLOSING."""
+        self.interrupt(Shutdown, READING, FOLLOWING, *((OPENING, RUNNING, WRITING) if cut else ()))
 
     def interrupt(self, exception: type[BaseException], *states: str) -> None:
-        """Raise ``exception`` in this client's greenlet if it is in one of ``states`` (a
-        Deadline: and past ``deadline``) when the hub delivers it: it may have moved on."""
+        """Raise ``exception`` in the client's greenlet if it is in one of ``states`` (a Deadline:
+        and past its deadline) when the hub delivers it (it may have moved on meanwhile)."""
         self.server.loop.run_callback(self._raise_if, exception, states)
 
     def _raise_if(self, exception: type[BaseException], states: tuple) -> None:
@@ -133,16 +201,14 @@ class Client:
                 exception is not Deadline or self.deadline <= monotonic()):
             self.greenlet.throw(exception)
 
-    # --- serving requests ---------------------------------------------------------------
-
     def _serve(self) -> None:
         """Answer requests until the client closes (return) or is done (Ended). The line
         that comes while a log streams ends the follow, then is answered."""
-        max_line = self.server.config.max_line
+        max_line, fd = self.server.config.max_line, self.sock.fileno()
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
         trace = log.isEnabledFor(logging.DEBUG)
         pending = telnet = b""
-        while data := self._read():
+        while data := self._read(fd):
             if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
                 telnet += reply
@@ -151,8 +217,9 @@ class Client:
                 if not lines and not too_long:
                     continue
                 telnet = self._stop_follow(telnet)
-            self._send(telnet)
-            telnet = b""
+            if telnet:
+                self._send(telnet)
+                telnet = b""
             if lines:
                 self._answer(lines, heard, trace, not too_long)
                 self.since = monotonic()
@@ -161,11 +228,10 @@ class Client:
             if too_long:
                 raise Ended("line too long", wire.LINE_TOO_LONG)
 
-    def _read(self) -> bytes:
-        """READING (FOLLOWING while a log streams): the client's next bytes; b"" once a
-        reader has closed. Ended when a reader sends no complete line for the idle timeout,
-        a follower takes no streamed byte for it, or a follower's connection is over (a
-        half-close ends no follow). Shutdown once the server stops."""
+    def _read(self, fd: int) -> bytes:
+        """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended when a
+        reader sends no line for the idle timeout, a follower takes no streamed byte for it,
+        or a follower's connection is over (a half-close ends no follow)."""
         if self.server.closing:
             raise Shutdown
         if self.follow is None:
@@ -173,11 +239,10 @@ class Client:
         else:
             self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
-            if not self.tls:
-                # gevent's wait_read first, so that recv finds the bytes: gevent's recv first
-                # tries, then makes, raises and catches an EAGAIN error (a fifth of a ping's
-                # cost). Not on TLS, where OpenSSL may hold bytes already read.
-                wait_read(self.sock.fileno())
+            if not self.tls:  # OpenSSL may hold bytes already read
+                # gevent's documented wait first: gevent's recv would try first, and make, raise
+                # and catch an EAGAIN error (a tenth of a ping's instructions) before it waits
+                wait_read(fd)
             data = self.sock.recv(RECV_SIZE)
             if not data and self.follow is not None:
                 self.watch_reset = True  # the sweeper sees the client go
@@ -191,9 +256,8 @@ class Client:
         return data
 
     def _answer(self, lines: list[bytes], heard, trace: bool, may_follow: bool) -> None:
-        """Run a batch of requests in order; their replies go out together, and before any
-        slow command. A follow begun by the last one streams on (``may_follow``: no line
-        came after the batch to end it)."""
+        """Run a batch of requests in order; their replies go out together, and before any slow
+        command. A follow begun by the last one streams on if ``may_follow`` (no line came after)."""
         server, commands = self.server, self.server.commands
         replies: list[bytes] = []
         size = 0
@@ -201,8 +265,7 @@ class Client:
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))
                 raise Shutdown
-            parsed = commands.parse(line)
-            if parsed is None:
+            if (parsed := commands.parse(line)) is None:
                 continue
             handler, arg = parsed
             if heard is not None:
@@ -216,8 +279,7 @@ class Client:
                     self._send(reply)
                     if index + 1 == len(lines) and may_follow:
                         self.deadline = float("inf")  # the follow's writer sets it while a chunk waits
-                        self.follow.start()
-                        return
+                        return self.follow.start()
                     self._send(self._stop_follow())  # a line came already: it ends the follow
                     continue
             else:
@@ -229,35 +291,30 @@ class Client:
                 self._send(b"".join(replies))
                 raise Ended(reply.reason, reply)
             replies.append(reply)
-            size += len(reply)
-            if size >= FLUSH_AT:  # a client that does not read its replies stops being read
+            if (size := size + len(reply)) >= FLUSH_AT:  # a client that takes no reply stops being read
                 self._send(b"".join(replies))
                 replies, size = [], 0
         self._send(b"".join(replies))
 
     def _run_slow(self, handler, arg: bytes) -> bytes:
-        """RUNNING a command that waits (a thread, a process); a reset of the connection
+        """RUNNING a command that waits (a thread, a process): a reset of the connection
         meanwhile cancels it (ClientGone) as soon as it is seen."""
         guard = gevent.spawn_later(GUARD_AFTER, self._guard)
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
-            guard.kill(block=bool(guard))  # a guard that started waits on the descriptor: gone before we read
+            guard.kill(block=bool(guard))  # one that started waits on the descriptor: gone before we read
             self.watch_reset = False
 
     def _guard(self) -> None:
-        """Wait until the connection has input, an EOF or a reset: a reset cancels the
-        command; after input or a half-close, the sweeper watches for one."""
-        wait_read(self.sock.fileno())
+        wait_read(self.sock.fileno())  # input, an EOF or a reset
         if tcp_state(self.sock) == TCP_CLOSE:
             self.interrupt(ClientGone, RUNNING)
-        else:
+        else:  # after input or a half-close, the sweeper watches for a reset
             self.watch_reset = True
 
-    # --- writing ---------------------------------------------------------------------------
-
     def _send(self, data: bytes) -> None:
-        """WRITING: write all of ``data``; Ended when the client takes none of it for the idle timeout."""
+        """WRITING all of ``data``; Ended when the client takes none of it for the idle timeout."""
         if not data:
             return
         idle, send, chunk = self.server.config.idle_timeout, self.sock.send, SEND_CHUNK if self.tls else len(data)
@@ -265,20 +322,19 @@ class Client:
         try:
             while data:
                 self.deadline = monotonic() + idle
-                data = memoryview(data)[send(data[:chunk]):]
+                sent = send(data[:chunk])
+                data = memoryview(data)[sent:] if sent < len(data) else None
         except Deadline:
             raise Ended("the client accepted no reply bytes in time", None) from None
         self.state = RUNNING
 
     def _farewell(self, line: bytes | None) -> bool:
-        """CLOSING: send the last line (after what a follow under way still owes) and end
-        the stream gently: TLS close_notify (RFC 8446 section 6.1; the client's own is
-        not awaited), then the client's input drained for up to LINGER seconds. ``line``
-        None: just close. False when the line took over FAREWELL_TIMEOUT seconds."""
+        """CLOSING: send ``line`` (after what a follow under way still owes; None: nothing, just
+        close), TLS close_notify (RFC 8446 section 6.1; the client's own is not awaited), then
+        drain the client's input. False when the line took over FAREWELL_TIMEOUT seconds."""
         if line is None:
             return True
-        line = self._stop_follow() + line
-        sock = self.sock
+        line, sock = self._stop_follow() + line, self.sock
         self.state, self.deadline = CLOSING, monotonic() + FAREWELL_TIMEOUT
         with suppress(OSError, ValueError):
             try:
@@ -299,16 +355,13 @@ class Client:
                         break
         return True
 
-    # --- following a log ----------------------------------------------------------------
-
     def start_following(self, source) -> None:
-        """``follow``: from now on the lines of ``source`` wait for this client (CommandError
+        """``follow``: the lines of ``source`` wait for this client from now on (CommandError
         when it cannot be followed); they stream once the reply is sent."""
         self.follow = FollowStream(self, source)
 
     def _stop_follow(self, telnet: bytes = b"") -> bytes:
-        """End the follow under way: what it still owes the client, ``telnet``'s reply and
-        End follow; just ``telnet`` when none is under way."""
+        """What the follow under way still owes, ``telnet``, End follow: the follow is over."""
         follow, self.follow = self.follow, None
         if follow is None:
             return telnet

@@ -2,8 +2,6 @@
 the header a load balancer that relays TCP (``send-proxy``, ``send-proxy-v2``)
 sends first, naming the client whose connection it opened."""
 
-from __future__ import annotations
-
 import ipaddress
 import struct
 

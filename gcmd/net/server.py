@@ -3,8 +3,6 @@ for each connection (the client's whole life, gcmd.net.client) and closes the
 socket when it returns. Here, once: admission and its undoing, the sweeper
 (the one clock of every client's deadline), accept errors, shutdown."""
 
-from __future__ import annotations
-
 import dataclasses
 import ipaddress
 import itertools

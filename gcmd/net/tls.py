@@ -5,8 +5,6 @@ is refused (OpenSSL 3 refuses a client's by default, older versions do not):
 a client could make the server do a handshake's work on demand.
 """
 
-from __future__ import annotations
-
 import ssl
 
 import gevent.ssl
