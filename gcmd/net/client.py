@@ -1,10 +1,8 @@
-"""One client's life in its own greenlet, top to bottom (``Client.serve``): open (the
-PROXY header, admission, the TLS handshake), serve (read, split into lines, answer
-them in order, one write per batch), farewell. ``recv`` and ``send`` on gevent's socket are the waits; each
-sets ``deadline`` and names its ``state``; the server's sweeper raises Deadline in
-a greenlet past it, ClientGone in one whose connection was reset, and shutdown
-raises Shutdown: the wait that was cut says what it means (docs/architecture.md).
-"""
+"""One client's life in its own greenlet, top to bottom (``Client.serve``): open (PROXY
+header, admission, TLS handshake), serve (read, split into lines, answer them in order,
+one write per batch), farewell. ``recv`` and ``send`` on gevent's socket are the waits:
+each names its ``state`` and sets ``deadline``, which the server's sweeper enforces by
+raising Deadline in the greenlet; ClientGone and Shutdown arrive the same way."""
 
 import logging
 import socket
@@ -26,22 +24,19 @@ log = logging.getLogger(__name__)
 #: RUNNING: a command runs (commands bound their own time); FOLLOWING: a log streams to the client
 OPENING, READING, RUNNING, WRITING, FOLLOWING, CLOSING = (
     "opening", "reading", "running", "writing", "following", "closing")
-#: bytes asked of the kernel per read (several pipelined requests), and of replies gathered per write
+#: bytes asked of the kernel per read (several pipelined requests), and of replies gathered per write;
+#: bytes given to one TLS send (gevent's writes all it is given: the deadline restarts after each)
 RECV_SIZE = FLUSH_AT = 65536
-#: bytes given to one TLS send (gevent's writes all it is given): the deadline restarts after each
 SEND_CHUNK = 16384
 #: seconds a farewell line may take; then the client's input is drained for up to LINGER seconds,
 #: lest the kernel answer it with a reset that destroys the last reply (LINGER_QUIET: silent client)
 FAREWELL_TIMEOUT, LINGER, LINGER_QUIET = 2.0, 1.0, 0.2
-#: seconds a slow command runs before a reset of its connection is watched for (most are over by then)
-GUARD_AFTER = 0.005
-#: Linux tcpi_state of a connection that is over (reset, or its keepalive unanswered)
-TCP_CLOSE = 7
-#: seconds a load balancer has to send the PROXY header, and between two looks at one that came in part
-PROXY_TIMEOUT, PROXY_PARTIAL_WAIT = 5.0, 0.01
-#: seconds a client has to finish its TLS handshake when a certificate is required (it holds
-#: no slot meanwhile), and a refused TLS client to read why (each at most the idle timeout)
-CERTIFICATE_TIMEOUT, REFUSAL_TIMEOUT = 10.0, 2.0
+#: seconds a slow command runs before a reset of its connection is watched for (most are over by then);
+#: the Linux tcpi_state of a connection that is over (reset, or its keepalive unanswered)
+GUARD_AFTER, TCP_CLOSE = 0.005, 7
+#: seconds (each at most the idle timeout) a load balancer has to send the PROXY header, a client
+#: to show its certificate (it holds no slot meanwhile), a refused TLS client to read why
+PROXY_TIMEOUT, CERTIFICATE_TIMEOUT, REFUSAL_TIMEOUT = 5.0, 10.0, 2.0
 
 
 class Client:
@@ -50,8 +45,8 @@ class Client:
     def __init__(self, server, sock, address: tuple, number: int) -> None:
         self.server, self.sock, self.number, self.greenlet = server, sock, number, gevent.getcurrent()
         self.name(proxy.canonical(address[0]))
-        #: the sweeper cuts the current wait at ``deadline``; the idle clock runs from ``since``
-        #: (the last batch of lines answered); monotonic seconds
+        #: the sweeper cuts the current wait at ``deadline``; the idle clock runs from ``since``,
+        #: the last batch of lines answered (monotonic seconds)
         self.state, self.deadline, self.since = OPENING, float("inf"), monotonic()
         #: watch_reset: the sweeper raises ClientGone once the connection is reset
         self.watch_reset = self.admitted = self.authenticated = self.tls = False
@@ -103,9 +98,9 @@ class Client:
             return "internal error"
 
     def _open(self) -> None:
-        """OPENING: the PROXY header (it names the client), --allow, then admission and the TLS
-        handshake; with client certificates required, the handshake first, so that the
-        connection line names the certificate. Ended when refused."""
+        """OPENING: the PROXY header (it names the client), --allow, admission and the TLS
+        handshake; with client certificates required, the handshake before admission, so
+        that the connection line names the certificate. Ended when refused."""
         server, config = self.server, self.server.config
         if config.proxy_protocol:
             self._read_proxy_header()
@@ -121,7 +116,7 @@ class Client:
             raise refusal
 
     def _read_proxy_header(self) -> None:
-        # peeking first, so that what follows (requests, a TLS handshake) stays on the socket
+        # peek first, so that what follows (requests, a TLS handshake) stays on the socket
         sock, self.deadline = self.sock, monotonic() + min(self.server.config.idle_timeout, PROXY_TIMEOUT)
         want = proxy.V1_MAX  # a version 2 header says its length in its first 16 bytes
         try:
@@ -131,7 +126,7 @@ class Client:
                 if peeked.startswith(proxy.V2_SIGNATURE) and len(peeked) >= 16 and want == proxy.V1_MAX:
                     want = 16 + int.from_bytes(peeked[14:16], "big")
                 else:
-                    gevent.sleep(PROXY_PARTIAL_WAIT)  # part of a header: the socket stays readable
+                    gevent.sleep(0.01)  # part of a header: the socket stays readable
             size, address = found
             while size:
                 if not (chunk := sock.recv(size)):
@@ -147,7 +142,7 @@ class Client:
             self.name(address)
 
     def _verify(self, context) -> None:
-        # the handshakes under way are capped, --max-clients in all and --max-per-ip from one address
+        # the handshakes under way are capped: --max-clients in all, --max-per-ip from one address
         ip, config, under_way = self.ip, self.server.config, self.server.handshakes
         if config.max_per_ip and under_way[ip] >= config.max_per_ip:
             raise self._refused("max_per_ip", "too many handshakes under way from the address")
@@ -179,7 +174,7 @@ class Client:
             self.deadline = float("inf")
 
     def sweep(self, now: float) -> None:
-        """The sweeper's look at ``now`` (monotonic seconds)."""
+        """The server's sweeper looks at ``now`` (monotonic seconds)."""
         if self.deadline <= now:
             self.interrupt(Deadline, OPENING, READING, WRITING, FOLLOWING, CLOSING)
         elif self.watch_reset and tcp_state(self.sock) == TCP_CLOSE:
@@ -187,8 +182,8 @@ class Client:
             self.interrupt(ClientGone, RUNNING, FOLLOWING)
 
     def stop(self, cut: bool = False) -> None:
-        """Shutdown in a client that waits for a request or follows (one that opens, runs a command
-        or writes sees ``server.closing`` before its next wait); ``cut``: in any state but CLOSING."""
+        """Shutdown in a client that waits for a request or follows (one that opens, runs a
+        command or writes sees ``server.closing`` before its next wait); ``cut``: in any state but CLOSING."""
         self.interrupt(Shutdown, READING, FOLLOWING, *((OPENING, RUNNING, WRITING) if cut else ()))
 
     def interrupt(self, exception: type[BaseException], *states: str) -> None:
@@ -202,8 +197,8 @@ class Client:
             self.greenlet.throw(exception)
 
     def _serve(self) -> None:
-        """Answer requests until the client closes (return) or is done (Ended). The line
-        that comes while a log streams ends the follow, then is answered."""
+        """Answer requests until the client closes (return) or is done (Ended). The line that
+        comes while a log streams ends the follow, then is answered."""
         max_line, fd = self.server.config.max_line, self.sock.fileno()
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
         trace = log.isEnabledFor(logging.DEBUG)
@@ -239,7 +234,7 @@ class Client:
         else:
             self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
-            if not self.tls:  # OpenSSL may hold bytes already read
+            if not self.tls:  # (OpenSSL may hold bytes already read)
                 # gevent's documented wait first: gevent's recv would try first, and make, raise
                 # and catch an EAGAIN error (a tenth of a ping's instructions) before it waits
                 wait_read(fd)
@@ -297,8 +292,7 @@ class Client:
         self._send(b"".join(replies))
 
     def _run_slow(self, handler, arg: bytes) -> bytes:
-        """RUNNING a command that waits (a thread, a process): a reset of the connection
-        meanwhile cancels it (ClientGone) as soon as it is seen."""
+        # RUNNING a command that waits (a thread, a process): a reset meanwhile cancels it
         guard = gevent.spawn_later(GUARD_AFTER, self._guard)
         try:
             return self.server.commands.run_slow(handler, self, arg)
@@ -361,7 +355,7 @@ class Client:
         self.follow = FollowStream(self, source)
 
     def _stop_follow(self, telnet: bytes = b"") -> bytes:
-        """What the follow under way still owes, ``telnet``, End follow: the follow is over."""
+        # what the follow under way still owes, telnet's reply, End follow; the follow is over
         follow, self.follow = self.follow, None
         if follow is None:
             return telnet

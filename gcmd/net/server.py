@@ -1,7 +1,7 @@
-"""The server: gevent's StreamServer spawns ``handle(sock, address)`` in ``pool``
-for each connection (the client's whole life, gcmd.net.client) and closes the
-socket when it returns. Here, once: admission and its undoing, the sweeper
-(the one clock of every client's deadline), accept errors, shutdown."""
+"""The server: gevent's StreamServer spawns ``handle`` in ``pool`` for each connection
+(the client's whole life: gcmd.net.client) and closes the socket when it returns.
+Here, once: admission and its undoing, the sweeper (the one clock of every client's
+deadline), accept errors, shutdown."""
 
 import dataclasses
 import ipaddress
@@ -17,27 +17,18 @@ import gevent
 from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
-from gevent.threadpool import ThreadPool
 
-from gcmd.commands import Commands
 from gcmd.config import Config
-from gcmd.hashing import HashService
-from gcmd.logs.memory import MemoryLog
-from gcmd.logs.sources import Logs, served_sources
 from gcmd.net import wire
 from gcmd.net.client import Client
 from gcmd.net.ends import Ended
 from gcmd.observe.stats import ServerStats
-from gcmd.serverlog.formats import TextFormatter
+from gcmd.services import Services
 
 log = logging.getLogger(__name__)
 
-#: seconds between the sweeper's looks at the clients' deadlines
-SWEEP_EVERY = 0.25
-#: threads that resolve paths, open files and stat the log
-METADATA_WORKERS = 4
-#: seconds the clients cut at the shutdown deadline have to say goodbye
-CUT_GRACE = 3.0
+#: seconds between the sweeper's looks; seconds the clients cut at the shutdown deadline have to go
+SWEEP_EVERY, CUT_GRACE = 0.25, 3.0
 _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 
@@ -59,19 +50,11 @@ class GcmdServer(StreamServer):
         self.pool = Pool()
         super().__init__(listener or (config.host, config.port), backlog=None if listener else config.backlog,
                          spawn=self.pool)
-        self.config = config
         #: the TLS settings of new connections (SIGHUP replaces it; open ones keep theirs)
-        self.ssl_context = ssl_context
-        self.stats = ServerStats()
-        self.metadata_pool = ThreadPool(METADATA_WORKERS)
-        self.hashing = HashService(config.root, config.hash_workers, config.max_pending,
-                                   config.hash_cache, self.metadata_pool)
-        #: the server's own log, the lines it writes at its level in the text format
-        self.memory_log = MemoryLog()
-        self.memory_log.setFormatter(TextFormatter())
-        self.logs = Logs(served_sources(list(config.logfiles)), self.memory_log, self.metadata_pool,
-                         config.command_timeout)
-        self.commands = Commands(config, self.hashing, self.logs, self.stats)
+        self.config, self.ssl_context, self.stats = config, ssl_context, ServerStats()
+        self.services = Services(config, self.stats)
+        self.commands, self.hashing, self.logs, self.memory_log = (
+            self.services.commands, self.services.hashing, self.services.logs, self.services.memory_log)
         self.allow, self.quiet_from = tuple(map(_unmapped, config.allow)), tuple(map(_unmapped, config.quiet_from))
         self.slots = BoundedSemaphore(config.max_clients)
         #: admitted clients, and TLS handshakes under way before admission, by address
@@ -80,7 +63,7 @@ class GcmdServer(StreamServer):
         #: every client whose greenlet runs, admitted or not
         self.clients: set[Client] = set()
         self.closing, self._numbers, self._accept_warned = False, itertools.count(), 0.0
-        #: how a client's log lines start, with --workers the worker too: ``Session,w1:42,127.0.0.1``
+        #: how a client's log lines start; with --workers, the worker too: ``Session,w1:42,127.0.0.1``
         self.context_prefix = f"Session,w{config.worker}:" if config.workers > 1 else "Session,"
 
     def set_token(self, token: bytes) -> None:
@@ -96,10 +79,9 @@ class GcmdServer(StreamServer):
         self.stats.connections += 1
         Client(self, sock, address, next(self._numbers)).serve()
 
-    def refuse(self, client: Client, figure: str, why: str, warning: str | None = None,
-               line: bytes | None = None) -> Ended:
-        """Count a refusal in stats (``figure``), log ``warning``; the Ended that tells
-        the client ``line`` (None: nothing) and the log ``why``."""
+    def refuse(self, client: Client, figure: str, why: str, warning: str = "", line: bytes | None = None) -> Ended:
+        """Count a refusal in stats (``figure``) and log ``warning``: the Ended that tells the
+        client ``line`` (None: nothing) and the log ``why``."""
         self.stats.refuse(figure)
         if warning:
             log.warning(warning, extra=client.context)
@@ -108,8 +90,7 @@ class GcmdServer(StreamServer):
     def screen(self, client: Client) -> None:
         """Refuse a client outside --allow (Ended: logged, no reply) before anything is spent on it."""
         if self.allow and not _allowed(client.ip, self.allow):
-            raise self.refuse(client, "not_allowed", "not in --allow", f"Refused connection from {client.ip}: "
-                              "not in --allow")
+            raise self.refuse(client, "not_allowed", "not in --allow", f"Refused connection from {client.ip}: not in --allow")
 
     def admit(self, client: Client) -> Ended | None:
         """Give ``client`` a slot (None), or say how it is refused; never blocks. The
@@ -117,16 +98,15 @@ class GcmdServer(StreamServer):
         ip, limit = client.ip, self.config.max_per_ip
         if self.quiet_from and _allowed(ip, self.quiet_from):
             client.log_level = logging.DEBUG  # a health check: not an event worth a line
-        shown = ip if client.client_cn is None else f"{ip} (CN={client.client_cn})"
-        log.log(client.log_level, "Client connection from %s", shown, extra=client.context)
+        log.log(client.log_level, "Client connection from %s%s", ip,
+                "" if client.client_cn is None else f" (CN={client.client_cn})", extra=client.context)
         if self.closing:
-            return self.refuse(client, "shutting_down", "refused: shutting down", None, wire.SHUTTING_DOWN)
+            return self.refuse(client, "shutting_down", "refused: shutting down", "", wire.SHUTTING_DOWN)
         if limit and self.per_ip[ip] >= limit:
             return self.refuse(client, "max_per_ip", "refused: too many from the address",
                                f"Too many connections from {ip}. bye !", wire.TOO_MANY_FROM_ADDRESS)
         if not self.slots.acquire(blocking=False):
-            return self.refuse(client, "max_clients", "refused: too many", "Too many connections. bye !",
-                               wire.TOO_MANY)
+            return self.refuse(client, "max_clients", "refused: too many", "Too many connections. bye !", wire.TOO_MANY)
         self.per_ip[ip] += 1
         self.stats.clients += 1
         client.admitted = True
@@ -168,8 +148,7 @@ class GcmdServer(StreamServer):
             why, now = exc.strerror or exc, monotonic()
             if self.is_fatal_error(exc):
                 log.error("cannot accept connections any more: %s", why)
-                self.close()
-                return None
+                return self.close()
             if now - self._accept_warned > 1:
                 self._accept_warned = now
                 log.warning("cannot accept a connection: %s; pausing %g s", why, self.delay)
@@ -177,8 +156,7 @@ class GcmdServer(StreamServer):
 
     def start(self) -> None:
         super().start()
-        logging.getLogger("gcmd").addHandler(self.memory_log)
-        self.logs.start()
+        self.services.start()
         self._sweeper = gevent.spawn(self._sweep)
 
     def shutdown(self) -> None:
@@ -197,11 +175,8 @@ class GcmdServer(StreamServer):
             if not self.pool.join(timeout=CUT_GRACE):
                 self.pool.kill(block=True, timeout=1)
         self._sweeper.kill()
-        self.hashing.close()
-        self.logs.close()
+        self.services.close()
         log.info("Server stopped")
-        logging.getLogger("gcmd").removeHandler(self.memory_log)
-        self.metadata_pool.kill()
 
 
 def _allowed(ip: str, networks) -> bool:
