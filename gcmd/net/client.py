@@ -254,13 +254,12 @@ class Client:
         """Run a batch of requests in order; their replies go out together, and before any slow
         command. A follow begun by the last one streams on if ``may_follow`` (no line came after)."""
         server, commands = self.server, self.server.commands
-        replies: list[bytes] = []
-        size = 0
+        parse, run, replies, size = commands.parse, commands.run, [], 0  # bound once per batch
         for index, line in enumerate(lines):
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))
                 raise Shutdown
-            if (parsed := commands.parse(line)) is None:
+            if (parsed := parse(line)) is None:
                 continue
             handler, arg = parsed
             if heard is not None:
@@ -278,7 +277,7 @@ class Client:
                     self._send(self._stop_follow())  # a line came already: it ends the follow
                     continue
             else:
-                reply = commands.run(handler, self, arg)
+                reply = run(handler, self, arg)
             if trace:
                 log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
                           (monotonic() - started) * 1000, extra=self.context)

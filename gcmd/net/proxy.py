@@ -15,10 +15,10 @@ _V2_FAMILIES = {0x1: (ipaddress.IPv4Address, 4), 0x2: (ipaddress.IPv6Address, 16
 
 
 def canonical(address: str) -> str:
-    """One spelling per client address: an IPv4-mapped IPv6 address (RFC 4291 section
-    2.5.5.2), as a dual-stack socket or a PROXY header may give it, is the IPv4
-    address; other IPv6 addresses are compressed (RFC 5952); a non-address stays."""
-    if ":" not in address:  # IPv4, as the kernel writes it
+    """One spelling per client address: an IPv4-mapped IPv6 address (RFC 4291 section 2.5.5.2),
+    as a dual-stack socket or a PROXY header gives it, is the IPv4 address; other IPv6
+    addresses are compressed (RFC 5952); IPv4 (as the kernel writes it) and non-addresses stay."""
+    if ":" not in address:
         return address
     try:
         ip = ipaddress.ip_address(address)
@@ -32,10 +32,9 @@ class ProxyError(ValueError):
 
 
 def parse(data: bytes) -> tuple[int, str | None] | None:
-    """The length (bytes) of the header at the start of ``data`` and the client address
-    it names; None when ``data`` holds only the start of a header. The address is None
-    when the header names none (version 1 UNKNOWN, version 2 LOCAL such as a health
-    check, or not TCP over IP): the connection's own address stands."""
+    """The length (bytes) of the header at the start of ``data`` and the client address it
+    names (None: version 1 UNKNOWN, version 2 LOCAL as a health check, or not TCP over IP;
+    the connection's own stands); None when ``data`` holds only the start of a header."""
     if data.startswith(b"PROXY "):
         return _parse_v1(data)
     if data.startswith(V2_SIGNATURE):

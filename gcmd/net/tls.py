@@ -1,9 +1,4 @@
-"""TLS: the server's SSLContext from the settings, and what the log says of TLS.
-
-The standard library's defaults (ciphers, options) stay. TLS 1.2 renegotiation
-is refused (OpenSSL 3 refuses a client's by default, older versions do not):
-a client could make the server do a handshake's work on demand.
-"""
+"""TLS: the server's SSLContext from the settings, and what the log says of TLS."""
 
 import ssl
 
@@ -17,11 +12,13 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
-    """gevent's (cooperative) server side of TLS: --tls-min-version or later, and with
-    --tls-client-ca a client certificate required. SettingError names the file that
-    cannot be used, and why."""
+    """gevent's (cooperative) server side of TLS: the standard library's defaults (ciphers,
+    options), --tls-min-version or later, with --tls-client-ca a client certificate
+    required. SettingError names the file that cannot be used, and why."""
     context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = VERSIONS[config.tls_min_version]
+    # OpenSSL 3 refuses a client's TLS 1.2 renegotiation, older versions do not: a client
+    # could make the server do a handshake's work on demand
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
