@@ -42,6 +42,9 @@ PROXY_TIMEOUT, CERTIFICATE_TIMEOUT, REFUSAL_TIMEOUT = 5.0, 10.0, 2.0
 class Client:
     """One connection, served by the greenlet that runs ``serve``; commands get it as ``session``."""
 
+    __slots__ = ("admitted", "authenticated", "client_cn", "context", "deadline", "follow", "format", "greenlet",
+                 "ip", "log_level", "number", "server", "since", "sock", "state", "tls", "user", "watch_reset")
+
     def __init__(self, server, sock, address: tuple, number: int) -> None:
         self.server, self.sock, self.number, self.greenlet = server, sock, number, gevent.getcurrent()
         self.name(proxy.canonical(address[0]))
@@ -202,8 +205,10 @@ class Client:
         max_line, fd = self.server.config.max_line, self.sock.fileno()
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
         trace = log.isEnabledFor(logging.DEBUG)
-        pending = telnet = b""
-        while data := self._read(fd):
+        pending, telnet, lines = b"", b"", []
+        # after a batch of one line, or none, the client's next bytes are not there yet: wait for
+        # them first; the next batch of a pipelining client may be there when its turn comes back
+        while data := self._read(None if self.tls or len(lines) > 1 else fd):
             if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
                 telnet += reply
@@ -218,15 +223,16 @@ class Client:
             if lines:
                 self._answer(lines, heard, trace, not too_long)
                 self.since = monotonic()
-                if self.tls and len(lines) > 1:
+                if len(lines) > 1:
                     gevent.sleep(0)  # a pipelining client lets the others run between its batches
             if too_long:
                 raise Ended("line too long", wire.LINE_TOO_LONG)
 
-    def _read(self, fd: int) -> bytes:
+    def _read(self, fd: int | None) -> bytes:
         """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended when a
         reader sends no line for the idle timeout, a follower takes no streamed byte for it,
-        or a follower's connection is over (a half-close ends no follow)."""
+        or a follower's connection is over (a half-close ends no follow). ``fd``: wait for it
+        to be readable first (never on TLS: OpenSSL may hold bytes already read)."""
         if self.server.closing:
             raise Shutdown
         if self.follow is None:
@@ -234,9 +240,9 @@ class Client:
         else:
             self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
-            if not self.tls:  # (OpenSSL may hold bytes already read)
-                # gevent's documented wait first: gevent's recv would try first, and make, raise
-                # and catch an EAGAIN error (a tenth of a ping's instructions) before it waits
+            if fd is not None:
+                # gevent's documented wait: gevent's recv would try first, and make, raise and
+                # catch an EAGAIN error (a tenth of a ping's instructions) before it waits
                 wait_read(fd)
             data = self.sock.recv(RECV_SIZE)
             if not data and self.follow is not None:
@@ -310,12 +316,12 @@ class Client:
         """WRITING all of ``data``; Ended when the client takes none of it for the idle timeout."""
         if not data:
             return
-        idle, send, chunk = self.server.config.idle_timeout, self.sock.send, SEND_CHUNK if self.tls else len(data)
+        idle, send, tls = self.server.config.idle_timeout, self.sock.send, self.tls
         self.state = WRITING
         try:
             while data:
                 self.deadline = monotonic() + idle
-                sent = send(data[:chunk])
+                sent = send(data[:SEND_CHUNK] if tls else data)
                 data = memoryview(data)[sent:] if sent < len(data) else None
         except Deadline:
             raise Ended("the client accepted no reply bytes in time", None) from None
