@@ -1,97 +1,69 @@
-"""One client's life, in its own greenlet, top to bottom: ``Client.serve``.
-
-open (gcmd.net.opening: PROXY header, admission, TLS handshake), serve
-(read, split into lines, run them in order, one write per batch), farewell.
-The socket is gevent's cooperative socket: ``recv`` and ``send`` are the
-waits. Its named states (``state``): OPENING, READING (the idle deadline
-runs), RUNNING (a command runs: commands bound their own time), WRITING (a
-reply the client has not taken yet: the idle deadline runs), FOLLOWING (a
-log streams to it), CLOSING (the farewell).
-
-The state sets ``deadline``; the server's sweeper raises Deadline in the
-greenlet past it, and the wait that was cut says what it means (an idle
-client is told so; one that takes no reply is just closed). ClientGone (the
-connection was reset while a command ran) and Shutdown arrive the same way.
-"""
-
-from __future__ import annotations
+"""One client's life in its own greenlet, top to bottom (``Client.serve``): open (PROXY
+header, admission, TLS handshake), serve (read, split into lines, answer them in order,
+one write per batch), farewell. ``recv`` and ``send`` on gevent's socket are the waits:
+each names its ``state`` and sets ``deadline``, which the server's sweeper enforces by
+raising Deadline in the greenlet; ClientGone and Shutdown arrive the same way."""
 
 import logging
 import socket
 import ssl
+from contextlib import suppress
 from time import monotonic
 
 import gevent
-from gevent import getcurrent
 from gevent.socket import wait_read
 
-from gcmd.net import wire
+from gcmd.net import proxy, tls, wire
 from gcmd.net.ends import ClientGone, Deadline, Ended, Shutdown
 from gcmd.net.follow import FollowStream
-from gcmd.net.opening import open_connection
-from gcmd.net.proxy import canonical
-from gcmd.net.wire import IAC, LF, Close, Follow, split_lines, telnet_commands
+from gcmd.net.wire import IAC, Close, Follow, split_lines, telnet_commands
 from gcmd.serverlog.setup import line_run
 
 log = logging.getLogger(__name__)
 
+#: RUNNING: a command runs (commands bound their own time); FOLLOWING: a log streams to the client
 OPENING, READING, RUNNING, WRITING, FOLLOWING, CLOSING = (
     "opening", "reading", "running", "writing", "following", "closing")
-#: bytes asked of the kernel per read: several pipelined requests at once
-RECV_SIZE = 65536
-#: replies are gathered up to this size before one write
-FLUSH_AT = 65536
-#: bytes given to one TLS send: the idle deadline restarts after each
+#: bytes asked of the kernel per read (several pipelined requests), and of replies gathered per write;
+#: bytes given to one TLS send (gevent's writes all it is given: the deadline restarts after each)
+RECV_SIZE = FLUSH_AT = 65536
 SEND_CHUNK = 16384
-#: seconds a farewell line may take to leave when the client is not reading
-FAREWELL_TIMEOUT = 2.0
-#: seconds the client's input is drained before closing, so that the kernel does
-#: not answer it with a reset that destroys the last reply in flight; a client
-#: that sends nothing for LINGER_QUIET seconds is not waited for
-LINGER, LINGER_QUIET = 1.0, 0.2
-#: seconds a slow command runs before a reset of its connection is watched for:
-#: most (lastlog of a file) are over by then and never pay for the watch
-GUARD_AFTER = 0.005
-#: Linux tcpi_state of a connection that is over (reset, or its keepalive went unanswered)
-TCP_CLOSE = 7
-NEVER = float("inf")
+#: seconds a farewell line may take; then the client's input is drained for up to LINGER seconds,
+#: lest the kernel answer it with a reset that destroys the last reply (LINGER_QUIET: silent client)
+FAREWELL_TIMEOUT, LINGER, LINGER_QUIET = 2.0, 1.0, 0.2
+#: seconds a slow command runs before a reset of its connection is watched for (most are over by then);
+#: the Linux tcpi_state of a connection that is over (reset, or its keepalive unanswered)
+GUARD_AFTER, TCP_CLOSE = 0.005, 7
+#: seconds (each at most the idle timeout) a load balancer has to send the PROXY header, a client
+#: to show its certificate (it holds no slot meanwhile), a refused TLS client to read why
+PROXY_TIMEOUT, CERTIFICATE_TIMEOUT, REFUSAL_TIMEOUT = 5.0, 10.0, 2.0
 
 
 class Client:
-    """One connection, served by the greenlet that runs ``serve``."""
+    """One connection, served by the greenlet that runs ``serve``; commands get it as ``session``."""
 
     __slots__ = ("admitted", "authenticated", "client_cn", "context", "deadline", "follow", "format", "greenlet",
-                 "heard", "ip", "log_level", "number", "server", "since", "sock", "state", "tls",
-                 "user", "watch_reset")
+                 "ip", "log_level", "number", "server", "since", "sock", "state", "tls", "user", "watch_reset")
 
     def __init__(self, server, sock, address: tuple, number: int) -> None:
-        self.server = server
-        self.sock = sock
-        self.ip = canonical(address[0])
-        self.number = number
-        self.context = server.session_context(number, self.ip)
-        self.greenlet = getcurrent()
-        self.state = OPENING
-        #: when the sweeper cuts the current wait (monotonic seconds)
-        self.deadline = NEVER
-        #: the last complete line received or reply sent: the idle clock's start
-        self.since = monotonic()
-        #: the sweeper raises ClientGone once the connection is reset
-        self.watch_reset = False
-        self.admitted = self.authenticated = self.tls = False
-        #: the CN of the client's verified certificate (--tls-client-ca); None: none asked
-        self.client_cn: str | None = None
-        #: what commands keep of the client: its user (gcmd.users), the format of its log lines
-        self.user = None
-        self.format = "text"
-        self.log_level = logging.INFO
-        #: the LineRun of its request lines, made at the first request logged
-        self.heard = None
+        self.server, self.sock, self.number, self.greenlet = server, sock, number, gevent.getcurrent()
+        self.name(proxy.canonical(address[0]))
+        #: the sweeper cuts the current wait at ``deadline``; the idle clock runs from ``since``,
+        #: the last batch of lines answered (monotonic seconds)
+        self.state, self.deadline, self.since = OPENING, float("inf"), monotonic()
+        #: watch_reset: the sweeper raises ClientGone once the connection is reset
+        self.watch_reset = self.admitted = self.authenticated = self.tls = False
+        #: what commands keep: the CN of a verified certificate, the user (gcmd.users), the log's format
+        self.client_cn, self.user, self.format, self.log_level = None, None, "text", logging.INFO
         self.follow: FollowStream | None = None
 
+    def name(self, ip: str) -> None:
+        """The client is ``ip`` (canonical); its log lines' context: ``Session,42,127.0.0.1``."""
+        self.ip, self.context = ip, {"context": f"{self.server.context_prefix}{self.number},{ip}"}
+
     def serve(self) -> None:
-        """The client's whole life. StreamServer closes the accepted socket when
-        this returns; a TLS socket made from it (it took over the descriptor) is closed here."""
+        """The client's whole life. StreamServer closes the accepted socket when this
+        returns; a TLS socket made from it (it took over the descriptor) is closed here."""
         self.server.clients.add(self)
         reason = "cancelled"
         try:
@@ -109,19 +81,17 @@ class Client:
         """Open, serve, say farewell; why it ended, for the log."""
         try:
             try:
-                open_connection(self)
-                self.state = RUNNING
+                self._open()
+                self.state, self.since = RUNNING, monotonic()
                 self._serve()
+                return "Connection was closed cleanly."
             except Ended as end:
-                self._farewell(end.line)
-                return end.reason
+                reason, line = end.reason, end.line
             except Shutdown:
-                self._farewell(self._goodbye() if self.state is not OPENING else None)
-                return "server shutting down"
+                reason, line = "server shutting down", None if self.state is OPENING else wire.SHUTTING_DOWN
+            return reason if self._farewell(line) else "the client accepted no farewell in time"
         except ClientGone:
             return "connection reset" if self.state is FOLLOWING else "connection reset while a command ran"
-        except Deadline:  # raised in a farewell that takes too long
-            return "the client accepted no farewell in time"
         except ssl.SSLError as exc:
             return f"TLS error: {exc.reason or exc}"
         except OSError as exc:
@@ -129,87 +99,178 @@ class Client:
         except Exception:
             log.exception("internal error serving %s", self.ip, extra=self.context)
             return "internal error"
-        return "Connection was closed cleanly."
 
-    def shutdown_began(self) -> None:
-        """Tell a client that waits for its next request, or follows, that the
-        server stops (in the hub, so that it is still waiting when told); one
-        that opens (a TLS handshake), runs a command or writes a reply sees
-        ``server.closing`` before its next wait, or is cut at the shutdown deadline."""
-        self.interrupt(Shutdown, READING, FOLLOWING)
+    def _open(self) -> None:
+        """OPENING: the PROXY header (it names the client), --allow, admission and the TLS
+        handshake; with client certificates required, the handshake before admission, so
+        that the connection line names the certificate. Ended when refused."""
+        server, config = self.server, self.server.config
+        if config.proxy_protocol:
+            self._read_proxy_header()
+        server.screen(self)
+        context = server.ssl_context  # SIGHUP may replace it; this connection keeps this one
+        if context is not None and config.tls_client_ca is not None:
+            self._verify(context)
+            context = None
+        refusal = server.admit(self)
+        if context is not None and (refusal is None or refusal.line is not None):
+            self._handshake(context, config.idle_timeout if refusal is None else REFUSAL_TIMEOUT)
+        if refusal is not None:
+            raise refusal
+
+    def _read_proxy_header(self) -> None:
+        # peek first, so that what follows (requests, a TLS handshake) stays on the socket
+        sock, self.deadline = self.sock, monotonic() + min(self.server.config.idle_timeout, PROXY_TIMEOUT)
+        want = proxy.V1_MAX  # a version 2 header says its length in its first 16 bytes
+        try:
+            while (found := proxy.parse(peeked := sock.recv(want, socket.MSG_PEEK))) is None:
+                if not peeked:
+                    raise proxy.ProxyError("closed before its PROXY header")
+                if peeked.startswith(proxy.V2_SIGNATURE) and len(peeked) >= 16 and want == proxy.V1_MAX:
+                    want = 16 + int.from_bytes(peeked[14:16], "big")
+                else:
+                    gevent.sleep(0.01)  # part of a header: the socket stays readable
+            size, address = found
+            while size:
+                if not (chunk := sock.recv(size)):
+                    raise proxy.ProxyError("closed within its PROXY header")
+                size -= len(chunk)
+        except (proxy.ProxyError, OSError, Deadline) as exc:
+            why = "no complete PROXY header in time" if isinstance(exc, Deadline) else exc
+            raise self.server.refuse(self, "proxy_header", "no valid PROXY header",
+                                     f"Closed connection from {self.ip}: no valid PROXY header ({why})") from None
+        finally:
+            self.deadline = float("inf")
+        if address:
+            self.name(address)
+
+    def _verify(self, context) -> None:
+        # the handshakes under way are capped: --max-clients in all, --max-per-ip from one address
+        ip, config, under_way = self.ip, self.server.config, self.server.handshakes
+        if config.max_per_ip and under_way[ip] >= config.max_per_ip:
+            raise self._refused("max_per_ip", "too many handshakes under way from the address")
+        if under_way.total() >= config.max_clients:
+            raise self._refused("max_clients", "too many handshakes under way")
+        under_way[ip] += 1
+        try:
+            self._handshake(context, CERTIFICATE_TIMEOUT)
+        except (ssl.SSLError, Ended) as exc:
+            raise self._refused("tls_handshake", exc.reason if isinstance(exc, Ended)
+                                else tls.handshake_failure(exc)) from None
+        finally:
+            under_way[ip] -= 1
+            if not under_way[ip]:
+                del under_way[ip]
+        self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
+
+    def _refused(self, figure: str, why: str) -> Ended:
+        return self.server.refuse(self, figure, why, f"Refused TLS connection from {self.ip}: {why}")
+
+    def _handshake(self, context, seconds: float) -> None:
+        self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.tls, self.deadline = True, monotonic() + min(seconds, self.server.config.idle_timeout)
+        try:
+            self.sock.do_handshake()
+        except Deadline:
+            raise Ended("TLS handshake not finished in time", None) from None
+        finally:
+            self.deadline = float("inf")
+
+    def sweep(self, now: float) -> None:
+        """The server's sweeper looks at ``now`` (monotonic seconds)."""
+        if self.deadline <= now:
+            self.interrupt(Deadline, OPENING, READING, WRITING, FOLLOWING, CLOSING)
+        elif self.watch_reset and tcp_state(self.sock) == TCP_CLOSE:
+            self.watch_reset = False
+            self.interrupt(ClientGone, RUNNING, FOLLOWING)
+
+    def stop(self, cut: bool = False) -> None:
+        """Shutdown in a client that waits for a request or follows (one that opens, runs a
+        command or writes sees ``server.closing`` before its next wait); ``cut``: in any state but CLOSING."""
+        self.interrupt(Shutdown, READING, FOLLOWING, *((OPENING, RUNNING, WRITING) if cut else ()))
 
     def interrupt(self, exception: type[BaseException], *states: str) -> None:
-        """Raise ``exception`` in this client's greenlet if it is then in one of
-        ``states`` (Greenlet.kill delivers at the greenlet's next switch, by when
-        it may have moved on: this looks again, in the hub, as it delivers)."""
+        """Raise ``exception`` in the client's greenlet if it is in one of ``states`` (a Deadline:
+        and past its deadline) when the hub delivers it (it may have moved on meanwhile)."""
         self.server.loop.run_callback(self._raise_if, exception, states)
 
     def _raise_if(self, exception: type[BaseException], states: tuple) -> None:
-        if self.state in states and not self.greenlet.dead:
-            if exception is Deadline and self.deadline > monotonic():
-                return  # the client moved meanwhile
+        if self.state in states and not self.greenlet.dead and (
+                exception is not Deadline or self.deadline <= monotonic()):
             self.greenlet.throw(exception)
 
-    # --- serving requests ---------------------------------------------------------------
-
     def _serve(self) -> None:
-        """Answer requests until the client closes (return) or is done (Ended)."""
-        max_line = self.server.config.max_line
-        heard, trace = self._request_log()
-        pending = data = b""
-        while True:
-            data = data or self._read()
-            if not data:
-                return
-            if IAC in data:  # telnet's Ctrl-C
+        """Answer requests until the client closes (return) or is done (Ended). The line that
+        comes while a log streams ends the follow, then is answered."""
+        max_line, fd = self.server.config.max_line, self.sock.fileno()
+        heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
+        trace = log.isEnabledFor(logging.DEBUG)
+        pending, telnet, lines = b"", b"", []
+        # after a batch of one line, or none, the client's next bytes are not there yet: wait for
+        # them first; the next batch of a pipelining client may be there when its turn comes back
+        while data := self._read(None if self.tls or len(lines) > 1 else fd):
+            if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
-                self._send(reply)
+                telnet += reply
             lines, pending, too_long = split_lines(pending, data, max_line)
-            data = b""
+            if self.follow is not None:
+                if not lines and not too_long:
+                    continue
+                telnet = self._stop_follow(telnet)
+            if telnet:
+                self._send(telnet)
+                telnet = b""
             if lines:
-                if self._answer(lines, heard, trace, not too_long):
-                    data, reply = self._follow(pending)
-                    pending = b""
-                    self._end_follow(reply)
+                self._answer(lines, heard, trace, not too_long)
                 self.since = monotonic()
                 if len(lines) > 1:
                     gevent.sleep(0)  # a pipelining client lets the others run between its batches
             if too_long:
                 raise Ended("line too long", wire.LINE_TOO_LONG)
 
-    def _read(self) -> bytes:
-        """READING: the client's next bytes (b"" once it has closed); Ended when it
-        sends no complete line for the idle timeout."""
+    def _read(self, fd: int | None) -> bytes:
+        """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended when a
+        reader sends no line for the idle timeout, a follower takes no streamed byte for it,
+        or a follower's connection is over (a half-close ends no follow). ``fd``: wait for it
+        to be readable first (never on TLS: OpenSSL may hold bytes already read)."""
         if self.server.closing:
             raise Shutdown
-        self.state, self.deadline = READING, self.since + self.server.config.idle_timeout
+        if self.follow is None:
+            self.state, self.deadline = READING, self.since + self.server.config.idle_timeout
+        else:
+            self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
-            return self.sock.recv(RECV_SIZE)
+            if fd is not None:
+                # gevent's documented wait: gevent's recv would try first, and make, raise and
+                # catch an EAGAIN error (a tenth of a ping's instructions) before it waits
+                wait_read(fd)
+            data = self.sock.recv(RECV_SIZE)
+            if not data and self.follow is not None:
+                self.watch_reset = True  # the sweeper sees the client go
+                self.follow.join()
+                raise Ended("the connection is over", None)
         except Deadline:
-            raise Ended("idle timeout", wire.IDLE_TIMEOUT) from None
-        finally:
-            self.state, self.deadline = RUNNING, NEVER
+            if self.state is READING:
+                raise Ended("idle timeout", wire.IDLE_TIMEOUT) from None
+            raise Ended("the client accepted no followed lines in time", None) from None
+        self.state = RUNNING
+        return data
 
-    def _answer(self, lines: list[bytes], heard, trace: bool, may_follow: bool) -> bool:
-        """Run one batch of requests in order; their replies go out together, and
-        before any slow command. True when its last request began a follow that
-        goes on (``may_follow``: nothing came after the batch to end it)."""
-        server = self.server
-        commands = server.commands
-        parse, run, shown = commands.parse, commands.run, commands.shown  # once per batch
-        replies: list[bytes] = []
-        size = 0
+    def _answer(self, lines: list[bytes], heard, trace: bool, may_follow: bool) -> None:
+        """Run a batch of requests in order; their replies go out together, and before any slow
+        command. A follow begun by the last one streams on if ``may_follow`` (no line came after)."""
+        server, commands = self.server, self.server.commands
+        parse, run, replies, size = commands.parse, commands.run, [], 0  # bound once per batch
         for index, line in enumerate(lines):
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))
                 raise Shutdown
-            parsed = parse(line)
-            if parsed is None:
+            if (parsed := parse(line)) is None:
                 continue
             handler, arg = parsed
-            started = monotonic() if trace else 0.0
             if heard is not None:
-                heard.add(shown.get(line) or commands.loggable(line, handler))
+                heard.add(commands.shown.get(line) or commands.loggable(line, handler))
+            started = monotonic() if trace else 0.0
             if handler.slow:
                 self._send(b"".join(replies))
                 replies, size = [], 0
@@ -217,8 +278,9 @@ class Client:
                 if isinstance(reply, Follow):
                     self._send(reply)
                     if index + 1 == len(lines) and may_follow:
-                        return True
-                    self._end_follow()  # a line has come already: it ends the follow
+                        self.deadline = float("inf")  # the follow's writer sets it while a chunk waits
+                        return self.follow.start()
+                    self._send(self._stop_follow())  # a line came already: it ends the follow
                     continue
             else:
                 reply = run(handler, self, arg)
@@ -229,151 +291,81 @@ class Client:
                 self._send(b"".join(replies))
                 raise Ended(reply.reason, reply)
             replies.append(reply)
-            size += len(reply)
-            if size >= FLUSH_AT:  # a client that does not read its replies stops being read
+            if (size := size + len(reply)) >= FLUSH_AT:  # a client that takes no reply stops being read
                 self._send(b"".join(replies))
                 replies, size = [], 0
         self._send(b"".join(replies))
-        return False
 
     def _run_slow(self, handler, arg: bytes) -> bytes:
-        """RUNNING a command that waits (a thread, a process); a reset of the
-        connection meanwhile cancels it (ClientGone), as soon as it is seen."""
+        # RUNNING a command that waits (a thread, a process): a reset meanwhile cancels it
         guard = gevent.spawn_later(GUARD_AFTER, self._guard)
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
-            # one that started waits on the descriptor: it is gone before the next read
-            guard.kill(block=bool(guard))
+            guard.kill(block=bool(guard))  # one that started waits on the descriptor: gone before we read
             self.watch_reset = False
 
     def _guard(self) -> None:
-        """Wait (gevent.socket.wait_read) until the connection has input, an EOF or
-        a reset; on a reset cancel the command, else let the sweeper watch for one."""
-        wait_read(self.sock.fileno())
+        wait_read(self.sock.fileno())  # input, an EOF or a reset
         if tcp_state(self.sock) == TCP_CLOSE:
             self.interrupt(ClientGone, RUNNING)
-        else:  # input or a half-close: the sweeper looks for a reset from now on
+        else:  # after input or a half-close, the sweeper watches for a reset
             self.watch_reset = True
 
-    def _request_log(self) -> tuple:
-        """The LineRun of this client's request lines (None: not logged at its
-        level), and whether each request is traced (level debug)."""
-        if not log.isEnabledFor(self.log_level):
-            return None, False
-        if self.heard is None:
-            self.heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-        return self.heard, log.isEnabledFor(logging.DEBUG)
-
-    # --- writing ---------------------------------------------------------------------------
-
     def _send(self, data: bytes) -> None:
-        """WRITING: write all of ``data``; Ended when the client takes no byte of it
-        for the idle timeout (gevent's TLS send writes all it is given before it
-        returns: it is given SEND_CHUNK bytes at a time)."""
+        """WRITING all of ``data``; Ended when the client takes none of it for the idle timeout."""
         if not data:
             return
-        idle = self.server.config.idle_timeout
-        send, chunk = self.sock.send, SEND_CHUNK if self.tls else len(data)
+        idle, send, tls = self.server.config.idle_timeout, self.sock.send, self.tls
         self.state = WRITING
         try:
-            self.deadline = monotonic() + idle
-            sent = send(data if chunk >= len(data) else data[:chunk])  # most replies leave at once
-            if sent < len(data):
-                view = memoryview(data)[sent:]
-                while view:
-                    self.deadline = monotonic() + idle
-                    view = view[send(view[:chunk]):]
+            while data:
+                self.deadline = monotonic() + idle
+                sent = send(data[:SEND_CHUNK] if tls else data)
+                data = memoryview(data)[sent:] if sent < len(data) else None
         except Deadline:
             raise Ended("the client accepted no reply bytes in time", None) from None
-        finally:
-            self.state, self.deadline = RUNNING, NEVER
-        self.since = monotonic()
+        self.state = RUNNING
 
-    def _goodbye(self) -> bytes:
-        """The last line when the server shuts down (after the end of a follow)."""
-        if self.follow is None:
-            return wire.SHUTTING_DOWN
-        return self._stop_follow() + wire.END_FOLLOW + wire.SHUTTING_DOWN
-
-    def _farewell(self, line: bytes | None) -> None:
-        """CLOSING: send the last line and end the stream gently (TLS
-        close_notify, RFC 8446 section 6.1; plain TCP: drain the client's input
-        briefly). ``line`` None: the client cannot take anything; just close."""
+    def _farewell(self, line: bytes | None) -> bool:
+        """CLOSING: send ``line`` (after what a follow under way still owes; None: nothing, just
+        close), TLS close_notify (RFC 8446 section 6.1; the client's own is not awaited), then
+        drain the client's input. False when the line took over FAREWELL_TIMEOUT seconds."""
         if line is None:
-            return
+            return True
+        line, sock = self._stop_follow() + line, self.sock
         self.state, self.deadline = CLOSING, monotonic() + FAREWELL_TIMEOUT
-        try:
-            if line:
-                self.sock.sendall(line)
+        with suppress(OSError, ValueError):
+            try:
+                sock.sendall(line)
+            except Deadline:
+                return False
             if self.tls:
-                self._close_notify()
-            self._linger()
-        except (OSError, ValueError):
-            pass
-
-    def _close_notify(self) -> None:
-        """Send TLS close_notify; the client's own is not awaited."""
-        self.sock.settimeout(0.0)
-        try:
-            self.sock.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass
-        self.sock.settimeout(None)
-
-    def _linger(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-        until = monotonic() + LINGER
-        try:
-            while True:
-                self.deadline = min(monotonic() + LINGER_QUIET, until)
-                if not self.sock.recv(RECV_SIZE):
-                    return
-        except Deadline:
-            pass
-
-    # --- following a log ----------------------------------------------------------------
+                sock.settimeout(0.0)
+                with suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    sock.unwrap()
+                sock.settimeout(None)
+            sock.shutdown(socket.SHUT_WR)
+            until = monotonic() + LINGER
+            with suppress(Deadline):
+                while True:
+                    self.deadline = min(monotonic() + LINGER_QUIET, until)
+                    if not sock.recv(RECV_SIZE):
+                        break
+        return True
 
     def start_following(self, source) -> None:
-        """``follow``: from now on the lines of ``source`` wait for this client
-        (CommandError when it cannot be followed); they stream once the reply is sent."""
+        """``follow``: the lines of ``source`` wait for this client from now on (CommandError
+        when it cannot be followed); they stream once the reply is sent."""
         self.follow = FollowStream(self, source)
 
-    def _follow(self, pending: bytes) -> tuple[bytes, bytes]:
-        """FOLLOWING: the log streams (FollowStream's writer) while this greenlet
-        reads; the bytes that hold the client's next line end it (returned, with
-        the reply telnet's Ctrl-C asks for). Neither the idle timeout nor a
-        half-close ends a follow."""
-        self.follow.start()
-        max_line = self.server.config.max_line
-        replies = b""
-        try:
-            while True:
-                if self.server.closing:
-                    raise Shutdown
-                self.state = FOLLOWING
-                data = self.sock.recv(RECV_SIZE)
-                if not data:
-                    self.watch_reset = True  # the sweeper sees the client go
-                    self.follow.join()
-                    raise Ended("the connection is over", None)
-                if IAC in data:  # telnet's Ctrl-C ends a follow as Enter does
-                    data, reply = telnet_commands(data)
-                    replies += reply
-                pending += data
-                if LF in data or len(pending) > max_line:
-                    return pending, replies
-        except Deadline:
-            raise Ended("the client accepted no followed lines in time", None) from None
-
-    def _end_follow(self, reply: bytes = b"") -> None:
-        """The client sent a line: what waits for it goes out, then End follow."""
-        self._send(self._stop_follow() + reply + wire.END_FOLLOW)
-
-    def _stop_follow(self) -> bytes:
+    def _stop_follow(self, telnet: bytes = b"") -> bytes:
+        # what the follow under way still owes, telnet's reply, End follow; the follow is over
         follow, self.follow = self.follow, None
+        if follow is None:
+            return telnet
         self.state = RUNNING
-        return follow.stop()
+        return follow.stop() + telnet + wire.END_FOLLOW
 
 
 def tcp_state(sock) -> int | None:

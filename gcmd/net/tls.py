@@ -1,14 +1,4 @@
-"""TLS: the server's SSLContext from the settings, and what the log says of TLS.
-
-The context keeps the standard library's defaults (ciphers, options) and only
-sets what gcmd's settings say: the oldest version, the certificate and key,
-and the CA that client certificates must be signed by (--tls-client-ca).
-It also refuses TLS 1.2 renegotiation (OpenSSL 3 refuses a client's by
-default, older versions do not): a client could make the server's TLS do a
-handshake's work on demand, and make a reply wait for a read.
-"""
-
-from __future__ import annotations
+"""TLS: the server's SSLContext from the settings, and what the log says of TLS."""
 
 import ssl
 
@@ -22,11 +12,13 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
-    """The server side of TLS with the configured files: --tls-min-version or
-    later, and with --tls-client-ca a client certificate required. SettingError
-    names the file that cannot be used, and why."""
-    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # its sockets are cooperative
+    """gevent's (cooperative) server side of TLS: the standard library's defaults (ciphers,
+    options), --tls-min-version or later, with --tls-client-ca a client certificate
+    required. SettingError names the file that cannot be used, and why."""
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = VERSIONS[config.tls_min_version]
+    # OpenSSL 3 refuses a client's TLS 1.2 renegotiation, older versions do not: a client
+    # could make the server do a handshake's work on demand
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
@@ -44,7 +36,7 @@ def tls_context(config: Config) -> ssl.SSLContext:
 
 
 def tls_mode(config: Config) -> str:
-    """What the start-up line says of TLS: `` (TLS 1.2+, server certificate only)``,
+    """The start-up line's `` (TLS 1.2+, server certificate only)``,
     `` (TLS 1.3+, client certificates required)``, or "" without TLS."""
     if not config.tls:
         return ""
@@ -62,8 +54,7 @@ def handshake_failure(exc: ssl.SSLError) -> str:
 
 
 def common_name(certificate: dict) -> str:
-    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for
-    the log; "" if it has none."""
+    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for the log; "" if none."""
     for rdn in certificate.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
