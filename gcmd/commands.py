@@ -71,8 +71,6 @@ def command(*, slow: bool = False, public: bool = False, secret: bool = False) -
 #: the commands every connection may use, whatever its grants (PROTOCOL.md, "Users
 #: and grants"); ``unknown`` is a word that is no command: it gets "Command not found."
 ALWAYS_GRANTED = frozenset({"ping", "help", "version", "whoami", "format", "auth", "exit", "quit", "unknown"})
-#: the reply to the next request of a connection whose user SIGHUP removed or changed
-AUTH_REQUIRED_BYE = b"Authentication required. bye !\n"
 
 
 def command_words() -> list[str]:
@@ -179,7 +177,7 @@ class Commands:
         user = session.user
         if user is not None:
             if self.revoked(session):
-                return Close(AUTH_REQUIRED_BYE, f"user {user.name} was removed or changed on SIGHUP")
+                return Close(wire.AUTH_REQUIRED_BYE, f"user {user.name} was removed or changed on SIGHUP")
             if handler.verb in ALWAYS_GRANTED or user.may_use(handler.verb):
                 return None
             return error_line(f"Permission denied: {user.name} may not use {handler.verb}")
@@ -191,8 +189,8 @@ class Commands:
 
     def revoked(self, session) -> bool:
         """Whether ``session`` is a user that SIGHUP removed or changed since it
-        authenticated: its next request closes it (``run``). A follow under way
-        is no request; the core may end it on this too."""
+        authenticated: its next request closes it (``run``), and a follow under
+        way ends at once (GcmdServer.end_revoked_follows)."""
         user = session.user
         return user is not None and self.users.named(user.name) is not user
 

@@ -497,15 +497,22 @@ def test_sighup_that_removes_a_user_closes_its_connection_at_its_next_request(gc
     assert newcomer.ask("auth alice alice-token") == AUTH_FAILED
 
 
-def test_a_removed_users_follow_ends_at_its_next_line_which_closes_it(gcmd, tmp_path):
+def test_a_removed_users_follow_ends_at_once_and_closes_it(gcmd, tmp_path):
     config = tmp_path / "gcmd.toml"
-    config.write_text(user_table("alice", commands='["follow"]'))
+    config.write_text(user_table("alice", commands='["follow"]') + user_table("bob", commands='["follow"]'))
     server = gcmd("--config", config)
-    alice = sign_in(server, "alice")
+    alice, bob = sign_in(server, "alice"), sign_in(server, "bob")
     assert alice.ask("follow") == BEGIN_FOLLOW
-    hup(server, config, user_table("bob"), "re-read the users")
-    assert alice.ask("ping") == END_FOLLOW
+    assert bob.ask("follow") == BEGIN_FOLLOW
+    hup(server, config, user_table("bob", commands='["follow"]'), "re-read the users")
+    # no line from alice: her follow of a log she may no longer read ends by itself
+    assert alice.line() == END_FOLLOW
     assert alice.line() == BYE and alice.closed()
+    wait_for(lambda: "Reason: its user was removed or changed on SIGHUP" in server.log())
+    with open(server.logfile, "a") as log:
+        log.write("after the reload\n")
+    assert bob.line() == b"after the reload\n"  # bob, unchanged, follows on
+    assert bob.ask("ping") == END_FOLLOW
 
 
 def test_sighup_that_changes_a_users_grants_closes_its_connection_and_no_other(gcmd, tmp_path):

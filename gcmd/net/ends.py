@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from gevent import GreenletExit
 
+from gcmd.net.wire import AUTH_REQUIRED_BYE
+
 
 class Ended(Exception):
     """The client's life is over: why, for the log, and the last line for the
@@ -26,3 +28,11 @@ class Shutdown(GreenletExit):
 
 class ClientGone(GreenletExit):
     """The connection was reset."""
+
+
+class Revoked(Ended):
+    """SIGHUP removed or changed the user of a client that follows a log: the follow
+    ends, and the client is closed as its next request would have been."""
+
+    def __init__(self) -> None:
+        super().__init__("its user was removed or changed on SIGHUP", AUTH_REQUIRED_BYE)

@@ -20,8 +20,8 @@ from gevent.server import StreamServer
 
 from gcmd.config import Config
 from gcmd.net import wire
-from gcmd.net.client import Client
-from gcmd.net.ends import Ended
+from gcmd.net.client import FOLLOWING, Client
+from gcmd.net.ends import Ended, Revoked
 from gcmd.observe.stats import ServerStats
 from gcmd.services import Services
 
@@ -125,6 +125,13 @@ class GcmdServer(StreamServer):
             del self.per_ip[client.ip]
         self.slots.release()
         log.log(client.log_level, "Lost client connection. Reason: %s", reason, extra=client.context)
+
+    def end_revoked_follows(self) -> None:
+        """SIGHUP changed the users: the follows of a user gone or changed end now (its next
+        request would close the connection; a follow may wait long for one)."""
+        for client in list(self.clients):
+            if client.follow is not None and self.commands.revoked(client):
+                client.interrupt(Revoked, FOLLOWING)
 
     def _sweep(self) -> None:
         while True:

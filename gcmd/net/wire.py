@@ -22,6 +22,8 @@ LINE_TOO_LONG = b"Line too long. bye !\n"
 IDLE_TIMEOUT = b"Idle timeout. bye !\n"
 SHUTTING_DOWN = b"Server shutting down. bye !\n"
 AUTH_REQUIRED = b"Authentication required.\n"
+#: a user that SIGHUP removed or changed, at its next request or during a follow
+AUTH_REQUIRED_BYE = b"Authentication required. bye !\n"
 AUTH_OK = b"Authenticated.\n"
 AUTH_FAILED = b"Authentication failed. bye !\n"
 AUTH_DISABLED = b"Authentication is not enabled.\n"

@@ -156,6 +156,7 @@ def reload_users(server, path: str) -> None:
         log.warning("SIGHUP: %s; the users in force stay", exc)
         return
     server.commands.set_users(users)
+    server.end_revoked_follows()
     log.info("SIGHUP: re-read the users of --config %s: %d user%s", path, len(users),
              "" if len(users) == 1 else "s")
 
