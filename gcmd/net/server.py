@@ -43,6 +43,10 @@ class GcmdServer(StreamServer):
     #: after an accept error (out of descriptors), accepting pauses min_delay seconds,
     #: doubling up to max_delay while it goes on (gevent's own back-off)
     min_delay, max_delay = 0.1, 1.0
+    #: connections accepted in a row before the greenlets spawned for them run (gevent: 100):
+    #: a burst of connects leaves the kernel's listen queue (at most somaxconn, 4096 here)
+    #: before it overflows, which would cost a dropped connect a 1 s SYN retry
+    max_accept = 1000
 
     def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None,
                  listener: socket.socket | None = None) -> None:
