@@ -14,7 +14,7 @@ import gevent
 from gevent.socket import wait_read
 
 from gcmd.net import proxy, tls, wire
-from gcmd.net.ends import ClientGone, Deadline, Ended, Shutdown
+from gcmd.net.ends import ClientGone, Deadline, Ended, Revoked, Shutdown
 from gcmd.net.follow import FollowStream
 from gcmd.net.wire import IAC, Close, Follow, split_lines, telnet_commands
 from gcmd.serverlog.setup import line_run
@@ -231,12 +231,17 @@ class Client:
     def _read(self, fd: int | None) -> bytes:
         """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended when a
         reader sends no line for the idle timeout, a follower takes no streamed byte for it,
-        or a follower's connection is over (a half-close ends no follow). ``fd``: wait for it
+        or a follower's connection is over (a half-close ends no follow); Revoked when SIGHUP
+        removed or changed a follower's user before its follow streamed. ``fd``: wait for it
         to be readable first (never on TLS: OpenSSL may hold bytes already read)."""
         if self.server.closing:
             raise Shutdown
         if self.follow is None:
             self.state, self.deadline = READING, self.since + self.server.config.idle_timeout
+        elif self.server.commands.revoked(self):
+            # SIGHUP removed the user while the follow's command ran or its reply was written:
+            # end_revoked_follows raises only in a client that follows already
+            raise Revoked
         else:
             self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
