@@ -1,14 +1,26 @@
 """The network core in the states where a client's life can end: a revocation that
-comes while a follow is not yet streaming, a listener that fails. In-process servers
-on port 0, gevent clients."""
+comes while a follow is not yet streaming (in-process server on port 0, gevent
+clients), a listener that fails (a real gcmd process)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import os
 import socket
 
 import gevent.socket
-from support import AUTH_OK, BEGIN_FOLLOW, END_FOLLOW, Client, poll
+import pytest
+from support import (
+    AUTH_OK,
+    BEGIN_FOLLOW,
+    END_FOLLOW,
+    SHUTTING_DOWN,
+    Client,
+    poll,
+    wait_for,
+)
 
 from gcmd.commands import command_words
 from gcmd.users import parse_users
@@ -46,3 +58,42 @@ def test_a_follow_revoked_while_its_backlog_is_written_ends_once_sent(make_serve
         log.write(b"after the reload\n")
     assert alice.line() == END_FOLLOW
     assert alice.line() == BYE and alice.closed()
+
+
+#: Linux's pidfd_getfd(2): a copy of another process's descriptor (x86-64 and arm64 alike)
+SYS_PIDFD_GETFD = 438
+
+
+def shut_listener(pid: int, port: int) -> None:
+    """shutdown(2) the listening socket of process ``pid`` on ``port``, through a copy of its
+    descriptor: its next accept fails with EINVAL, as when a listener is lost."""
+    libc, pidfd = ctypes.CDLL(None, use_errno=True), os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if (fd := libc.syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)) < 0:
+                if ctypes.get_errno() in (errno.EPERM, errno.ENOSYS):
+                    pytest.skip("needs pidfd_getfd(2) on the server's process")
+                continue
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            with sock:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port:
+                    sock.shutdown(socket.SHUT_RD)
+                    return
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"no listener on port {port} in process {pid}")
+
+
+def test_gcmd_whose_listener_fails_shuts_down_and_exits_1(gcmd):
+    server = gcmd()
+    client = server.client()
+    assert client.ask("ping") == b"pong\n"
+    shut_listener(server.proc.pid, server.port)
+    wait_for(lambda: "cannot accept connections any more" in server.log())
+    # a process that accepts nobody must end (systemd restarts it), its clients told why
+    assert client.line() == SHUTTING_DOWN and client.closed()
+    assert server.proc.wait(timeout=15) == 1

@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 from collections import Counter
+from collections.abc import Callable
 from time import monotonic
 
 import gevent
@@ -67,6 +68,8 @@ class GcmdServer(StreamServer):
         #: every client whose greenlet runs, admitted or not
         self.clients: set[Client] = set()
         self.closing, self._numbers, self._accept_warned = False, itertools.count(), 0.0
+        #: called once if the listener fails (accepting is over for good): whoever runs the server stops it
+        self.listener_lost: Callable[[], None] = lambda: None
         #: how a client's log lines start; with --workers, the worker too: ``Session,w1:42,127.0.0.1``
         self.context_prefix = f"Session,w{config.worker}:" if config.workers > 1 else "Session,"
 
@@ -152,14 +155,17 @@ class GcmdServer(StreamServer):
 
     def do_read(self):
         """gevent's accept. An error (out of descriptors) pauses accepting and is logged
-        once a second; one gevent finds fatal (the listener is gone) closes the server."""
+        once a second; one gevent finds fatal (the listener is gone) closes the server
+        and calls ``listener_lost``."""
         try:
             return super().do_read()
         except OSError as exc:
             why, now = exc.strerror or exc, monotonic()
             if self.is_fatal_error(exc):
                 log.error("cannot accept connections any more: %s", why)
-                return self.close()
+                self.close()
+                self.listener_lost()
+                return None
             if now - self._accept_warned > 1:
                 self._accept_warned = now
                 log.warning("cannot accept a connection: %s; pausing %g s", why, self.delay)

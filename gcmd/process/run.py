@@ -68,7 +68,8 @@ def supervise(config: Config, options: RunOptions, output: TextIO) -> int:
 
 def serve(config: Config, options: RunOptions, handler: logging.Handler,
           listener: socket.socket | None = None, ready: Callable[[], None] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status.
+    """Serve until SIGTERM or SIGINT (or until the listener fails), then shut down gracefully;
+    the exit status (1: the listener failed).
 
     ``listener`` and ``ready``: a worker's listening socket, and what it calls
     once it serves (see gcmd.process.workers).
@@ -96,9 +97,10 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     gc.freeze()  # what start-up made lives as long as the process: never collected again
     if metrics is not None:  # before the start-up lines: they say the server serves
         metrics.start()
-    signals: gevent.queue.Queue[int] = gevent.queue.Queue()
+    signals: gevent.queue.Queue[int | None] = gevent.queue.Queue()
     for signum in (*_STOP, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)
+    server.listener_lost = lambda: signals.put(None)  # a server that accepts nobody stops: status 1
     if listener is None:
         announce(config, server.port)
     else:
@@ -107,13 +109,13 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     if ready is not None:
         handler.flush()
         ready()
-    while signals.get() == signal.SIGHUP:
+    while (signum := signals.get()) == signal.SIGHUP:
         reload(server, handler, options)
     server.shutdown()
     if metrics is not None:
         metrics.stop()
     handler.flush()  # the log's last lines are written before the process ends
-    return 0
+    return 0 if signum is not None else 1
 
 
 def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:
