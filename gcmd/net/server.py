@@ -46,7 +46,8 @@ class GcmdServer(StreamServer):
     min_delay, max_delay = 0.1, 1.0
     #: connections accepted in a row before the greenlets spawned for them run (gevent: 100):
     #: a burst of connects leaves the kernel's listen queue (at most somaxconn, 4096 here)
-    #: before it overflows, which would cost a dropped connect a 1 s SYN retry
+    #: before it overflows, which would cost a dropped connect a 1 s SYN retry. The price:
+    #: during a storm of 5,000 connects a connected client's worst wait was ~100 ms, not ~25-65
     max_accept = 1000
 
     def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None,
