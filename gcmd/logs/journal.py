@@ -85,6 +85,23 @@ class Position:
         return self._order(other) >= 0
 
 
+class _Newest:
+    """The newest lines added, at most ``limit`` bytes as sent, and how many older ones were left out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.left_out = limit, 0, 0
+        self.lines: deque[bytes] = deque()
+
+    def add(self, line: bytes | None) -> None:
+        if line is None:
+            return  # a line the format drops
+        self.lines.append(line)
+        self.size += len(line) + 1
+        while self.size > self.limit:
+            self.size -= len(self.lines.popleft()) + 1
+            self.left_out += 1
+
+
 def line_suffixes(journald: str | None, count: int) -> list[str | None]:
     """The cursors (after the log's name) of the ``count`` lines of the entry of
     journald's cursor ``journald``: ``CURSOR:N`` for each but the last, ``CURSOR``
@@ -306,8 +323,7 @@ class JournalLog(_ProcessLog):
             proc = self.children.start(argv)
         except OSError as exc:
             raise CommandError(f"cannot read the log '{self.source}': {exc.strerror or exc}") from None
-        kept: deque[bytes] = deque()
-        size = left_out = 0
+        newest = _Newest(limit)
         first: str | None = None
         last: str | None = None
         splitter = LineSplitter()
@@ -317,24 +333,15 @@ class JournalLog(_ProcessLog):
                 while chunk := proc.stdout.read(65536):
                     for raw, cut, _end in splitter.feed_lines(chunk, 0):
                         cursor, shown = decode_entry(raw, cut)
-                        suffixes = line_suffixes(cursor, len(shown))
                         skip = 0
                         if first is None:
                             first = cursor or ""
                             if cursor == journald:  # the cursor's own entry: its lines up to the cursor's were sent
                                 skip = len(shown) if after.line is None else after.line + 1
                         last = cursor or last
-                        for line, suffix in list(zip(shown, suffixes))[skip:]:
-                            if pattern is not None and not pattern.matches(line):
-                                continue
-                            out = shape.line(line, 0, journal_cursor(shape.name, suffix) if suffix else None)
-                            if out is None:
-                                continue
-                            kept.append(out)
-                            size += len(out) + 1
-                            while size > limit:
-                                size -= len(kept.popleft()) + 1
-                                left_out += 1
+                        for line, suffix in list(zip(shown, line_suffixes(cursor, len(shown))))[skip:]:
+                            if pattern is None or pattern.matches(line):
+                                newest.add(shape.line(line, 0, journal_cursor(shape.name, suffix) if suffix else None))
                 status = proc.wait()
                 error = proc.stderr.read().decode("utf-8", "replace").strip()
         finally:
@@ -343,5 +350,4 @@ class JournalLog(_ProcessLog):
             if "cursor" in error.lower():
                 raise CommandError("bad cursor")
             raise CommandError(f"cannot read the log '{self.source}': {error or f'status {status}'}")
-        lines = capped(reversed(kept), left_out, limit, shape.left_out)
-        return first != journald, last, lines
+        return first != journald, last, capped(reversed(newest.lines), newest.left_out, limit, shape.left_out)
