@@ -99,8 +99,7 @@ class Broadcast:
         """Send ``callback`` every line that ends from now on."""
         self._subscribers[callback] = self._numbered
         self._count_followers()
-        if self._courier is None or self._courier.dead:
-            self._courier = gevent.spawn(self._deliver_passes)
+        self._ensure_courier()
 
     def unsubscribe(self, callback: Subscriber) -> None:
         self._subscribers.pop(callback, None)
@@ -112,11 +111,14 @@ class Broadcast:
         (raw, cut, where), ``raw`` the line's first MAX_LINE bytes, ``cut`` the
         bytes after them; ``where`` and ``tag`` place the line: for a file, the
         offset of its ``\\n`` in the file (device, inode) ``tag``; for the
-        ``gcmd`` log, its number; for the journal, (its number, journald's
-        cursor); else None. Every feed gets the same list (see shaped).
+        ``gcmd`` log, its number; for the journal, its Position (place in the
+        journal and cursor, gcmd.logs.journal); else None. Every feed gets the same list (see shaped).
         """
         self._line_subscribers[callback] = self._raw_numbered
         self._count_followers()
+        self._ensure_courier()
+
+    def _ensure_courier(self) -> None:
         if self._courier is None or self._courier.dead:
             self._courier = gevent.spawn(self._deliver_passes)
 
