@@ -10,9 +10,9 @@ import cmd
 import os
 import sys
 
-from gcmd.clicmd.runner import Runner, client_of
-from gcmd.clicmd.status import FAILED, OK, UNREACHABLE, UsageError
-from gcmd.client import GcmdError, Unreachable
+from gcmd.clicmd.runner import Runner, client_of, failed
+from gcmd.clicmd.status import OK, UsageError
+from gcmd.client import GcmdError
 
 HISTORY = "~/.gcmd_cli_history"
 #: lines of history kept
@@ -27,12 +27,8 @@ def interact(options: argparse.Namespace) -> int:
     client = client_of(options)
     try:
         client.connect()
-    except Unreachable as exc:
-        print(f"gcmd-cli: {exc}", file=sys.stderr)
-        return UNREACHABLE
     except GcmdError as exc:
-        print(f"gcmd-cli: {exc}", file=sys.stderr)
-        return FAILED
+        return failed(exc)
     tty = sys.stdin.isatty()
     history = os.path.expanduser(HISTORY)
     readline = load_history(history) if tty else None

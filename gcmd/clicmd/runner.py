@@ -118,6 +118,13 @@ def client_of(options: argparse.Namespace, host: str | None = None, port: int | 
                   token=options.token, user=options.user, timeout=options.timeout)
 
 
+def failed(exc: GcmdError) -> int:
+    """Say why a command failed on standard error; the exit status: UNREACHABLE
+    when the server could not be reached, else FAILED."""
+    print(f"gcmd-cli: {exc}", file=sys.stderr)
+    return UNREACHABLE if isinstance(exc, Unreachable) else FAILED
+
+
 def run_one(options: argparse.Namespace, line: str) -> int:
     """Run ``line`` on the server of the options and print its lines; the exit status."""
     out = sys.stdout
@@ -127,12 +134,8 @@ def run_one(options: argparse.Namespace, line: str) -> int:
         with client_of(options) as client:
             for text in Runner(client, options.json).run(line):
                 out.write(text + "\n")
-    except Unreachable as exc:
-        print(f"gcmd-cli: {exc}", file=sys.stderr)
-        return UNREACHABLE
     except GcmdError as exc:
-        print(f"gcmd-cli: {exc}", file=sys.stderr)
-        return FAILED
+        return failed(exc)
     except KeyboardInterrupt:
         return OK if line.startswith("follow") else INTERRUPTED
     return OK
