@@ -27,7 +27,7 @@ from support import PONG, Client, free_port, make_certificate, poll, wait_for
 from gcmd.config import Config
 from gcmd.logs.memory import MemoryLog
 from gcmd.net.server import GcmdServer
-from gcmd.net.tls import tls_context
+from gcmd.process.tlsfiles import tls_context
 from gcmd.serverlog.formats import JsonFormatter, LineFormatter, TextFormatter
 from gcmd.serverlog.output import LogOutput, line_chunks, write_whole_lines
 from gcmd.serverlog.setup import (

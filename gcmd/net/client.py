@@ -1,19 +1,20 @@
-"""One client's life in its own greenlet, top to bottom (``Client.serve``): open (PROXY
-header, admission, TLS handshake), serve (read, split into lines, answer them in order,
-one write per batch), farewell. ``recv`` and ``send`` on gevent's socket are the waits:
-each names its ``state`` and sets ``deadline``, which the server's sweeper enforces by
-raising Deadline in the greenlet; ClientGone and Shutdown arrive the same way."""
+"""One client's life in its own greenlet, top to bottom (``Client.serve``): open (PROXY header,
+admission, TLS handshake), serve (read, split into lines, answer them in order, one write per
+batch), farewell. Each wait on gevent's socket names its ``state`` and sets ``deadline``, which
+the server's sweeper enforces by raising Deadline in the greenlet (ClientGone, Shutdown alike)."""
 
 import logging
 import socket
 import ssl
+from collections import Counter
 from contextlib import suppress
 from time import monotonic
 
 import gevent
 from gevent.socket import wait_read
 
-from gcmd.net import proxy, tls, wire
+from gcmd.net import proxy, wire
+from gcmd.net.addresses import canonical
 from gcmd.net.ends import ClientGone, Deadline, Ended, Revoked, Shutdown
 from gcmd.net.follow import FollowStream
 from gcmd.net.wire import IAC, Close, Follow, split_lines, telnet_commands
@@ -47,11 +48,10 @@ class Client:
 
     def __init__(self, server, sock, address: tuple, number: int) -> None:
         self.server, self.sock, self.number, self.greenlet = server, sock, number, gevent.getcurrent()
-        self.name(proxy.canonical(address[0]))
-        #: the sweeper cuts the current wait at ``deadline``; the idle clock runs from ``since``,
-        #: the last batch of lines answered (monotonic seconds)
+        self.name(canonical(address[0]))
+        #: the sweeper cuts the current wait at ``deadline`` and, if ``watch_reset``, raises ClientGone
+        #: once the connection is reset; the idle clock runs from ``since`` (monotonic seconds)
         self.state, self.deadline, self.since = OPENING, float("inf"), monotonic()
-        #: watch_reset: the sweeper raises ClientGone once the connection is reset
         self.watch_reset = self.admitted = self.authenticated = self.tls = False
         #: what commands keep: the CN of a verified certificate, the user (gcmd.users), the log's format
         self.client_cn, self.user, self.format, self.log_level = None, None, "text", logging.INFO
@@ -62,12 +62,30 @@ class Client:
         self.ip, self.context = ip, {"context": f"{self.server.context_prefix}{self.number},{ip}"}
 
     def serve(self) -> None:
-        """The client's whole life. StreamServer closes the accepted socket when this
-        returns; a TLS socket made from it (it took over the descriptor) is closed here."""
+        """The client's whole life: open, serve, farewell, and the log says why it ended.
+        StreamServer closes the accepted socket when this returns; a TLS socket made
+        from it (it took over the descriptor) is closed here."""
         self.server.clients.add(self)
         reason = "cancelled"
         try:
-            reason = self._life()
+            try:
+                self._open()
+                self.state, self.since = RUNNING, monotonic()
+                self._serve()
+                reason = "Connection was closed cleanly."
+            except (Ended, Shutdown) as end:
+                if isinstance(end, Shutdown):
+                    end = Ended("server shutting down", None if self.state is OPENING else wire.SHUTTING_DOWN)
+                reason = end.reason if self._farewell(end.line) else "the client accepted no farewell in time"
+        except ClientGone:
+            reason = "connection reset" if self.state is FOLLOWING else "connection reset while a command ran"
+        except ssl.SSLError as exc:
+            reason = f"TLS error: {exc.reason or exc}"
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        except Exception:
+            log.exception("internal error serving %s", self.ip, extra=self.context)
+            reason = "internal error"
         finally:
             self.state = CLOSING
             self.server.clients.discard(self)  # nothing raises into it any more
@@ -76,29 +94,6 @@ class Client:
                 self.follow.stop(block=False)
             if self.tls:
                 self.sock.close()
-
-    def _life(self) -> str:
-        """Open, serve, say farewell; why it ended, for the log."""
-        try:
-            try:
-                self._open()
-                self.state, self.since = RUNNING, monotonic()
-                self._serve()
-                return "Connection was closed cleanly."
-            except Ended as end:
-                reason, line = end.reason, end.line
-            except Shutdown:
-                reason, line = "server shutting down", None if self.state is OPENING else wire.SHUTTING_DOWN
-            return reason if self._farewell(line) else "the client accepted no farewell in time"
-        except ClientGone:
-            return "connection reset" if self.state is FOLLOWING else "connection reset while a command ran"
-        except ssl.SSLError as exc:
-            return f"TLS error: {exc.reason or exc}"
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        except Exception:
-            log.exception("internal error serving %s", self.ip, extra=self.context)
-            return "internal error"
 
     def _open(self) -> None:
         """OPENING: the PROXY header (it names the client), --allow, admission and the TLS
@@ -156,12 +151,10 @@ class Client:
             self._handshake(context, CERTIFICATE_TIMEOUT)
         except (ssl.SSLError, Ended) as exc:
             raise self._refused("tls_handshake", exc.reason if isinstance(exc, Ended)
-                                else tls.handshake_failure(exc)) from None
+                                else handshake_failure(exc)) from None
         finally:
-            under_way[ip] -= 1
-            if not under_way[ip]:
-                del under_way[ip]
-        self.client_cn = self.context["client_cn"] = tls.common_name(self.sock.getpeercert())
+            under_way -= Counter((ip,))  # in place; the counts left are positive
+        self.client_cn = self.context["client_cn"] = common_name(self.sock.getpeercert())
 
     def _refused(self, figure: str, why: str) -> Ended:
         return self.server.refuse(self, figure, why, f"Refused TLS connection from {self.ip}: {why}")
@@ -200,7 +193,7 @@ class Client:
             self.greenlet.throw(exception)
 
     def _serve(self) -> None:
-        """Answer requests until the client closes (return) or is done (Ended). The line that
+        """Answer requests until the client closes (return) or is done (Ended); a line that
         comes while a log streams ends the follow, then is answered."""
         max_line, fd = self.server.config.max_line, self.sock.fileno()
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
@@ -238,16 +231,12 @@ class Client:
             raise Shutdown
         if self.follow is None:
             self.state, self.deadline = READING, self.since + self.server.config.idle_timeout
-        elif self.server.commands.revoked(self):
-            # SIGHUP removed the user while the follow's command ran or its reply was written:
-            # end_revoked_follows raises only in a client that follows already
+        elif self.server.commands.revoked(self):  # by a SIGHUP while the follow's reply was made
             raise Revoked
         else:
             self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
-            if fd is not None:
-                # gevent's documented wait: gevent's recv would try first, and make, raise and
-                # catch an EAGAIN error (a tenth of a ping's instructions) before it waits
+            if fd is not None:  # gevent's recv would first make, raise and catch an EAGAIN error
                 wait_read(fd)
             data = self.sock.recv(RECV_SIZE)
             if not data and self.follow is not None:
@@ -379,3 +368,18 @@ def tcp_state(sock) -> int | None:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
     except (OSError, AttributeError):
         return None
+
+
+def handshake_failure(exc: ssl.SSLError) -> str:
+    """Why the handshake of a client that had to show a certificate failed, for the log."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate not accepted: {exc.verify_message}"
+    if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no client certificate"
+    return f"TLS error: {exc.reason or exc}"
+
+
+def common_name(certificate: dict) -> str:
+    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for the log; "" if none."""
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return wire.escape(names[0].encode(errors="replace")) if names else ""

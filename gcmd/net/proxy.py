@@ -5,6 +5,8 @@ sends first, naming the client whose connection it opened."""
 import ipaddress
 import struct
 
+from gcmd.net.addresses import canonical
+
 #: the first 12 bytes of a version 2 header
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 #: the longest version 1 header, its CRLF included (bytes)
@@ -12,19 +14,6 @@ V1_MAX = 107
 _V1_FAMILIES = {b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address}
 #: version 2 families (high nibble of byte 13), INET and INET6: the class and size of an address
 _V2_FAMILIES = {0x1: (ipaddress.IPv4Address, 4), 0x2: (ipaddress.IPv6Address, 16)}
-
-
-def canonical(address: str) -> str:
-    """One spelling per client address: an IPv4-mapped IPv6 address (RFC 4291 section 2.5.5.2),
-    as a dual-stack socket or a PROXY header gives it, is the IPv4 address; other IPv6
-    addresses are compressed (RFC 5952); IPv4 (as the kernel writes it) and non-addresses stay."""
-    if ":" not in address:
-        return address
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    return str(ip.ipv4_mapped or ip)
 
 
 class ProxyError(ValueError):

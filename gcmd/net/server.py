@@ -4,7 +4,6 @@ Here, once: admission and its undoing, the sweeper (the one clock of every clien
 deadline), accept errors, shutdown."""
 
 import dataclasses
-import ipaddress
 import itertools
 import logging
 import socket
@@ -21,6 +20,7 @@ from gevent.server import StreamServer
 
 from gcmd.config import Config
 from gcmd.net import wire
+from gcmd.net.addresses import unmapped, within
 from gcmd.net.client import FOLLOWING, Client
 from gcmd.net.ends import Ended, Revoked
 from gcmd.observe.stats import ServerStats
@@ -30,12 +30,6 @@ log = logging.getLogger(__name__)
 
 #: seconds between the sweeper's looks; seconds the clients cut at the shutdown deadline have to go
 SWEEP_EVERY, CUT_GRACE = 0.25, 3.0
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-
-
-class AcceptPaused(gevent.GreenletExit):
-    """An accept failed and was logged: gevent pauses accepting, and prints no
-    traceback for a GreenletExit (gevent.hub.Hub.NOT_ERROR)."""
 
 
 class GcmdServer(StreamServer):
@@ -61,7 +55,7 @@ class GcmdServer(StreamServer):
         self.services = Services(config, self.stats)
         self.commands, self.hashing, self.logs, self.memory_log = (
             self.services.commands, self.services.hashing, self.services.logs, self.services.memory_log)
-        self.allow, self.quiet_from = tuple(map(_unmapped, config.allow)), tuple(map(_unmapped, config.quiet_from))
+        self.allow, self.quiet_from = tuple(map(unmapped, config.allow)), tuple(map(unmapped, config.quiet_from))
         self.slots = BoundedSemaphore(config.max_clients)
         #: admitted clients, and TLS handshakes under way before admission, by address
         self.per_ip: Counter[str] = Counter()
@@ -97,14 +91,14 @@ class GcmdServer(StreamServer):
 
     def screen(self, client: Client) -> None:
         """Refuse a client outside --allow (Ended: logged, no reply) before anything is spent on it."""
-        if self.allow and not _allowed(client.ip, self.allow):
+        if self.allow and not within(client.ip, self.allow):
             raise self.refuse(client, "not_allowed", "not in --allow", f"Refused connection from {client.ip}: not in --allow")
 
     def admit(self, client: Client) -> Ended | None:
         """Give ``client`` a slot (None), or say how it is refused; never blocks. The
         connection line names the CN of a verified client certificate."""
         ip, limit = client.ip, self.config.max_per_ip
-        if self.quiet_from and _allowed(ip, self.quiet_from):
+        if self.quiet_from and within(ip, self.quiet_from):
             client.log_level = logging.DEBUG  # a health check: not an event worth a line
         log.log(client.log_level, "Client connection from %s%s", ip,
                 "" if client.client_cn is None else f" (CN={client.client_cn})", extra=client.context)
@@ -128,9 +122,7 @@ class GcmdServer(StreamServer):
         client.admitted = False
         self.stats.clients -= 1
         self.stats.authenticated -= client.authenticated
-        self.per_ip[client.ip] -= 1
-        if not self.per_ip[client.ip]:
-            del self.per_ip[client.ip]
+        self.per_ip -= Counter((client.ip,))  # in place; the counts left are positive
         self.slots.release()
         log.log(client.log_level, "Lost client connection. Reason: %s", reason, extra=client.context)
 
@@ -154,23 +146,17 @@ class GcmdServer(StreamServer):
         if sys.platform.startswith("linux"):  # where accepted connections inherit TCP_NODELAY
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_read(self):
-        """gevent's accept. An error (out of descriptors) pauses accepting and is logged
-        once a second; one gevent finds fatal (the listener is gone) closes the server
-        and calls ``listener_lost``."""
-        try:
-            return super().do_read()
-        except OSError as exc:
-            why, now = exc.strerror or exc, monotonic()
-            if self.is_fatal_error(exc):
-                log.error("cannot accept connections any more: %s", why)
-                self.close()
-                self.listener_lost()
-                return None
-            if now - self._accept_warned > 1:
-                self._accept_warned = now
-                log.warning("cannot accept a connection: %s; pausing %g s", why, self.delay)
-            raise AcceptPaused from exc
+    def accept_failed(self, exc: OSError) -> None:
+        """gevent's accept raised ``exc`` (the hub's handle_error, see gcmd.process.run): logged
+        once a second; gevent then pauses accepting (its back-off), or, when ``exc`` is fatal
+        (the listener is gone), closes the server, and ``listener_lost`` is called."""
+        why, now = exc.strerror or exc, monotonic()
+        if self.is_fatal_error(exc):
+            log.error("cannot accept connections any more: %s", why)
+            self.listener_lost()
+        elif now - self._accept_warned > 1:
+            self._accept_warned = now
+            log.warning("cannot accept a connection: %s; pausing %g s", why, self.delay)
 
     def start(self) -> None:
         super().start()
@@ -196,18 +182,3 @@ class GcmdServer(StreamServer):
         self.services.close()
         log.info("Server stopped")
 
-
-def _allowed(ip: str, networks) -> bool:
-    """Whether the (canonical) address ``ip`` is in one of ``networks``."""
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
-
-
-def _unmapped(network):
-    """``::ffff:a.b.c.d/n`` (n >= 96) is the IPv4 network ``a.b.c.d/(n - 96)``."""
-    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
-        return ipaddress.ip_network((network.network_address.ipv4_mapped, network.prefixlen - 96))
-    return network

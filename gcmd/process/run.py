@@ -10,6 +10,7 @@ the workers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -25,7 +26,7 @@ import gevent.queue
 
 from gcmd import __version__
 from gcmd.config import Config, RunOptions, SettingError, check_tls_files, read_token
-from gcmd.net.tls import tls_context, tls_mode
+from gcmd.process.tlsfiles import tls_context, tls_mode
 from gcmd.serverlog.setup import info_line, open_output, reopen_output, setup_logging
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     for signum in (*_STOP, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)
     server.listener_lost = lambda: signals.put(None)  # a server that accepts nobody stops: status 1
+    hub = gevent.get_hub()
+    hub.handle_error = functools.partial(hub_error, server, hub.handle_error)
     if listener is None:
         announce(config, server.port)
     else:
@@ -112,10 +115,22 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     while (signum := signals.get()) == signal.SIGHUP:
         reload(server, handler, options)
     server.shutdown()
+    del hub.handle_error  # the hub's own again
     if metrics is not None:
         metrics.stop()
     handler.flush()  # the log's last lines are written before the process ends
     return 0 if signum is not None else 1
+
+
+def hub_error(server, default: Callable, context, kind, value, tb) -> None:
+    """The hub's ``handle_error`` (gevent: "applications can set a property on the hub
+    instance with this same signature"): an accept error of ``server``, which gevent's
+    StreamServer reports with itself as the context, is logged by the server in one line
+    (a traceback a second while out of descriptors helps nobody); the rest, as gevent does."""
+    if context is server and isinstance(value, OSError):
+        server.accept_failed(value)
+    else:
+        default(context, kind, value, tb)
 
 
 def reload(server, handler: logging.StreamHandler, options: RunOptions) -> None:

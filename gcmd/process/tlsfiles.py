@@ -1,11 +1,11 @@
-"""TLS: the server's SSLContext from the settings, and what the log says of TLS."""
+"""The TLS files of the settings: gevent's SSLContext for the server (at start-up and at
+SIGHUP), and what the start-up line says of TLS."""
 
 import ssl
 
 import gevent.ssl
 
 from gcmd.config import Config, SettingError
-from gcmd.net import wire
 
 #: the values of --tls-min-version
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -42,21 +42,3 @@ def tls_mode(config: Config) -> str:
         return ""
     who = "client certificates required" if config.tls_client_ca else "server certificate only"
     return f" (TLS {config.tls_min_version}+, {who})"
-
-
-def handshake_failure(exc: ssl.SSLError) -> str:
-    """Why the handshake of a client that had to show a certificate failed, for the log."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"client certificate not accepted: {exc.verify_message}"
-    if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-        return "no client certificate"
-    return f"TLS error: {exc.reason or exc}"
-
-
-def common_name(certificate: dict) -> str:
-    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for the log; "" if none."""
-    for rdn in certificate.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return wire.escape(value.encode(errors="replace"))
-    return ""
