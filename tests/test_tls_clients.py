@@ -21,7 +21,7 @@ import pytest
 from support import AUTH_OK, AUTH_REQUIRED, PONG, Client, free_port, wait_for
 
 from gcmd.config import Config
-from gcmd.net.client import common_name
+from gcmd.net.wire import common_name
 from gcmd.process.tlsfiles import tls_context, tls_mode
 
 pytestmark = [pytest.mark.timeout(60),

@@ -13,7 +13,7 @@ from time import monotonic
 import gevent
 from gevent.socket import wait_read
 
-from gcmd.net import proxy, wire
+from gcmd.net import ends, proxy, wire
 from gcmd.net.addresses import canonical
 from gcmd.net.ends import ClientGone, Deadline, Ended, Revoked, Shutdown
 from gcmd.net.follow import FollowStream
@@ -25,10 +25,9 @@ log = logging.getLogger(__name__)
 #: RUNNING: a command runs (commands bound their own time); FOLLOWING: a log streams to the client
 OPENING, READING, RUNNING, WRITING, FOLLOWING, CLOSING = (
     "opening", "reading", "running", "writing", "following", "closing")
-#: bytes asked of the kernel per read (several pipelined requests), and of replies gathered per write;
-#: bytes given to one TLS send (gevent's writes all it is given: the deadline restarts after each)
-RECV_SIZE = FLUSH_AT = 65536
-SEND_CHUNK = 16384
+#: bytes asked of the kernel per read, and of replies gathered per write; bytes given to one TLS
+#: send (gevent's writes all it is given: the deadline restarts after each)
+RECV_SIZE, FLUSH_AT, SEND_CHUNK = 65536, 65536, 16384
 #: seconds a farewell line may take; then the client's input is drained for up to LINGER seconds,
 #: lest the kernel answer it with a reset that destroys the last reply (LINGER_QUIET: silent client)
 FAREWELL_TIMEOUT, LINGER, LINGER_QUIET = 2.0, 1.0, 0.2
@@ -53,12 +52,10 @@ class Client:
         #: once the connection is reset; the idle clock runs from ``since`` (monotonic seconds)
         self.state, self.deadline, self.since = OPENING, float("inf"), monotonic()
         self.watch_reset = self.admitted = self.authenticated = self.tls = False
-        #: what commands keep: the CN of a verified certificate, the user (gcmd.users), the log's format
-        self.client_cn, self.user, self.format, self.log_level = None, None, "text", logging.INFO
-        self.follow: FollowStream | None = None
+        #: what commands keep: a verified certificate's CN, the user (gcmd.users), the log's format; the follow
+        self.client_cn, self.user, self.format, self.log_level, self.follow = None, None, "text", logging.INFO, None
 
-    def name(self, ip: str) -> None:
-        """The client is ``ip`` (canonical); its log lines' context: ``Session,42,127.0.0.1``."""
+    def name(self, ip: str) -> None:  # the client is ``ip``; its log lines' context: Session,42,127.0.0.1
         self.ip, self.context = ip, {"context": f"{self.server.context_prefix}{self.number},{ip}"}
 
     def serve(self) -> None:
@@ -96,9 +93,8 @@ class Client:
                 self.sock.close()
 
     def _open(self) -> None:
-        """OPENING: the PROXY header (it names the client), --allow, admission and the TLS
-        handshake; with client certificates required, the handshake before admission, so
-        that the connection line names the certificate. Ended when refused."""
+        """OPENING: the PROXY header (it names the client), --allow, admission, the TLS handshake (before
+        admission if a certificate is required: the connection line names it). Ended when refused."""
         server, config = self.server, self.server.config
         if config.proxy_protocol:
             self._read_proxy_header()
@@ -116,15 +112,11 @@ class Client:
     def _read_proxy_header(self) -> None:
         # peek first, so that what follows (requests, a TLS handshake) stays on the socket
         sock, self.deadline = self.sock, monotonic() + min(self.server.config.idle_timeout, PROXY_TIMEOUT)
-        want = proxy.V1_MAX  # a version 2 header says its length in its first 16 bytes
         try:
-            while (found := proxy.parse(peeked := sock.recv(want, socket.MSG_PEEK))) is None:
+            while (found := proxy.parse(peeked := sock.recv(proxy.LONGEST, socket.MSG_PEEK))) is None:
                 if not peeked:
                     raise proxy.ProxyError("closed before its PROXY header")
-                if peeked.startswith(proxy.V2_SIGNATURE) and len(peeked) >= 16 and want == proxy.V1_MAX:
-                    want = 16 + int.from_bytes(peeked[14:16], "big")
-                else:
-                    gevent.sleep(0.01)  # part of a header: the socket stays readable
+                gevent.sleep(0.01)  # part of a header: the socket stays readable
             size, address = found
             while size:
                 if not (chunk := sock.recv(size)):
@@ -134,8 +126,6 @@ class Client:
             why = "no complete PROXY header in time" if isinstance(exc, Deadline) else exc
             raise self.server.refuse(self, "proxy_header", "no valid PROXY header",
                                      f"Closed connection from {self.ip}: no valid PROXY header ({why})") from None
-        finally:
-            self.deadline = float("inf")
         if address:
             self.name(address)
 
@@ -150,13 +140,12 @@ class Client:
         try:
             self._handshake(context, CERTIFICATE_TIMEOUT)
         except (ssl.SSLError, Ended) as exc:
-            raise self._refused("tls_handshake", exc.reason if isinstance(exc, Ended)
-                                else handshake_failure(exc)) from None
+            raise self._refused("tls_handshake", ends.handshake_failure(exc)) from None
         finally:
             under_way -= Counter((ip,))  # in place; the counts left are positive
-        self.client_cn = self.context["client_cn"] = common_name(self.sock.getpeercert())
+        self.client_cn = self.context["client_cn"] = wire.common_name(self.sock.getpeercert())
 
-    def _refused(self, figure: str, why: str) -> Ended:
+    def _refused(self, figure: str, why: str) -> Ended:  # a client with no valid certificate
         return self.server.refuse(self, figure, why, f"Refused TLS connection from {self.ip}: {why}")
 
     def _handshake(self, context, seconds: float) -> None:
@@ -166,11 +155,8 @@ class Client:
             self.sock.do_handshake()
         except Deadline:
             raise Ended("TLS handshake not finished in time", None) from None
-        finally:
-            self.deadline = float("inf")
 
-    def sweep(self, now: float) -> None:
-        """The server's sweeper looks at ``now`` (monotonic seconds)."""
+    def sweep(self, now: float) -> None:  # the server's sweeper looks, at ``now`` (monotonic seconds)
         if self.deadline <= now:
             self.interrupt(Deadline, OPENING, READING, WRITING, FOLLOWING, CLOSING)
         elif self.watch_reset and tcp_state(self.sock) == TCP_CLOSE:
@@ -178,8 +164,8 @@ class Client:
             self.interrupt(ClientGone, RUNNING, FOLLOWING)
 
     def stop(self, cut: bool = False) -> None:
-        """Shutdown in a client that waits for a request or follows (one that opens, runs a
-        command or writes sees ``server.closing`` before its next wait); ``cut``: in any state but CLOSING."""
+        """Shutdown in a client that waits for a request or follows (the others see ``server.closing``
+        before their next wait); ``cut``: in any state but CLOSING."""
         self.interrupt(Shutdown, READING, FOLLOWING, *((OPENING, RUNNING, WRITING) if cut else ()))
 
     def interrupt(self, exception: type[BaseException], *states: str) -> None:
@@ -188,19 +174,15 @@ class Client:
         self.server.loop.run_callback(self._raise_if, exception, states)
 
     def _raise_if(self, exception: type[BaseException], states: tuple) -> None:
-        if self.state in states and not self.greenlet.dead and (
-                exception is not Deadline or self.deadline <= monotonic()):
+        if self.state in states and not self.greenlet.dead and (exception is not Deadline or self.deadline <= monotonic()):
             self.greenlet.throw(exception)
 
     def _serve(self) -> None:
-        """Answer requests until the client closes (return) or is done (Ended); a line that
-        comes while a log streams ends the follow, then is answered."""
-        max_line, fd = self.server.config.max_line, self.sock.fileno()
+        """Answer requests until the client closes (return) or is done (Ended); a line ends a follow."""
+        max_line, fd, trace = self.server.config.max_line, self.sock.fileno(), log.isEnabledFor(logging.DEBUG)
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-        trace = log.isEnabledFor(logging.DEBUG)
         pending, telnet, lines = b"", b"", []
-        # after a batch of one line, or none, the client's next bytes are not there yet: wait for
-        # them first; the next batch of a pipelining client may be there when its turn comes back
+        # after a batch of one line, or none, wait for the next bytes (a pipelining client's may be there)
         while data := self._read(None if self.tls or len(lines) > 1 else fd):
             if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
@@ -222,11 +204,10 @@ class Client:
                 raise Ended("line too long", wire.LINE_TOO_LONG)
 
     def _read(self, fd: int | None) -> bytes:
-        """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended when a
-        reader sends no line for the idle timeout, a follower takes no streamed byte for it,
-        or a follower's connection is over (a half-close ends no follow); Revoked when SIGHUP
-        removed or changed a follower's user before its follow streamed. ``fd``: wait for it
-        to be readable first (never on TLS: OpenSSL may hold bytes already read)."""
+        """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended: a reader sent
+        no line, or a follower took no streamed byte, for the idle timeout, or a follower's connection
+        is over (a half-close ends no follow); Revoked: SIGHUP removed or changed a follower's user.
+        ``fd``: wait for it to be readable first (not on TLS: OpenSSL may hold bytes already read)."""
         if self.server.closing:
             raise Shutdown
         if self.follow is None:
@@ -257,8 +238,7 @@ class Client:
         parse, run, replies, size = commands.parse, commands.run, [], 0  # bound once per batch
         for index, line in enumerate(lines):
             if server.closing:  # pipelined requests not yet started are dropped
-                self._send(b"".join(replies))
-                raise Shutdown
+                raise Ended("server shutting down", b"".join(replies) + wire.SHUTTING_DOWN)
             if (parsed := parse(line)) is None:
                 continue
             handler, arg = parsed
@@ -282,8 +262,7 @@ class Client:
                 log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
                           (monotonic() - started) * 1000, extra=self.context)
             if isinstance(reply, Close):
-                self._send(b"".join(replies))
-                raise Ended(reply.reason, reply)
+                raise Ended(reply.reason, b"".join(replies) + reply)
             replies.append(reply)
             if (size := size + len(reply)) >= FLUSH_AT:  # a client that takes no reply stops being read
                 self._send(b"".join(replies))
@@ -310,8 +289,7 @@ class Client:
         """WRITING all of ``data``; Ended when the client takes none of it for the idle timeout."""
         if not data:
             return
-        idle, send, tls = self.server.config.idle_timeout, self.sock.send, self.tls
-        self.state = WRITING
+        idle, send, tls, self.state = self.server.config.idle_timeout, self.sock.send, self.tls, WRITING
         try:
             while data:
                 self.deadline = monotonic() + idle
@@ -349,8 +327,7 @@ class Client:
         return True
 
     def start_following(self, source) -> None:
-        """``follow``: the lines of ``source`` wait for this client from now on (CommandError
-        when it cannot be followed); they stream once the reply is sent."""
+        """``follow``: the lines of ``source`` wait for this client (CommandError: it cannot be followed)."""
         self.follow = FollowStream(self, source)
 
     def _stop_follow(self, telnet: bytes = b"") -> bytes:
@@ -369,17 +346,3 @@ def tcp_state(sock) -> int | None:
     except (OSError, AttributeError):
         return None
 
-
-def handshake_failure(exc: ssl.SSLError) -> str:
-    """Why the handshake of a client that had to show a certificate failed, for the log."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"client certificate not accepted: {exc.verify_message}"
-    if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-        return "no client certificate"
-    return f"TLS error: {exc.reason or exc}"
-
-
-def common_name(certificate: dict) -> str:
-    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for the log; "" if none."""
-    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
-    return wire.escape(names[0].encode(errors="replace")) if names else ""

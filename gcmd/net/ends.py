@@ -1,7 +1,10 @@
 """How a client's life ends: Ended, raised in its own greenlet, and the
-exceptions the server raises into that greenlet (gevent's ``Greenlet.kill``)."""
+exceptions the server raises into that greenlet (gevent's ``Greenlet.kill``);
+why a TLS client was refused."""
 
 from __future__ import annotations
+
+import ssl
 
 from gevent import GreenletExit
 
@@ -36,3 +39,14 @@ class Revoked(Ended):
 
     def __init__(self) -> None:
         super().__init__("its user was removed or changed on SIGHUP", AUTH_REQUIRED_BYE)
+
+
+def handshake_failure(exc: ssl.SSLError | Ended) -> str:
+    """Why the handshake of a client that had to show a certificate failed, for the log."""
+    if isinstance(exc, Ended):
+        return exc.reason
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate not accepted: {exc.verify_message}"
+    if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no client certificate"
+    return f"TLS error: {exc.reason or exc}"

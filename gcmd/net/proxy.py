@@ -11,6 +11,8 @@ from gcmd.net.addresses import canonical
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 #: the longest version 1 header, its CRLF included (bytes)
 V1_MAX = 107
+#: the longest header of either version (bytes): a version 2 header says its length in 2 bytes
+LONGEST = 16 + 0xFFFF
 _V1_FAMILIES = {b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address}
 #: version 2 families (high nibble of byte 13), INET and INET6: the class and size of an address
 _V2_FAMILIES = {0x1: (ipaddress.IPv4Address, 4), 0x2: (ipaddress.IPv6Address, 16)}

@@ -38,16 +38,13 @@ class GcmdServer(StreamServer):
     #: after an accept error (out of descriptors), accepting pauses min_delay seconds,
     #: doubling up to max_delay while it goes on (gevent's own back-off)
     min_delay, max_delay = 0.1, 1.0
-    #: connections accepted in a row before the greenlets spawned for them run (gevent: 100):
-    #: a burst of connects leaves the kernel's listen queue (at most somaxconn, 4096 here)
-    #: before it overflows, which would cost a dropped connect a 1 s SYN retry. The price:
-    #: during a storm of 5,000 connects a connected client's worst wait was ~100 ms, not ~25-65
+    #: connections accepted in a row before their greenlets run (gevent: 100): a burst of connects
+    #: leaves the listen queue before it overflows (a dropped SYN waits 1 s); docs/architecture.md
     max_accept = 1000
 
     def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None,
                  listener: socket.socket | None = None) -> None:
-        #: the greenlets serving clients, so that shutdown can wait for them
-        self.pool = Pool()
+        self.pool = Pool()  # the greenlets serving clients, so that shutdown can wait for them
         super().__init__(listener or (config.host, config.port), backlog=None if listener else config.backlog,
                          spawn=self.pool)
         #: the TLS settings of new connections (SIGHUP replaces it; open ones keep theirs)
@@ -72,9 +69,7 @@ class GcmdServer(StreamServer):
         """Require this token from now on (clients already authenticated stay so)."""
         self.config = self.commands.config = dataclasses.replace(self.config, token=token)
 
-    @property
-    def port(self) -> int:
-        return self.address[1]
+    port = StreamServer.server_port  # gevent's: the port bound
 
     def handle(self, sock, address) -> None:
         """Serve one client, in its own greenlet, from admission to close."""
@@ -82,8 +77,7 @@ class GcmdServer(StreamServer):
         Client(self, sock, address, next(self._numbers)).serve()
 
     def refuse(self, client: Client, figure: str, why: str, warning: str = "", line: bytes | None = None) -> Ended:
-        """Count a refusal in stats (``figure``) and log ``warning``: the Ended that tells the
-        client ``line`` (None: nothing) and the log ``why``."""
+        """Count a refusal (``figure``), log ``warning``: the Ended that tells the client ``line``, the log ``why``."""
         self.stats.refuse(figure)
         if warning:
             log.warning(warning, extra=client.context)
@@ -113,7 +107,6 @@ class GcmdServer(StreamServer):
         self.stats.clients += 1
         client.admitted = True
         self.commands.admitted(client)
-        return None
 
     def release(self, client: Client, reason: str) -> None:
         """Undo what ``admit`` gave a client, whose life is over."""
@@ -127,8 +120,7 @@ class GcmdServer(StreamServer):
         log.log(client.log_level, "Lost client connection. Reason: %s", reason, extra=client.context)
 
     def end_revoked_follows(self) -> None:
-        """SIGHUP changed the users: the follows of a user gone or changed end now (its next
-        request would close the connection; a follow may wait long for one)."""
+        """SIGHUP changed the users: the follows of a user gone or changed end now."""
         for client in list(self.clients):
             if client.follow is not None and self.commands.revoked(client):
                 client.interrupt(Revoked, FOLLOWING)

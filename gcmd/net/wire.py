@@ -139,6 +139,12 @@ def escape(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape").translate(_ESCAPES)
 
 
+def common_name(certificate: dict) -> str:
+    """The CN of a certificate's subject (``getpeercert()``'s dict), escaped for the log; "" if none."""
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return escape(names[0].encode(errors="replace")) if names else ""
+
+
 def echo_path(path: bytes) -> str:
     """A client's path as an error message quotes it: escaped and cut."""
     text = escape(path)
