@@ -16,13 +16,14 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from support import poll
 
 from gcmd.logs.cursors import parse_cursor
 from gcmd.logs.feed import Feed
-from gcmd.logs.journal import JournalLog
+from gcmd.logs.journal import HISTORY_READS, JournalLog
 from gcmd.logs.journal_short import (
     decode_entry,
     format_bytes,
@@ -475,3 +476,72 @@ for n in range(10**6):
         assert any(line.endswith(b"entry 4") for line in lines)
     finally:
         log.close()
+
+
+def journalctl_noting_reads(tmp_path, monkeypatch) -> Path:
+    """Put on PATH a journalctl that writes ``start`` and ``end`` to the file it returns around
+    each ``--cursor`` read (held 0.3 s, so that reads overlap), and is the real one otherwise."""
+    bin_dir, noted = tmp_path / "bin", tmp_path / "reads"
+    bin_dir.mkdir()
+    noted.touch()
+    script = bin_dir / "journalctl"
+    script.write_text(f"""#!/bin/sh
+case " $* " in *" --cursor "*) ;; *) exec {shutil.which("journalctl")} "$@" ;; esac
+echo start >> {noted}
+sleep 0.3
+{shutil.which("journalctl")} "$@"
+status=$?
+echo end >> {noted}
+exit $status
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return noted
+
+
+def resumed_together(server, cursors: list[str]) -> list[list[int]]:
+    """Clients that send ``follow journal from CURSOR`` at once: the entry numbers each gets
+    until entry 1499."""
+    clients = [server.client(timeout=30) for _ in cursors]
+    for client in clients:
+        assert client.ask("format json") == b"OK\n"
+    for client, cursor in zip(clients, cursors):
+        client.send(f"follow journal from {cursor}\n")
+    got = []
+    for client in clients:
+        assert client.line() == BEGIN_FOLLOW
+        numbers = [int(json.loads(client.line())["line"].rsplit(" ", 1)[1])]
+        while numbers[-1] != 1499:
+            numbers.append(int(json.loads(client.line())["line"].rsplit(" ", 1)[1]))
+        got.append(numbers)
+    return got
+
+
+@needs_journal
+def test_resumes_of_one_old_cursor_at_once_share_one_journalctl_read(gcmd, journal_dir, tmp_path, monkeypatch):
+    write_journal(journal_dir / "a.journal", numbered(0, 1500))
+    journald = json.loads(journalctl(journal_dir, "-o", "json").splitlines()[99])["__CURSOR"]  # not kept
+    noted = journalctl_noting_reads(tmp_path, monkeypatch)
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    got = resumed_together(server, [f"j1:journal:{journald}"] * 8)
+    assert got == [list(range(100, 1500))] * 8  # each missed line once
+    # the first read, and the next one shared by those that came while it ran
+    assert 1 <= noted.read_text().split().count("start") <= 2
+
+
+@needs_journal
+def test_resumes_of_many_old_cursors_run_at_most_four_journalctl_reads_at_once(gcmd, journal_dir, tmp_path,
+                                                                              monkeypatch):
+    write_journal(journal_dir / "a.journal", numbered(0, 1500))
+    printed = journalctl(journal_dir, "-o", "json").splitlines()
+    noted = journalctl_noting_reads(tmp_path, monkeypatch)
+    server = gcmd("--logfile", f"journal:{journal_dir}")
+    first = range(90, 100)
+    cursors = [f"j1:journal:{json.loads(printed[n])['__CURSOR']}" for n in first]
+    assert resumed_together(server, cursors) == [list(range(n + 1, 1500)) for n in first]
+    running, most = 0, 0
+    for event in noted.read_text().split():
+        running += 1 if event == "start" else -1
+        most = max(most, running)
+    assert noted.read_text().split().count("start") == 10
+    assert 1 < most <= HISTORY_READS  # they overlap, and no more than that many run

@@ -7,10 +7,12 @@ line and its cursor come from one reader.
 
 Cursors: the lines of an entry carry its cursor, ``j1:LOG:CURSOR``. A follow
 resumed after a cursor still in the last 1000 lines kept is answered from
-them; an older one runs ``journalctl --cursor CURSOR`` once for the request
-(the entries from the cursor's on: its first entry tells whether the journal
-still holds the cursor's, else journalctl went on from the nearest one,
-``cursor_lost``). A reader that exits is started again after the last cursor
+them; an older one runs ``journalctl --cursor CURSOR`` (the entries from the
+cursor's on: its first entry tells whether the journal still holds the
+cursor's, else journalctl went on from the nearest one, ``cursor_lost``).
+Resumes that ask the same share such a read (scripts that lost their
+connections together come back with the same cursor), and at most
+HISTORY_READS run at once per journal log, whatever clients ask. A reader that exits is started again after the last cursor
 it read (``--after-cursor``), so that no entry written meanwhile is lost.
 """
 
@@ -22,7 +24,9 @@ import re
 from collections import deque
 
 import gevent
+from gevent.lock import BoundedSemaphore
 
+from gcmd.flight import NextFlight
 from gcmd.logs.broadcast import LineSubscriber, Subscriber
 from gcmd.logs.cursors import Cursor, JournalCursor, journal_cursor
 from gcmd.logs.journal_short import decode_entry
@@ -33,6 +37,9 @@ from gcmd.logs.tailing import Reader
 from gcmd.net.wire import CommandError
 
 log = logging.getLogger(__name__)
+
+#: the ``journalctl --cursor`` reads (resumes older than the kept lines) of one journal log at once
+HISTORY_READS = 4
 
 #: journald's cursor, as sd_journal_get_cursor writes it: seqnum ID, seqnum, boot ID,
 #: monotonic time, realtime, xor hash
@@ -133,6 +140,8 @@ class JournalLog(_ProcessLog):
         #: the newest entry when the reader started, whose cursor ends its backlog
         #: (see _newest_entry): (known, cursor), cursor None for an empty journal
         self._backlog_end: tuple[bool, str | None] = (False, None)
+        #: the resumes older than the kept lines: those asking the same share the next read
+        self._history, self._history_slots = NextFlight(), BoundedSemaphore(HISTORY_READS)
 
     def start(self) -> None:
         try:
@@ -216,7 +225,9 @@ class JournalLog(_ProcessLog):
         for number, suffix in reversed(numbers):
             if suffix == cursor.suffix:
                 return None, False, self._kept_after(number, pattern, shape, limit)
-        lost, last, lines = self._read_from(cursor, pattern, shape, limit)
+        # every caller subscribed before its read starts (NextFlight): none misses a line
+        key = (cursor.suffix, None if pattern is None else pattern.source, shape.json, shape.name, limit)
+        lost, last, lines = self._history.run(key, self._read_from, cursor, pattern, shape, limit)
         return (None if last is None else (None, Position(last))), lost, lines
 
     def cursor(self, log: str, tag: object, where: object, raw: bytes, cut: int) -> str | None:
@@ -314,13 +325,24 @@ class JournalLog(_ProcessLog):
     def _read_from(self, after: JournalCursor, pattern: Pattern | None, shape: Shape,
                    limit: int) -> tuple[bool, str | None, list[bytes]]:
         """The entries from the entry of ``after`` on, read by one ``journalctl
-        --cursor``: whether that entry is gone, journald's cursor of the last
-        entry printed, and the lines after the cursor's line that match, shaped,
-        the newest ``limit`` bytes of them (the rest left out)."""
-        journald = after.journald
-        argv = self._journalctl("--cursor", journald)
+        --cursor`` once one of the HISTORY_READS slots is free: whether that
+        entry is gone, journald's cursor of the last entry printed, and the
+        lines after the cursor's line that match, shaped, the newest ``limit``
+        bytes of them (the rest left out). CommandError when no slot is free
+        within the command timeout, or the read takes longer."""
+        timeout = CommandError(f"follow timed out after {self.command_timeout:g} s")
+        if not self._history_slots.acquire(timeout=self.command_timeout):
+            raise timeout
         try:
-            proc = self.children.start(argv)
+            return self._journalctl_from(after, pattern, shape, limit, timeout)
+        finally:
+            self._history_slots.release()
+
+    def _journalctl_from(self, after: JournalCursor, pattern: Pattern | None, shape: Shape, limit: int,
+                         timeout: CommandError) -> tuple[bool, str | None, list[bytes]]:
+        journald = after.journald
+        try:
+            proc = self.children.start(self._journalctl("--cursor", journald))
         except OSError as exc:
             raise CommandError(f"cannot read the log '{self.source}': {exc.strerror or exc}") from None
         newest = _Newest(limit)
@@ -328,8 +350,7 @@ class JournalLog(_ProcessLog):
         last: str | None = None
         splitter = LineSplitter()
         try:
-            with gevent.Timeout(self.command_timeout, CommandError(
-                    f"follow timed out after {self.command_timeout:g} s")):
+            with gevent.Timeout(self.command_timeout, timeout):
                 while chunk := proc.stdout.read(65536):
                     for raw, cut, _end in splitter.feed_lines(chunk, 0):
                         cursor, shown = decode_entry(raw, cut)
