@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import socket
+import time
 
 import gevent.socket
 import pytest
@@ -23,6 +24,7 @@ from support import (
 )
 
 from gcmd.commands import command_words
+from gcmd.net.addresses import Counts
 from gcmd.users import parse_users
 
 BYE = b"Authentication required. bye !\n"
@@ -97,3 +99,37 @@ def test_gcmd_whose_listener_fails_shuts_down_and_exits_1(gcmd):
     # a process that accepts nobody must end (systemd restarts it), its clients told why
     assert client.line() == SHUTTING_DOWN and client.closed()
     assert server.proc.wait(timeout=15) == 1
+
+
+#: a lastlog reply just under FLUSH_AT (64 KiB): it goes out after the quit that follows it
+SLOW_LINES, SLOW_LINE = 8, b"x" * 7999
+#: seconds a slow client takes no byte: over the 2 s of a farewell, far under the 300 s idle timeout
+STALL = 3.0
+
+
+def test_a_reply_before_quit_has_the_idle_timeout_not_the_farewells_2_s(gcmd, tmp_path):
+    logfile = tmp_path / "wide.log"
+    logfile.write_bytes(b"".join(b"%04d " % i + SLOW_LINE + b"\n" for i in range(SLOW_LINES)))
+    server = gcmd(logfile=logfile)
+    sock = socket.socket()
+    # a small window and small segments (a slow link): the server's send buffer stays small
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)
+    sock.connect(("127.0.0.1", server.port))
+    client = Client(server.port, 10, sock=sock)
+    client.send(b"lastlog %d\nquit\n" % SLOW_LINES)
+    time.sleep(STALL)  # the slow client itself: it takes nothing for a while (no wait for the server)
+    assert client.line() == b"Begin lastlog\n"
+    assert len(client.block(b"End lastlog\n")) == SLOW_LINES + 1
+    assert client.closed()
+    wait_for(lambda: "Reason: closed by the server after exit" in server.log(), timeout=5,
+             message=server.log()[-300:])
+
+
+def test_counts_by_address_forget_an_address_counted_down_to_nothing():
+    counts = Counts()
+    counts["10.0.0.1"] += 2
+    counts["10.0.0.2"] += 1
+    counts.drop("10.0.0.1")
+    counts.drop("10.0.0.2")
+    assert counts == {"10.0.0.1": 1} and list(counts) == ["10.0.0.1"]

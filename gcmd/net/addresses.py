@@ -2,6 +2,7 @@
 whether one is in the networks of --allow or --quiet-from."""
 
 import ipaddress
+from collections import Counter
 
 from gcmd.config import Network
 
@@ -27,6 +28,18 @@ def unmapped(network: Network) -> Network:
     if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
         return ipaddress.ip_network((network.network_address.ipv4_mapped, network.prefixlen - 96))
     return network
+
+
+class Counts(Counter):
+    """Counts by address (clients admitted, handshakes under way): an address counted down
+    to 0 is forgotten, so that they stay as many as the addresses connected."""
+
+    def drop(self, ip: str) -> None:
+        """Count ``ip`` down by one (it was counted up)."""
+        if self[ip] > 1:
+            self[ip] -= 1
+        else:
+            del self[ip]
 
 
 def within(ip: str, networks: tuple[Network, ...]) -> bool:

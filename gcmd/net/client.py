@@ -6,7 +6,6 @@ the server's sweeper enforces by raising Deadline in the greenlet (ClientGone, S
 import logging
 import socket
 import ssl
-from collections import Counter
 from contextlib import suppress
 from time import monotonic
 
@@ -55,7 +54,8 @@ class Client:
         #: what commands keep: a verified certificate's CN, the user (gcmd.users), the log's format; the follow
         self.client_cn, self.user, self.format, self.log_level, self.follow = None, None, "text", logging.INFO, None
 
-    def name(self, ip: str) -> None:  # the client is ``ip``; its log lines' context: Session,42,127.0.0.1
+    def name(self, ip: str) -> None:
+        """The client is ``ip`` (canonical); its log lines' context: ``Session,42,127.0.0.1``."""
         self.ip, self.context = ip, {"context": f"{self.server.context_prefix}{self.number},{ip}"}
 
     def serve(self) -> None:
@@ -76,10 +76,8 @@ class Client:
                 reason = end.reason if self._farewell(end.line) else "the client accepted no farewell in time"
         except ClientGone:
             reason = "connection reset" if self.state is FOLLOWING else "connection reset while a command ran"
-        except ssl.SSLError as exc:
-            reason = f"TLS error: {exc.reason or exc}"
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
+        except OSError as exc:  # ssl.SSLError among them
+            reason = f"TLS error: {exc.reason or exc}" if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc)
         except Exception:
             log.exception("internal error serving %s", self.ip, extra=self.context)
             reason = "internal error"
@@ -103,6 +101,7 @@ class Client:
         if context is not None and config.tls_client_ca is not None:
             self._verify(context)
             context = None
+        self.deadline = float("inf")  # no deadline of a wait done may cut admission half-way (slots)
         refusal = server.admit(self)
         if context is not None and (refusal is None or refusal.line is not None):
             self._handshake(context, config.idle_timeout if refusal is None else REFUSAL_TIMEOUT)
@@ -142,7 +141,7 @@ class Client:
         except (ssl.SSLError, Ended) as exc:
             raise self._refused("tls_handshake", ends.handshake_failure(exc)) from None
         finally:
-            under_way -= Counter((ip,))  # in place; the counts left are positive
+            under_way.drop(ip)
         self.client_cn = self.context["client_cn"] = wire.common_name(self.sock.getpeercert())
 
     def _refused(self, figure: str, why: str) -> Ended:  # a client with no valid certificate
@@ -156,7 +155,8 @@ class Client:
         except Deadline:
             raise Ended("TLS handshake not finished in time", None) from None
 
-    def sweep(self, now: float) -> None:  # the server's sweeper looks, at ``now`` (monotonic seconds)
+    def sweep(self, now: float) -> None:
+        """The server's sweeper looks, at ``now`` (monotonic seconds)."""
         if self.deadline <= now:
             self.interrupt(Deadline, OPENING, READING, WRITING, FOLLOWING, CLOSING)
         elif self.watch_reset and tcp_state(self.sock) == TCP_CLOSE:
@@ -174,7 +174,8 @@ class Client:
         self.server.loop.run_callback(self._raise_if, exception, states)
 
     def _raise_if(self, exception: type[BaseException], states: tuple) -> None:
-        if self.state in states and not self.greenlet.dead and (exception is not Deadline or self.deadline <= monotonic()):
+        if self.state in states and not self.greenlet.dead and (
+                exception is not Deadline or self.deadline <= monotonic()):
             self.greenlet.throw(exception)
 
     def _serve(self) -> None:
@@ -238,7 +239,8 @@ class Client:
         parse, run, replies, size = commands.parse, commands.run, [], 0  # bound once per batch
         for index, line in enumerate(lines):
             if server.closing:  # pipelined requests not yet started are dropped
-                raise Ended("server shutting down", b"".join(replies) + wire.SHUTTING_DOWN)
+                self._send(b"".join(replies))  # under the idle timeout, as every reply
+                raise Ended("server shutting down", wire.SHUTTING_DOWN)
             if (parsed := parse(line)) is None:
                 continue
             handler, arg = parsed
@@ -262,7 +264,8 @@ class Client:
                 log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
                           (monotonic() - started) * 1000, extra=self.context)
             if isinstance(reply, Close):
-                raise Ended(reply.reason, b"".join(replies) + reply)
+                self._send(b"".join(replies))  # under the idle timeout; the farewell has 2 s
+                raise Ended(reply.reason, reply)
             replies.append(reply)
             if (size := size + len(reply)) >= FLUSH_AT:  # a client that takes no reply stops being read
                 self._send(b"".join(replies))
@@ -345,4 +348,3 @@ def tcp_state(sock) -> int | None:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
     except (OSError, AttributeError):
         return None
-

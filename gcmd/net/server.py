@@ -9,7 +9,6 @@ import logging
 import socket
 import ssl
 import sys
-from collections import Counter
 from collections.abc import Callable
 from time import monotonic
 
@@ -20,7 +19,7 @@ from gevent.server import StreamServer
 
 from gcmd.config import Config
 from gcmd.net import wire
-from gcmd.net.addresses import unmapped, within
+from gcmd.net.addresses import Counts, unmapped, within
 from gcmd.net.client import FOLLOWING, Client
 from gcmd.net.ends import Ended, Revoked
 from gcmd.observe.stats import ServerStats
@@ -55,8 +54,7 @@ class GcmdServer(StreamServer):
         self.allow, self.quiet_from = tuple(map(unmapped, config.allow)), tuple(map(unmapped, config.quiet_from))
         self.slots = BoundedSemaphore(config.max_clients)
         #: admitted clients, and TLS handshakes under way before admission, by address
-        self.per_ip: Counter[str] = Counter()
-        self.handshakes: Counter[str] = Counter()
+        self.per_ip, self.handshakes = Counts(), Counts()
         #: every client whose greenlet runs, admitted or not
         self.clients: set[Client] = set()
         self.closing, self._numbers, self._accept_warned = False, itertools.count(), 0.0
@@ -115,7 +113,7 @@ class GcmdServer(StreamServer):
         client.admitted = False
         self.stats.clients -= 1
         self.stats.authenticated -= client.authenticated
-        self.per_ip -= Counter((client.ip,))  # in place; the counts left are positive
+        self.per_ip.drop(client.ip)
         self.slots.release()
         log.log(client.log_level, "Lost client connection. Reason: %s", reason, extra=client.context)
 
