@@ -1,0 +1,62 @@
+"""JSON lines (PROTOCOL.md, "Log queries (1.2)") are the bytes json.dumps gives.
+
+gcmd builds each JSON line from json's own string escaping instead of a
+json.dumps per line; these tables hold it to json.dumps's bytes for tricky
+lines.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gcmd.logs.lines import MAX_LINE
+from gcmd.logs.queries import json_line
+
+pytestmark = pytest.mark.timeout(30)
+
+EMOJI = "\U0001F600".encode()  # 4 bytes; a surrogate pair in JSON
+
+
+def dumped(log: str, cursor: str | None, line: str | list[int], cut: int = 0) -> bytes:
+    """What json.dumps gives for a line's fields, in the protocol's order."""
+    fields: dict = {"log": log}
+    if cursor is not None:
+        fields["cursor"] = cursor
+    fields["line"] = line
+    if cut:
+        fields["cut"] = cut
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(("raw", "cut", "line", "sent_cut"), [
+    (b"plain", 0, "plain", 0),
+    (b"", 0, "", 0),
+    (b'say "hi" and \\"', 0, 'say "hi" and \\"', 0),
+    (b"C:\\dir\\x1b \\u0041 \\", 0, "C:\\dir\\x1b \\u0041 \\", 0),
+    (bytes(range(0x20)) + b"\x7f", 0, "".join(map(chr, range(0x20))) + "\x7f", 0),
+    (b"tab\there\rcr", 0, "tab\there\rcr", 0),
+    ("é ü 漢字 \u2028\u2029 \u009b".encode(), 0, "é ü 漢字 \u2028\u2029 \u009b", 0),
+    (EMOJI + b" astral", 0, "\U0001F600 astral", 0),
+    (b"\xed\xa0\x80 an encoded surrogate", 0, list(b"\xed\xa0\x80 an encoded surrogate"), 0),
+    (b"\xff\xfe", 0, [255, 254], 0),
+    (b"ok \xc3( then not utf-8", 0, list(b"ok \xc3( then not utf-8"), 0),
+    (b"ends inside a character \xc3", 0, list(b"ends inside a character \xc3"), 0),
+    (b"\x00", 0, "\x00", 0),
+    (b"cut by the reader", 12, "cut by the reader", 12),
+    (b"cut inside a character \xe6\xbc", 3, "cut inside a character ", 5),
+    (b"not utf-8 \xff and cut \xc3", 3, list(b"not utf-8 \xff and cut \xc3"), 3),
+    (b"x" * (MAX_LINE + 5), 0, "x" * MAX_LINE, 5),
+    (b"x" * (MAX_LINE - 2) + EMOJI, 0, "x" * (MAX_LINE - 2), 4),
+    (b"x" * (MAX_LINE - 1) + b"\xc3", 7, "x" * (MAX_LINE - 1), 8),
+    (b"\xff" + b"x" * MAX_LINE, 0, list(b"\xff" + b"x" * (MAX_LINE - 1)), 1),
+])
+@pytest.mark.parametrize("cursor", ["f1:app:fe00:20c4d4:18d5f:63c115a8", None])
+def test_json_line_is_json_dumps_of_its_fields(raw, cut, line, sent_cut, cursor):
+    assert json_line("app", cursor, raw, cut) == dumped("app", cursor, line, sent_cut)
+
+
+@pytest.mark.parametrize("log", ["a", 'q"uote\\d', "é\x01"])
+def test_json_line_escapes_the_log_name_as_json_dumps(log):
+    assert json_line(log, "C", b"x") == dumped(log, "C", "x")
