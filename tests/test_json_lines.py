@@ -2,7 +2,7 @@
 
 gcmd builds each JSON line from json's own string escaping instead of a
 json.dumps per line; these tables hold it to json.dumps's bytes for tricky
-lines.
+lines, and a JSON lastlog of a real file to json.dumps of each line's fields.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from gcmd.logs.cursors import FileCursors, file_cursor
 from gcmd.logs.lines import MAX_LINE
 from gcmd.logs.queries import json_line
 
@@ -60,3 +61,16 @@ def test_json_line_is_json_dumps_of_its_fields(raw, cut, line, sent_cut, cursor)
 @pytest.mark.parametrize("log", ["a", 'q"uote\\d', "é\x01"])
 def test_json_line_escapes_the_log_name_as_json_dumps(log):
     assert json_line(log, "C", b"x") == dumped(log, "C", "x")
+
+
+@pytest.mark.parametrize(("end", "raw", "cut"), [
+    (0, b"", 0),
+    (0x18d5f, b"Nov 25 10:00:18 lab app[1998]: line 1998 of the log", 0),
+    (1 << 40, b"\xff\x00 any bytes", 0),
+    (70000, b"y" * MAX_LINE, 4464),
+    (5, b"ab", 1),
+])
+def test_file_cursors_are_file_cursor(end, raw, cut):
+    cursors = FileCursors("app", (0xfe00, 0x20c4d4))
+    assert cursors(end, raw, cut) == file_cursor("app", (0xfe00, 0x20c4d4), end, raw, cut)
+    assert cursors(end, raw, cut) == cursors(end, raw, cut)  # the made hash is copied, not used up
