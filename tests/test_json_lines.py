@@ -8,12 +8,14 @@ lines, and a JSON lastlog of a real file to json.dumps of each line's fields.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from gcmd.logs.cursors import FileCursors, file_cursor
-from gcmd.logs.lines import MAX_LINE
-from gcmd.logs.queries import json_line
+from gcmd.logs.filereads import SCANNED_KEPT, Job, query_last_lines
+from gcmd.logs.lines import MAX_LINE, MAX_REPLY, wire_line
+from gcmd.logs.queries import JSON, TEXT, Shape, json_line
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -74,3 +76,49 @@ def test_file_cursors_are_file_cursor(end, raw, cut):
     cursors = FileCursors("app", (0xfe00, 0x20c4d4))
     assert cursors(end, raw, cut) == file_cursor("app", (0xfe00, 0x20c4d4), end, raw, cut)
     assert cursors(end, raw, cut) == cursors(end, raw, cut)  # the made hash is copied, not used up
+
+
+def expected_block(path, count: int, format: str) -> list[bytes]:
+    """The last ``count`` lines of the file at ``path`` as a block sends them, line by line:
+    json.dumps of each line's fields with file_cursor, or wire_line."""
+    data = path.read_bytes()
+    st = os.stat(path)
+    lines, end = [], -1
+    for line in data.rstrip(b"\n").split(b"\n"):
+        end += len(line) + 1
+        raw, cut = line[:MAX_LINE], max(0, len(line) - MAX_LINE)
+        if format == TEXT:
+            lines.append(wire_line(raw, cut))
+            continue
+        try:
+            value: str | list[int] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value = list(raw)
+        lines.append(dumped("app", file_cursor("app", (st.st_dev, st.st_ino), end, raw, cut), value, cut))
+    return [line for line in lines[-count:] if line is not None]
+
+
+SMALL = [b"Nov 25 10:00:%02d lab app[%d]: line %d" % (i % 60, i, i) for i in range(30)] + [
+    b'quotes " and \\ backslashes', b"\x1b[31m escapes", "é 漢字".encode(), b"\xff\xfe not utf-8",
+    b"== a note in text", b"End lastlog", b"", b"last"]
+#: lines that together pass SCANNED_KEPT: they are read again one by one
+LARGE = [bytes([0x61 + i]) * (SCANNED_KEPT // 3) for i in range(4)] + [b"z" * (MAX_LINE + 9), b"after"]
+
+
+@pytest.mark.parametrize("format", [JSON, TEXT])
+@pytest.mark.parametrize(("written", "count"), [
+    (SMALL, 10), (SMALL, 1000), (LARGE, 4), (LARGE, 1000), (SMALL + LARGE, 8),
+])
+def test_a_lastlog_block_of_a_file_is_each_line_as_sent_alone(tmp_path, written, count, format):
+    path = tmp_path / "app.log"
+    path.write_bytes(b"\n".join(written) + b"\n")
+    block = query_last_lines(str(path), count, None, Shape(format, "app"), MAX_REPLY, Job())
+    assert block == expected_block(path, count, format)
+
+
+def test_a_lastlog_block_of_a_file_without_a_last_newline_ends_with_its_unfinished_line(tmp_path):
+    path = tmp_path / "app.log"
+    path.write_bytes(b"one\ntwo\nunfinished")
+    block = query_last_lines(str(path), 2, None, Shape(JSON, "app"), MAX_REPLY, Job())
+    assert block == expected_block(path, 2, JSON)
+    assert json.loads(block[-1])["line"] == "unfinished"

@@ -271,21 +271,27 @@ def _block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: P
            limit: int, job: Job) -> list[bytes]:
     """The block of the last ``count`` lines of the first ``size`` bytes (see query_last_lines)."""
     if pattern is None:
-        spans = _last_spans(fd, size, count, job)[0]
-        return capped(_shaped_lines(fd, identity, spans, shape, job), 0, limit, shape.left_out)
+        spans, scanned, base = _last_spans(fd, size, count, job)
+        return capped(_shaped_lines(fd, identity, spans, scanned, base, shape, job), 0, limit, shape.left_out)
     return _search_block(fd, identity, size, count, pattern, shape, limit, job)
 
 
-def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], shape: Shape, job: Job):
-    """The lines of ``spans`` as ``shape`` sends them, newest first; past a full reply only
-    whether each is dropped (as _read_lines)."""
+def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], scanned: bytes | None,
+                  base: int, shape: Shape, job: Job):
+    """The lines of ``spans`` as ``shape`` sends them, newest first: taken from ``scanned``
+    (the bytes from the offset ``base``) when _last_spans kept them, else read
+    (as _last_lines); past a full reply only whether each is dropped (as _read_lines)."""
     cursor = FileCursors(shape.name, identity) if shape.json else None
     room = MAX_REPLY
     for start, end in spans:
         job.check()
         length = end - start
         if room >= 0:
-            raw, cut = os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)
+            if scanned is None:
+                raw = os.pread(fd, min(length, MAX_LINE), start)
+            else:
+                raw = scanned[start - base:start - base + min(length, MAX_LINE)]
+            cut = max(0, length - MAX_LINE)
             line = shape.line(raw, cut, cursor(end, raw, cut) if cursor else None)
             if line is not None:
                 room -= len(line) + 1
