@@ -86,6 +86,29 @@ def file_cursor(log: str, identity: tuple[int, int], end: int, raw: bytes, cut: 
     return f"f1:{log}:{identity[0]:x}:{identity[1]:x}:{end:x}:{line_hash(raw, cut)}"
 
 
+class FileCursors:
+    """The cursors of the lines of one file read at once: ``cursors(end, raw, cut)``
+    is ``file_cursor(log, identity, end, raw, cut)``.
+
+    A JSON lastlog makes a cursor per line; the part that names the file is
+    formatted once, and the hash of an uncut line starts from a copy of one
+    made hash (blake2b's keyword set-up costs twice its hashing of a line).
+    """
+
+    __slots__ = ("_file", "_uncut")
+
+    def __init__(self, log: str, identity: tuple[int, int]) -> None:
+        self._file = f"f1:{log}:{identity[0]:x}:{identity[1]:x}:"
+        self._uncut = hashlib.blake2b(digest_size=4, person=b"0")
+
+    def __call__(self, end: int, raw: bytes, cut: int) -> str:
+        if cut:
+            return f"{self._file}{end:x}:{line_hash(raw, cut)}"
+        digest = self._uncut.copy()
+        digest.update(raw)
+        return f"{self._file}{end:x}:{digest.hexdigest()}"
+
+
 def memory_cursor(log: str, process: str, sequence: int) -> str:
     """The cursor of line ``sequence`` of the ``gcmd`` log of ``process`` (16 hex digits)."""
     return f"m1:{log}:{process}:{sequence:x}"

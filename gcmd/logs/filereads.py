@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gcmd.logs.cursors import FileCursor, file_cursor, line_hash
+from gcmd.logs.cursors import FileCursor, FileCursors, line_hash
 from gcmd.logs.lines import (
     DECIDING_BYTES,
     MAX_LINE,
@@ -228,6 +228,7 @@ def _lines_from(fd: int, identity: tuple[int, int], start: int, stop: int, patte
     a newline) that match: at most ``limit`` bytes of the newest as sent, the older
     left out (see capped). Read forwards once; a line is matched against its
     first SEARCH_WINDOW bytes."""
+    cursor = FileCursors(shape.name, identity) if shape.json else None
     shaped: deque[bytes] = deque()
     size = left_out = 0
     pieces: list[bytes] = []
@@ -250,8 +251,7 @@ def _lines_from(fd: int, identity: tuple[int, int], start: int, stop: int, patte
                 line, length = part, len(part)
             if pattern is None or pattern.matches(line):
                 raw, cut = line[:MAX_LINE], length - min(length, MAX_LINE)
-                sent = shape.line(raw, cut, file_cursor(shape.name, identity, offset, raw, cut)
-                                  if shape.json else None)
+                sent = shape.line(raw, cut, cursor(offset, raw, cut) if cursor else None)
                 if sent is not None:
                     shaped.append(sent)
                     size += len(sent) + 1
@@ -271,21 +271,28 @@ def _block(fd: int, identity: tuple[int, int], size: int, count: int, pattern: P
            limit: int, job: Job) -> list[bytes]:
     """The block of the last ``count`` lines of the first ``size`` bytes (see query_last_lines)."""
     if pattern is None:
-        spans = _last_spans(fd, size, count, job)[0]
-        return capped(_shaped_lines(fd, identity, spans, shape, job), 0, limit, shape.left_out)
+        spans, scanned, base = _last_spans(fd, size, count, job)
+        return capped(_shaped_lines(fd, identity, spans, scanned, base, shape, job), 0, limit, shape.left_out)
     return _search_block(fd, identity, size, count, pattern, shape, limit, job)
 
 
-def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], shape: Shape, job: Job):
-    """The lines of ``spans`` as ``shape`` sends them, newest first; past a full reply only
-    whether each is dropped (as _read_lines)."""
+def _shaped_lines(fd: int, identity: tuple[int, int], spans: list[tuple[int, int]], scanned: bytes | None,
+                  base: int, shape: Shape, job: Job):
+    """The lines of ``spans`` as ``shape`` sends them, newest first: taken from ``scanned``
+    (the bytes from the offset ``base``) when _last_spans kept them, else read
+    (as _last_lines); past a full reply only whether each is dropped (as _read_lines)."""
+    cursor = FileCursors(shape.name, identity) if shape.json else None
     room = MAX_REPLY
     for start, end in spans:
         job.check()
         length = end - start
         if room >= 0:
-            raw, cut = os.pread(fd, min(length, MAX_LINE), start), max(0, length - MAX_LINE)
-            line = shape.line(raw, cut, file_cursor(shape.name, identity, end, raw, cut) if shape.json else None)
+            if scanned is None:
+                raw = os.pread(fd, min(length, MAX_LINE), start)
+            else:
+                raw = scanned[start - base:start - base + min(length, MAX_LINE)]
+            cut = max(0, length - MAX_LINE)
+            line = shape.line(raw, cut, cursor(end, raw, cut) if cursor else None)
             if line is not None:
                 room -= len(line) + 1
             yield line
@@ -300,10 +307,11 @@ def _search_block(fd: int, identity: tuple[int, int], size: int, count: int, pat
     """The last ``count`` lines that match among the first ``size`` bytes, looking back
     SEARCH_WINDOW bytes at most; led by the ``searched`` note when that stopped it."""
     found, stopped = _search_back(fd, size, count, pattern, job)
+    cursor = FileCursors(shape.name, identity) if shape.json else None
     lines = []
     for end, line in found:
         raw, cut = line[:MAX_LINE], max(0, len(line) - MAX_LINE)
-        lines.append(shape.line(raw, cut, file_cursor(shape.name, identity, end, raw, cut) if shape.json else None))
+        lines.append(shape.line(raw, cut, cursor(end, raw, cut) if cursor else None))
     if not stopped:
         return capped(lines, 0, limit, shape.left_out)
     note = shape.searched()

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_string
 
 import re2
 
@@ -208,28 +209,36 @@ def json_line(log: str, cursor: str | None, raw: bytes, cut: int = 0) -> bytes:
     an array of its bytes (journalctl's ``-o json``). A raw line cut inside
     a character loses that character's head too (counted in ``cut``). No
     cursor (None): the key is left out.
+
+    The bytes are those of ``json.dumps(fields, separators=(",", ":"))``,
+    built from the function json.dumps escapes each string with
+    (``json.encoder.encode_basestring_ascii``): json.dumps makes a
+    JSONEncoder per call, which cost a JSON lastlog several times the
+    time of its escaping.
     """
     if len(raw) > MAX_LINE:
         cut += len(raw) - MAX_LINE
         raw = raw[:MAX_LINE]
     try:
-        line: str | list[int] = raw.decode("utf-8")
+        line = _json_string(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        if cut and exc.reason == "unexpected end of data":
-            cut += len(raw) - exc.start
-            raw = raw[:exc.start]
-            line = raw.decode("utf-8", "surrogateescape")
-            if any(0xDC80 <= ord(c) <= 0xDCFF for c in line):
-                line = list(raw)
-        else:
-            line = list(raw)
-    fields: dict = {"log": log}
+        cut, line = _not_utf_8(raw, cut, exc)
+    head = '{"log":' + _json_string(log)
     if cursor is not None:
-        fields["cursor"] = cursor
-    fields["line"] = line
-    if cut:
-        fields["cut"] = cut
-    return json.dumps(fields, separators=(",", ":")).encode()
+        head += ',"cursor":' + _json_string(cursor)
+    return (head + ',"line":' + line + (f',"cut":{cut}}}' if cut else "}")).encode()
+
+
+def _not_utf_8(raw: bytes, cut: int, error: UnicodeDecodeError) -> tuple[int, str]:
+    """The ``cut`` and JSON ``line`` of a raw line that is not UTF-8 (see json_line):
+    an array of its bytes, or a string when only its cut end is not."""
+    if cut and error.reason == "unexpected end of data":
+        cut += len(raw) - error.start
+        raw = raw[:error.start]
+        line = raw.decode("utf-8", "surrogateescape")
+        if not any(0xDC80 <= ord(c) <= 0xDCFF for c in line):
+            return cut, _json_string(line)
+    return cut, "[" + ",".join(map(str, raw)) + "]"
 
 
 class Shape:
