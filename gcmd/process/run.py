@@ -104,11 +104,7 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     server.listener_lost = lambda: signals.put(None)  # a server that accepts nobody stops: status 1
     hub = gevent.get_hub()
     hub.handle_error = functools.partial(hub_error, server, hub.handle_error)
-    if listener is None:
-        announce(config, server.port)
-    else:
-        log.info("serving port %d, pid %d", server.port, os.getpid())
-    announce_logs(config, server.logs.listing())
+    announce_serving(config, server, worker=listener is not None)
     if ready is not None:
         handler.flush()
         ready()
@@ -122,7 +118,17 @@ def serve(config: Config, options: RunOptions, handler: logging.Handler,
     return 0 if signum is not None else 1
 
 
-def hub_error(server, default: Callable, context, kind, value, tb) -> None:
+def announce_serving(config: Config, server, worker: bool) -> None:
+    """The start-up lines of a server that serves (a worker's: its port and pid), then the logs."""
+    if worker:
+        log.info("serving port %d, pid %d", server.port, os.getpid())
+    else:
+        announce(config, server.port)
+    announce_logs(config, server.logs.listing())
+
+
+def hub_error(server, default: Callable[..., None], context: object, kind: type[BaseException],
+              value: BaseException, tb: object) -> None:
     """The hub's ``handle_error`` (gevent: "applications can set a property on the hub
     instance with this same signature"): an accept error of ``server``, which gevent's
     StreamServer reports with itself as the context, is logged by the server in one line
