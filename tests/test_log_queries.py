@@ -785,6 +785,26 @@ def test_a_log_that_no_longer_holds_the_cursors_line_begins_with_cursor_lost_the
     assert [o["line"] for o in objects[1:]] == [line for line in path.read_text().splitlines()]
 
 
+@pytest.mark.parametrize("change", [rotate_create, copytruncate, rewrite_in_place])
+def test_a_real_server_resume_after_a_rotation_or_rewrite_says_cursor_lost_then_sends_the_file_now_there_once(
+        gcmd, tmp_path, change):
+    path = tmp_path / "app.log"
+    path.write_text("p1\np2\np3\n")
+    client = gcmd("--logfile", f"app={path}").client()
+    assert client.ask("format json") == b"OK\n"
+    client.send("lastlog 3 app\n")
+    cursor = json.loads(client.block(b"End lastlog\n")[2])["cursor"]  # of p2
+    change(path)
+    assert client.ask(f"follow app from {cursor}") == b"Begin follow\n"
+    assert json.loads(client.line()) == {"note": "cursor_lost", "log": "app"}
+    with open(path, "a") as f:
+        f.write("last\n")
+    got = [json.loads(client.line())["line"]]
+    while got[-1] != "last":
+        got.append(json.loads(client.line())["line"])
+    assert got == path.read_text().splitlines()  # each line of the file now at the path, once
+
+
 def test_cursor_lost_in_text_and_for_the_gcmd_log_of_another_process():
     memory = MemoryLog()
     feed = Feed([("gcmd", memory)], 0, None, TEXT, {"gcmd": MemoryCursor("gcmd", "0" * 16, 5)})
