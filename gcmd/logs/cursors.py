@@ -76,14 +76,26 @@ class JournalCursor:
 Cursor = FileCursor | MemoryCursor | JournalCursor
 
 
+def _line_digest(cut: int):
+    # the hash of a line of which ``cut`` bytes were cut off, before its bytes
+    return hashlib.blake2b(digest_size=4, person=b"%d" % cut)
+
+
 def line_hash(raw: bytes, cut: int) -> str:
     """8 hex digits that tell one line from another at the same offset (an in-place rewrite)."""
-    return hashlib.blake2b(raw, digest_size=4, person=b"%d" % cut).hexdigest()
+    digest = _line_digest(cut)
+    digest.update(raw)
+    return digest.hexdigest()
+
+
+def _file_part(log: str, identity: tuple[int, int]) -> str:
+    # what a file cursor says of the file: the log, the device and the inode
+    return f"f1:{log}:{identity[0]:x}:{identity[1]:x}:"
 
 
 def file_cursor(log: str, identity: tuple[int, int], end: int, raw: bytes, cut: int) -> str:
     """The cursor of a line of the file log ``log``: ``identity`` (device, inode), ``end`` its end's offset."""
-    return f"f1:{log}:{identity[0]:x}:{identity[1]:x}:{end:x}:{line_hash(raw, cut)}"
+    return f"{_file_part(log, identity)}{end:x}:{line_hash(raw, cut)}"
 
 
 class FileCursors:
@@ -98,8 +110,8 @@ class FileCursors:
     __slots__ = ("_file", "_uncut")
 
     def __init__(self, log: str, identity: tuple[int, int]) -> None:
-        self._file = f"f1:{log}:{identity[0]:x}:{identity[1]:x}:"
-        self._uncut = hashlib.blake2b(digest_size=4, person=b"0")
+        self._file = _file_part(log, identity)
+        self._uncut = _line_digest(0)
 
     def __call__(self, end: int, raw: bytes, cut: int) -> str:
         if cut:
