@@ -192,6 +192,13 @@ def test_short_lines_of_a_message_given_twice_shows_the_last():
 
 # --- through a real gcmd ------------------------------------------------------------
 
+def json_client(server, timeout: float = 10.0):
+    """A client of the gcmd process ``server`` that asked for JSON lines (``format json``)."""
+    client = server.client(timeout=timeout)
+    assert client.ask("format json") == b"OK\n"
+    return client
+
+
 def ask_json(client, request: str) -> list[dict]:
     client.send(request + "\n")
     block = b"".join(client.block(b"End lastlog\n"))
@@ -224,8 +231,7 @@ def test_a_real_server_serves_the_journal_as_journalctl_prints_it(gcmd, journal_
 def test_journal_lines_in_json_carry_journalds_cursor(gcmd, journal_dir):
     write_journal(journal_dir / "a.journal", numbered(0, 5))
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     objects = ask_json(client, "lastlog 3 journal")
     assert [o["line"].rsplit(" ", 1)[1] for o in objects] == ["2", "3", "4"]
     journald = [json.loads(line)["__CURSOR"] for line in journalctl(journal_dir, "-o", "json").splitlines()]
@@ -236,8 +242,7 @@ def test_journal_lines_in_json_carry_journalds_cursor(gcmd, journal_dir):
 def test_follow_from_a_kept_cursor_sends_every_entry_after_it_then_the_live_ones_once(gcmd, journal_dir):
     write_journal(journal_dir / "a.journal", numbered(0, 20))
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     cursor = ask_json(client, "lastlog 20 journal")[9]["cursor"]  # entry 9
     assert client.ask(f"follow journal from {cursor}") == BEGIN_FOLLOW
     got = follow_lines(client, 10)
@@ -253,8 +258,7 @@ def test_follow_from_a_cursor_older_than_the_kept_lines_reads_the_journal_from_i
     write_journal(journal_dir / "a.journal", numbered(0, 1500))
     journald = json.loads(journalctl(journal_dir, "-o", "json").splitlines()[99])["__CURSOR"]  # entry 99
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     assert client.ask(f"follow journal from j1:journal:{journald}") == BEGIN_FOLLOW
     got = follow_lines(client, 1400)
     assert [int(o["line"].rsplit(" ", 1)[1]) for o in got] == list(range(100, 1500))
@@ -267,15 +271,13 @@ def test_follow_from_a_cursor_older_than_the_kept_lines_reads_the_journal_from_i
 def test_a_cursor_survives_a_restart_of_gcmd_and_one_vacuumed_away_is_lost(gcmd, journal_dir):
     write_journal(journal_dir / "a.journal", numbered(0, 5))
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     cursor = ask_json(client, "lastlog 5 journal")[2]["cursor"]
     client.close()
     server.stop()
     write_journal(journal_dir / "b.journal", numbered(5, 2), 1_700_001_000_000_000)
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     assert client.ask(f"follow journal from {cursor}") == BEGIN_FOLLOW
     assert [o["line"].rsplit(" ", 1)[1] for o in follow_lines(client, 4)] == ["3", "4", "5", "6"]
     client.close()
@@ -293,8 +295,7 @@ def test_a_cursor_survives_a_restart_of_gcmd_and_one_vacuumed_away_is_lost(gcmd,
 def test_a_cursor_of_another_log_is_a_bad_cursor(gcmd, journal_dir):
     write_journal(journal_dir / "a.journal", numbered(0, 3))
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     cursor = ask_json(client, "lastlog 1 journal")[0]["cursor"]
     other = cursor.replace("j1:journal:", "j1:syslog:")
     assert client.ask(f"follow journal from {other}") == b"An error occured : bad cursor\n"
@@ -438,8 +439,7 @@ def test_a_follow_resumed_inside_an_entry_older_than_the_kept_lines_gets_the_res
     write_journal(journal_dir / "a.journal", entries)
     journald = json.loads(journalctl(journal_dir, "-o", "json").splitlines()[0])["__CURSOR"]
     server = gcmd("--logfile", f"journal:{journal_dir}")
-    client = server.client()
-    assert client.ask("format json") == b"OK\n"
+    client = json_client(server)
     # the cursor of "second", the entry being older than the 1000 lines kept: journalctl --cursor reads it
     assert client.ask(f"follow journal from j1:journal:{journald}:1") == BEGIN_FOLLOW
     got = follow_lines(client, 3)
@@ -502,9 +502,7 @@ exit $status
 def resumed_together(server, cursors: list[str]) -> list[list[int]]:
     """Clients that send ``follow journal from CURSOR`` at once: the entry numbers each gets
     until entry 1499."""
-    clients = [server.client(timeout=30) for _ in cursors]
-    for client in clients:
-        assert client.ask("format json") == b"OK\n"
+    clients = [json_client(server, timeout=30) for _ in cursors]
     for client, cursor in zip(clients, cursors):
         client.send(f"follow journal from {cursor}\n")
     got = []
