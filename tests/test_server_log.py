@@ -31,6 +31,8 @@ from gcmd.process.tlsfiles import tls_context
 from gcmd.serverlog.formats import JsonFormatter, LineFormatter, TextFormatter
 from gcmd.serverlog.output import LogOutput, line_chunks, write_whole_lines
 from gcmd.serverlog.setup import (
+    FLUSH_AFTER,
+    LineHandler,
     line_run,
     reopen_output,
     setup_logging,
@@ -258,6 +260,42 @@ def test_runs_of_lines_keep_the_order_logged_with_the_lines_between_them(log_tre
     ]
     assert memory.lastlog(9) == [line.encode() for line in lines]
     assert memory.stats.lines_read == 9
+
+
+class Handed(LineHandler):
+    """A handler that keeps each hand-over of lines (``emit_texts``) whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(TextFormatter())
+        self.handed: list[list[str]] = []
+
+    def emit_texts(self, texts: list[str]) -> None:
+        self.handed.append(list(texts))
+
+
+def test_every_batch_of_lines_waits_flush_after_not_only_the_first():
+    # a libev timer started again once it has run fires at the next loop iteration
+    # (gevent/gevent#1890): each batch's lines went out one or two at a time
+    tree, handler = logging.getLogger("gcmdtest.batches"), Handed()
+    tree.handlers[:], tree.propagate = [handler], False
+    tree.setLevel(logging.INFO)
+    run = line_run(tree, logging.INFO, "Cmd received from 127.0.0.1 : ", {"context": "Session,1,127.0.0.1"})
+    other = line_run(tree, logging.INFO, "Cmd received from ::1 : ", {"context": "Session,2,::1"})
+    try:
+        for batch in range(4):
+            started, before = time.monotonic(), len(handler.handed)
+            for request in range(10):  # one line of each client an event-loop iteration, as a server logs them
+                run.add(f"ping {batch}.{request}")
+                other.add(f"ping {batch}.{request}")
+                gevent.sleep(0.0002)  # sleep(0) would run no timer
+            elapsed = time.monotonic() - started
+            poll(lambda before=before: sum(map(len, handler.handed[before:])) == 20)
+            assert len(handler.handed) - before <= 1 + elapsed / FLUSH_AFTER, (batch, elapsed)
+    finally:
+        tree.handlers[:], tree.propagate = [], True
+    lines = [line for texts in handler.handed for text in texts for line in text.splitlines()]
+    assert len(lines) == 80 and lines[-1].endswith("[Session,2,::1] Cmd received from ::1 : ping 3.9")
 
 
 def test_a_run_of_lines_takes_the_usual_way_when_a_handler_cannot_take_lines(log_tree):

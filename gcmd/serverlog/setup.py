@@ -144,8 +144,8 @@ class LineBatch:
         way (another thread, a level not batched)."""
         if level not in BATCHED_LEVELS or (threading.get_ident() != self.thread and not self._bind(level)):
             return False
-        if not self.lines:
-            self.timer.start(self.flush)
+        if not self.lines:  # again, not start: libev's timer would keep no delay once it has run (gevent#1890)
+            self.timer.again(self.flush)
         self.lowest = min(self.lowest, level)
         self.lines.append((time.time(), level, head, tails, extra))
         self.run = tails
@@ -159,7 +159,7 @@ class LineBatch:
         if handlers is None or handlers[0].hub_thread != threading.get_ident():
             return False
         self.thread, self.loop = handlers[0].hub_thread, handlers[0].loop
-        self.timer = self.loop.timer(FLUSH_AFTER)
+        self.timer = self.loop.timer(FLUSH_AFTER, FLUSH_AFTER)  # flush stops it: it runs once a batch
         return True
 
     def flush(self) -> None:
