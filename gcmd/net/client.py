@@ -10,7 +10,7 @@ from contextlib import suppress
 from time import monotonic
 
 import gevent
-from gevent.socket import wait
+from gevent.socket import wait_read
 
 from gcmd.net import ends, proxy, wire
 from gcmd.net.addresses import canonical
@@ -30,8 +30,9 @@ RECV_SIZE, FLUSH_AT, SEND_CHUNK = 65536, 65536, 16384
 #: seconds a farewell line may take; then the client's input is drained for up to LINGER seconds,
 #: lest the kernel answer it with a reset that destroys the last reply (LINGER_QUIET: silent client)
 FAREWELL_TIMEOUT, LINGER, LINGER_QUIET = 2.0, 1.0, 0.2
-#: seconds a slow command runs before a reset of its connection is watched for (most are over by then)
-GUARD_AFTER = 0.005
+#: seconds a slow command runs before a reset of its connection is watched for (most are over by then);
+#: the Linux tcpi_state of a connection that is over (reset, or its keepalive unanswered)
+GUARD_AFTER, TCP_CLOSE = 0.005, 7
 #: seconds (each at most the idle timeout) a load balancer has to send the PROXY header, a client
 #: to show its certificate (it holds no slot meanwhile), a refused TLS client to read why
 PROXY_TIMEOUT, CERTIFICATE_TIMEOUT, REFUSAL_TIMEOUT = 5.0, 10.0, 2.0
@@ -41,8 +42,7 @@ class Client:
     """One connection, served by the greenlet that runs ``serve``; commands get it as ``session``."""
 
     __slots__ = ("admitted", "authenticated", "client_cn", "context", "deadline", "follow", "format", "greenlet",
-                 "ip", "log_level", "number", "readable", "server", "since", "sock", "state", "tls", "user",
-                 "watch_reset")
+                 "ip", "log_level", "number", "server", "since", "sock", "state", "tls", "user", "watch_reset")
 
     def __init__(self, server, sock, address: tuple, number: int) -> None:
         self.server, self.sock, self.number, self.greenlet = server, sock, number, gevent.getcurrent()
@@ -51,7 +51,6 @@ class Client:
         #: once the connection is reset; the idle clock runs from ``since`` (monotonic seconds)
         self.state, self.deadline, self.since = OPENING, float("inf"), monotonic()
         self.watch_reset = self.admitted = self.authenticated = self.tls = False
-        self.readable = None  # the socket's read watcher while serving: see _read
         #: what commands keep: a verified certificate's CN, the user (gcmd.users), the log's format; the follow
         self.client_cn, self.user, self.format, self.log_level, self.follow = None, None, "text", logging.INFO, None
 
@@ -88,8 +87,6 @@ class Client:
             self.server.release(self, reason)
             if self.follow is not None:
                 self.follow.stop(block=False)
-            if self.readable is not None:
-                self.readable.close()
             if self.tls:
                 self.sock.close()
 
@@ -162,7 +159,7 @@ class Client:
         """The server's sweeper looks, at ``now`` (monotonic seconds)."""
         if self.deadline <= now:
             self.interrupt(Deadline, OPENING, READING, WRITING, FOLLOWING, CLOSING)
-        elif self.watch_reset and ends.tcp_state(self.sock) == ends.TCP_CLOSE:
+        elif self.watch_reset and tcp_state(self.sock) == TCP_CLOSE:
             self.watch_reset = False
             self.interrupt(ClientGone, RUNNING, FOLLOWING)
 
@@ -183,12 +180,11 @@ class Client:
 
     def _serve(self) -> None:
         """Answer requests until the client closes (return) or is done (Ended); a line ends a follow."""
-        max_line, trace = self.server.config.max_line, log.isEnabledFor(logging.DEBUG)
+        max_line, fd, trace = self.server.config.max_line, self.sock.fileno(), log.isEnabledFor(logging.DEBUG)
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
         pending, telnet, lines = b"", b"", []
-        self.readable = self.server.loop.io(self.sock.fileno(), 1)
         # after a batch of one line, or none, wait for the next bytes (a pipelining client's may be there)
-        while data := self._read(len(lines) < 2):
+        while data := self._read(None if self.tls or len(lines) > 1 else fd):
             if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
                 telnet += reply
@@ -208,12 +204,11 @@ class Client:
             if too_long:
                 raise Ended("line too long", wire.LINE_TOO_LONG)
 
-    def _read(self, wait_first: bool) -> bytes:
+    def _read(self, fd: int | None) -> bytes:
         """READING, or FOLLOWING: the next bytes; b"" once a reader has closed. Ended: a reader sent
         no line, or a follower took no streamed byte, for the idle timeout, or a follower's connection
         is over (a half-close ends no follow); Revoked: SIGHUP removed or changed a follower's user.
-        ``wait_first``: wait on the read watcher, then read (gevent's recv would first raise and catch
-        EAGAIN; wait_read makes a watcher each time); not on TLS, where OpenSSL may hold bytes read."""
+        ``fd``: wait for it to be readable first (not on TLS: OpenSSL may hold bytes already read)."""
         if self.server.closing:
             raise Shutdown
         if self.follow is None:
@@ -223,8 +218,8 @@ class Client:
         else:
             self.state = FOLLOWING  # the follow's writer sets the deadline
         try:
-            if wait_first and not self.tls:
-                wait(self.readable)
+            if fd is not None:  # gevent's recv would first make, raise and catch an EAGAIN error
+                wait_read(fd)
             data = self.sock.recv(RECV_SIZE)
             if not data and self.follow is not None:
                 self.watch_reset = True  # the sweeper sees the client go
@@ -287,8 +282,8 @@ class Client:
             self.watch_reset = False
 
     def _guard(self) -> None:
-        wait(self.readable)  # input, an EOF or a reset
-        if ends.tcp_state(self.sock) == ends.TCP_CLOSE:
+        wait_read(self.sock.fileno())  # input, an EOF or a reset
+        if tcp_state(self.sock) == TCP_CLOSE:
             self.interrupt(ClientGone, RUNNING)
         else:  # after input or a half-close, the sweeper watches for a reset
             self.watch_reset = True
@@ -345,3 +340,11 @@ class Client:
             return telnet
         self.state = RUNNING
         return follow.stop() + telnet + wire.END_FOLLOW
+
+
+def tcp_state(sock) -> int | None:
+    """The Linux TCP state of ``sock`` (tcpi_state of TCP_INFO); None where unknown."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except (OSError, AttributeError):
+        return None

@@ -1,18 +1,14 @@
 """How a client's life ends: Ended, raised in its own greenlet, and the
 exceptions the server raises into that greenlet (gevent's ``Greenlet.kill``);
-why a TLS client was refused; whether a connection is over (``tcp_state``)."""
+why a TLS client was refused."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 
 from gevent import GreenletExit
 
 from gcmd.net.wire import AUTH_REQUIRED_BYE
-
-#: the Linux tcpi_state of a connection that is over (reset, or its keepalive unanswered)
-TCP_CLOSE = 7
 
 
 class Ended(Exception):
@@ -54,11 +50,3 @@ def handshake_failure(exc: ssl.SSLError | Ended) -> str:
     if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return "no client certificate"
     return f"TLS error: {exc.reason or exc}"
-
-
-def tcp_state(sock) -> int | None:
-    """The Linux TCP state of ``sock`` (tcpi_state of TCP_INFO); None where unknown."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-    except (OSError, AttributeError):
-        return None
