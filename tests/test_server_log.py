@@ -263,15 +263,18 @@ def test_runs_of_lines_keep_the_order_logged_with_the_lines_between_them(log_tre
 
 
 class Handed(LineHandler):
-    """A handler that keeps each hand-over of lines (``emit_texts``) whole."""
+    """A handler that keeps each hand-over of lines (``emit_texts``) whole, and when it came
+    (time.monotonic())."""
 
     def __init__(self) -> None:
         super().__init__()
         self.setFormatter(TextFormatter())
         self.handed: list[list[str]] = []
+        self.at: list[float] = []
 
     def emit_texts(self, texts: list[str]) -> None:
         self.handed.append(list(texts))
+        self.at.append(time.monotonic())
 
 
 def test_every_batch_of_lines_waits_flush_after_not_only_the_first():
@@ -291,6 +294,8 @@ def test_every_batch_of_lines_waits_flush_after_not_only_the_first():
                 gevent.sleep(0.0002)  # sleep(0) would run no timer
             elapsed = time.monotonic() - started
             poll(lambda before=before: sum(map(len, handler.handed[before:])) == 20)
+            # the first hand-over waited FLUSH_AFTER for more lines (a little less: the clock's grain)
+            assert handler.at[before] - started >= FLUSH_AFTER * 0.9, (batch, handler.at[before] - started)
             assert len(handler.handed) - before <= 1 + elapsed / FLUSH_AFTER, (batch, elapsed)
     finally:
         tree.handlers[:], tree.propagate = [], True

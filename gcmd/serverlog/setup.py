@@ -144,8 +144,10 @@ class LineBatch:
         way (another thread, a level not batched)."""
         if level not in BATCHED_LEVELS or (threading.get_ident() != self.thread and not self._bind(level)):
             return False
-        if not self.lines:  # again, not start: libev's timer would keep no delay once it has run (gevent#1890)
-            self.timer.again(self.flush)
+        if not self.lines:
+            # again, with the loop's clock brought up to date: a libev timer started again keeps what
+            # was left of its delay when it stopped, nothing once it has run (gevent/gevent#1890)
+            self.timer.again(self.flush, update=True)
         self.lowest = min(self.lowest, level)
         self.lines.append((time.time(), level, head, tails, extra))
         self.run = tails
