@@ -76,16 +76,14 @@ class JournalCursor:
 Cursor = FileCursor | MemoryCursor | JournalCursor
 
 
-def _line_digest(cut: int):
-    # the hash of a line of which ``cut`` bytes were cut off, before its bytes
-    return hashlib.blake2b(digest_size=4, person=b"%d" % cut)
+def _line_digest(cut: int, raw: bytes = b""):
+    # the hash of a line of which ``cut`` bytes were cut off, fed ``raw`` (its bytes, or none yet)
+    return hashlib.blake2b(raw, digest_size=4, person=b"%d" % cut)
 
 
 def line_hash(raw: bytes, cut: int) -> str:
     """8 hex digits that tell one line from another at the same offset (an in-place rewrite)."""
-    digest = _line_digest(cut)
-    digest.update(raw)
-    return digest.hexdigest()
+    return _line_digest(cut, raw).hexdigest()
 
 
 def _file_part(log: str, identity: tuple[int, int]) -> str:
