@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 from contextlib import suppress
+from operator import length_hint
 from time import monotonic
 
 import gevent
@@ -235,13 +236,12 @@ class Client:
     def _answer(self, lines: list[bytes], heard, trace: bool, may_follow: bool) -> None:
         """Run a batch of requests in order; their replies go out together, and before any slow
         command. A follow begun by the last one streams on if ``may_follow`` (no line came after)."""
-        server, commands = self.server, self.server.commands
-        parse, run, replies, size = commands.parse, commands.run, [], 0  # bound once per batch
-        for index, line in enumerate(lines):
+        server, commands, replies, size = self.server, self.server.commands, [], 0
+        for line in (rest := iter(lines)):  # length_hint(rest): the lines after this one
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))  # under the idle timeout, as every reply
                 raise Ended("server shutting down", wire.SHUTTING_DOWN)
-            if (parsed := parse(line)) is None:
+            if (parsed := commands.parse(line)) is None:
                 continue
             handler, arg = parsed
             if heard is not None:
@@ -253,17 +253,17 @@ class Client:
                 reply = self._run_slow(handler, arg)
                 if isinstance(reply, Follow):
                     self._send(reply)
-                    if index + 1 == len(lines) and may_follow:
+                    if may_follow and not length_hint(rest):
                         self.deadline = float("inf")  # the follow's writer sets it while a chunk waits
                         return self.follow.start()
                     self._send(self._stop_follow())  # a line came already: it ends the follow
                     continue
             else:
-                reply = run(handler, self, arg)
+                reply = commands.run(handler, self, arg)
             if trace:
                 log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
                           (monotonic() - started) * 1000, extra=self.context)
-            if isinstance(reply, Close):
+            if type(reply) is Close:  # most replies are plain bytes: cheaper than isinstance
                 self._send(b"".join(replies))  # under the idle timeout; the farewell has 2 s
                 raise Ended(reply.reason, reply)
             replies.append(reply)
@@ -292,12 +292,12 @@ class Client:
         """WRITING all of ``data``; Ended when the client takes none of it for the idle timeout."""
         if not data:
             return
-        idle, send, tls, self.state = self.server.config.idle_timeout, self.sock.send, self.tls, WRITING
+        self.state = WRITING
         try:
             while data:
-                self.deadline = monotonic() + idle
-                sent = send(data[:SEND_CHUNK] if tls else data)
-                data = memoryview(data)[sent:] if sent < len(data) else None
+                self.deadline = monotonic() + self.server.config.idle_timeout
+                sent = self.sock.send(data[:SEND_CHUNK] if self.tls else data)
+                data = memoryview(data)[sent:] if sent < len(data) else b""
         except Deadline:
             raise Ended("the client accepted no reply bytes in time", None) from None
         self.state = RUNNING
