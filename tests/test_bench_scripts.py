@@ -400,13 +400,20 @@ def test_bench_instructions_counts_instructions_per_request(tmp_path):
     if shutil.which("valgrind") is None:
         pytest.skip("needs valgrind (apt-get install valgrind)")
     figures = tmp_path / "instructions.json"
-    result = run_bench("--only", "gcmd", "--instructions", "--quick", "--json", figures, timeout=290)
+    result = run_bench("--only", "gcmd,gevent_floor", "--instructions", "--quick", "--json", figures, timeout=290)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert re.search(r"^ping 10 x 1: gcmd counted in \d+ s$", result.stdout, re.MULTILINE)
-    assert re.search(r"^ping 10 x 1\s+\d+$", result.stdout, re.MULTILINE)
-    per_request = json.loads(figures.read_text())["ping 10 x 1"]["gcmd"]
+    assert re.search(r"^ping 10 x 1: gevent_floor counted in \d+ s$", result.stdout, re.MULTILINE)
+    assert re.search(r"^ping 10 x 1\s+\d+\s+\d+$", result.stdout, re.MULTILINE)
+    per_request = json.loads(figures.read_text())["ping 10 x 1"]
     # a request costs thousands of instructions; start-up alone (left out) is hundreds of millions
-    assert 1_000 < per_request < 1_000_000
+    assert 1_000 < per_request["gevent_floor"] < per_request["gcmd"] < 1_000_000
+
+
+def test_bench_counts_the_floor_of_the_design_only_in_instructions():
+    result = run_bench("--only", "gcmd,gevent_floor", "--quick")
+    assert result.returncode == 2
+    assert "gevent_floor: only with --instructions" in result.stderr
 
 
 @pytest.mark.parametrize(("row", "expected"), [
