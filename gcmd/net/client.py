@@ -237,7 +237,7 @@ class Client:
         """Run a batch of requests in order; their replies go out together, and before any slow
         command. A follow begun by the last one streams on if ``may_follow`` (no line came after)."""
         server, commands, replies, size = self.server, self.server.commands, [], 0
-        for line in (rest := iter(lines)):  # length_hint(rest): the lines after this one
+        for line in (rest := iter(lines)):  # length_hint(rest): the lines after this one (exact for a list)
             if server.closing:  # pipelined requests not yet started are dropped
                 self._send(b"".join(replies))  # under the idle timeout, as every reply
                 raise Ended("server shutting down", wire.SHUTTING_DOWN)
@@ -263,7 +263,7 @@ class Client:
             if trace:
                 log.debug("%s: %d bytes in, %d bytes out, %.3f ms", handler.verb, len(line) + 1, len(reply),
                           (monotonic() - started) * 1000, extra=self.context)
-            if type(reply) is Close:  # most replies are plain bytes: cheaper than isinstance
+            if type(reply) is Close:  # Close is final; a failing isinstance also looks up __class__
                 self._send(b"".join(replies))  # under the idle timeout; the farewell has 2 s
                 raise Ended(reply.reason, reply)
             replies.append(reply)

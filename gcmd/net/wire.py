@@ -7,6 +7,7 @@ spelling "occured"); see PROTOCOL.md.
 from __future__ import annotations
 
 import re
+from typing import final
 
 PONG = b"pong\n"
 NOT_FOUND = b"Command not found.\n"
@@ -34,12 +35,13 @@ INTERNAL_ERROR = "internal error"
 MAX_ECHOED_PATH = 256
 
 
+@final  # gcmd.net.client tests its exact type
 class Close(bytes):
     """A reply after which the server closes the connection; ``reason`` says why, for the log."""
 
     reason: str
 
-    def __new__(cls, line: bytes, reason: str) -> Close:  # noqa: PYI034 - Self needs 3.11
+    def __new__(cls, line: bytes, reason: str) -> Close:
         reply = super().__new__(cls, line)
         reply.reason = reason
         return reply
