@@ -128,8 +128,9 @@ def test_a_reply_before_quit_has_the_idle_timeout_not_the_farewells_2_s(gcmd, tm
 
 def test_counts_by_address_forget_an_address_counted_down_to_nothing():
     counts = Counts()
-    counts["10.0.0.1"] += 2
-    counts["10.0.0.2"] += 1
+    counts.add("10.0.0.1")
+    counts.add("10.0.0.1")
+    counts.add("10.0.0.2")
     counts.drop("10.0.0.1")
     counts.drop("10.0.0.2")
     assert counts == {"10.0.0.1": 1} and list(counts) == ["10.0.0.1"]

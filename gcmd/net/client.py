@@ -132,11 +132,11 @@ class Client:
     def _verify(self, context) -> None:
         # the handshakes under way are capped: --max-clients in all, --max-per-ip from one address
         ip, config, under_way = self.ip, self.server.config, self.server.handshakes
-        if config.max_per_ip and under_way[ip] >= config.max_per_ip:
+        if config.max_per_ip and under_way.get(ip, 0) >= config.max_per_ip:
             raise self._refused("max_per_ip", "too many handshakes under way from the address")
-        if under_way.total() >= config.max_clients:
+        if sum(under_way.values()) >= config.max_clients:
             raise self._refused("max_clients", "too many handshakes under way")
-        under_way[ip] += 1
+        under_way.add(ip)
         try:
             self._handshake(context, CERTIFICATE_TIMEOUT)
         except (ssl.SSLError, Ended) as exc:
@@ -181,15 +181,15 @@ class Client:
 
     def _serve(self) -> None:
         """Answer requests until the client closes (return) or is done (Ended); a line ends a follow."""
-        max_line, fd, trace = self.server.config.max_line, self.sock.fileno(), log.isEnabledFor(logging.DEBUG)
+        max_line, trace, fd = self.server.config.max_line, log.isEnabledFor(logging.DEBUG), self.sock.fileno()
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-        pending, telnet, lines = b"", b"", []
-        # after a batch of one line, or none, wait for the next bytes (a pipelining client's may be there)
-        while data := self._read(None if self.tls or len(lines) > 1 else fd):
+        pending, telnet, wait = b"", b"", None  # a new client's first request is usually there already
+        while data := self._read(wait):
             if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
                 telnet += reply
             lines, pending, too_long = split_lines(pending, data, max_line)
+            wait = None if self.tls or len(lines) > 1 else fd  # a pipelining client's next bytes may be there
             if self.follow is not None:
                 if not lines and not too_long:
                     continue
@@ -278,7 +278,7 @@ class Client:
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
-            guard.kill(block=bool(guard))  # one that started waits on the descriptor: gone before we read
+            guard.kill()  # one that started waits on the descriptor: it is gone before the client is read
             self.watch_reset = False
 
     def _guard(self) -> None:

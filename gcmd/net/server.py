@@ -96,12 +96,12 @@ class GcmdServer(StreamServer):
                 "" if client.client_cn is None else f" (CN={client.client_cn})", extra=client.context)
         if self.closing:
             return self.refuse(client, "shutting_down", "refused: shutting down", "", wire.SHUTTING_DOWN)
-        if limit and self.per_ip[ip] >= limit:
+        if limit and self.per_ip.get(ip, 0) >= limit:
             return self.refuse(client, "max_per_ip", "refused: too many from the address",
                                f"Too many connections from {ip}. bye !", wire.TOO_MANY_FROM_ADDRESS)
         if not self.slots.acquire(blocking=False):
             return self.refuse(client, "max_clients", "refused: too many", "Too many connections. bye !", wire.TOO_MANY)
-        self.per_ip[ip] += 1
+        self.per_ip.add(ip)
         self.stats.clients += 1
         client.admitted = True
         self.commands.admitted(client)
