@@ -9,7 +9,9 @@ valgrind), which counts the instructions of its process in user space
 (system calls are not counted: compare them with ``strace -c``). The load
 is in lockstep: every connection sends its requests, then every reply is
 read, so each read of the server holds exactly ``depth`` requests whatever
-the timing. A server is measured twice, after a few rounds and after many;
+the timing; in the shape "connect, ping, close", the churn cell's load, each
+round opens a connection, sends one ping, reads the pong and closes it: its
+count is per connection. A server is measured twice, after a few rounds and after many;
 the difference, divided by the requests of the extra rounds, leaves out
 start-up and shutdown. Work done once per span of time (the server log's
 lines handed over every 5 ms, the sweeper's look every 0.1 s) is shared by
@@ -26,10 +28,12 @@ import subprocess
 import time
 from pathlib import Path
 
-#: shape -> (connections, requests per connection per round, rounds of the short run, of the long run)
+#: shape -> (connections, requests per connection per round, rounds of the short run, of the long run);
+#: connections 0: a new connection each round, closed once its one reply is read (``churn``)
 SHAPES = {
     "ping 10 x 1": (10, 1, 200, 1200),
     "ping 50 x 16": (50, 16, 20, 120),
+    "connect, ping, close": (0, 1, 100, 600),
 }
 #: the same with --quick: a smoke test (start-up dominates; the figures are rough)
 QUICK_SHAPES = {"ping 10 x 1": (10, 1, 20, 120)}
@@ -56,6 +60,18 @@ def lockstep(port: int, conns: int, depth: int, rounds: int) -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+def churn(port: int, rounds: int) -> None:
+    """``rounds`` times, one after the other: connect, send a ping, read the pong, close."""
+    for _ in range(rounds):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            reply = b""
+            sock.sendall(b"ping\n")
+            while not reply.endswith(b"\n"):
+                if not (chunk := sock.recv(64)):
+                    raise RuntimeError("the server closed a connection before its reply")
+                reply += chunk
 
 
 def counted(command: list[str], env: dict | None, workdir: Path, port: int, load) -> int:
@@ -95,14 +111,15 @@ def counted(command: list[str], env: dict | None, workdir: Path, port: int, load
 
 
 def per_request(command: list[str], env: dict | None, workdir: Path, shape: tuple, free_port) -> float:
-    """Instructions per request of ``command`` in ``shape`` (see SHAPES)."""
+    """Instructions per request of ``command`` in ``shape`` (see SHAPES): per connection in churn."""
     conns, depth, short, long = shape
     totals = []
     for rounds in (short, long):
         port = free_port()
         totals.append(counted([*command, "--port", str(port)], env, workdir, port,
-                              lambda port, rounds=rounds: lockstep(port, conns, depth, rounds)))
-    return (totals[1] - totals[0]) / (conns * depth * (long - short))
+                              lambda port, rounds=rounds: churn(port, rounds) if not conns
+                              else lockstep(port, conns, depth, rounds)))
+    return (totals[1] - totals[0]) / (max(conns, 1) * depth * (long - short))
 
 
 def measure(servers: dict, workdir: Path, quick: bool, free_port) -> dict[str, dict[str, float]]:
@@ -124,11 +141,11 @@ def report(results: dict[str, dict[str, float]], baseline: str) -> str:
     """The table of ``measure``'s results, with the ratio of gcmd to ``baseline`` when measured."""
     names = list(next(iter(results.values())))
     ratio = "gcmd" in names and baseline in names
-    lines = ["instructions per request (callgrind, user space; lockstep load)"
+    lines = ["instructions per request, per connection in churn (callgrind, user space; lockstep load)"
              + ("; the ratio: below 1, gcmd runs fewer" if ratio else ""),
-             f"{'shape':16s}" + "".join(f"{name:>14s}" for name in names)
+             f"{'shape':22s}" + "".join(f"{name:>14s}" for name in names)
              + (f"{'gcmd/' + baseline:>18s}" if ratio else "")]
     for shape, row in results.items():
-        lines.append(f"{shape:16s}" + "".join(f"{row[name]:14.0f}" for name in names)
+        lines.append(f"{shape:22s}" + "".join(f"{row[name]:14.0f}" for name in names)
                      + (f"{row['gcmd'] / row[baseline]:18.3f}" if ratio else ""))
     return "\n".join(lines)
