@@ -26,17 +26,9 @@ import signal
 import socket
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
-#: shape -> (connections, requests per connection per round, rounds of the short run, of the long run);
-#: connections 0: a new connection each round, closed once its one reply is read (``churn``)
-SHAPES = {
-    "ping 10 x 1": (10, 1, 200, 1200),
-    "ping 50 x 16": (50, 16, 20, 120),
-    "connect, ping, close": (0, 1, 100, 600),
-}
-#: the same with --quick: a smoke test (start-up dominates; the figures are rough)
-QUICK_SHAPES = {"ping 10 x 1": (10, 1, 20, 120)}
 #: seconds a server under callgrind (about 50 times slower) may take to start, and to stop
 START_TIMEOUT, STOP_TIMEOUT = 180, 120
 
@@ -72,6 +64,17 @@ def churn(port: int, rounds: int) -> None:
                 if not (chunk := sock.recv(64)):
                     raise RuntimeError("the server closed a connection before its reply")
                 reply += chunk
+
+
+#: shape -> (its load: load(port, rounds), requests a round (in churn, connections), rounds of the short
+#: run, of the long run)
+SHAPES = {
+    "ping 10 x 1": (partial(lockstep, conns=10, depth=1), 10, 200, 1200),
+    "ping 50 x 16": (partial(lockstep, conns=50, depth=16), 800, 20, 120),
+    "connect, ping, close": (churn, 1, 100, 600),
+}
+#: the same with --quick: a smoke test (start-up dominates; the figures are rough)
+QUICK_SHAPES = {"ping 10 x 1": (partial(lockstep, conns=10, depth=1), 10, 20, 120)}
 
 
 def counted(command: list[str], env: dict | None, workdir: Path, port: int, load) -> int:
@@ -112,14 +115,12 @@ def counted(command: list[str], env: dict | None, workdir: Path, port: int, load
 
 def per_request(command: list[str], env: dict | None, workdir: Path, shape: tuple, free_port) -> float:
     """Instructions per request of ``command`` in ``shape`` (see SHAPES): per connection in churn."""
-    conns, depth, short, long = shape
+    load, requests, short, long = shape
     totals = []
     for rounds in (short, long):
         port = free_port()
-        totals.append(counted([*command, "--port", str(port)], env, workdir, port,
-                              lambda port, rounds=rounds: churn(port, rounds) if not conns
-                              else lockstep(port, conns, depth, rounds)))
-    return (totals[1] - totals[0]) / (max(conns, 1) * depth * (long - short))
+        totals.append(counted([*command, "--port", str(port)], env, workdir, port, partial(load, rounds=rounds)))
+    return (totals[1] - totals[0]) / (requests * (long - short))
 
 
 def measure(servers: dict, workdir: Path, quick: bool, free_port) -> dict[str, dict[str, float]]:

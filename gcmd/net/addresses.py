@@ -36,15 +36,15 @@ class Counts(dict[str, int]):
     of the cost of admitting a client."""
 
     def add(self, ip: str) -> None:
-        """Count ``ip`` up by one (``get(ip, 0)``: how many now)."""
+        """Count ``ip`` up by one. Read a count with ``get(ip, 0)``: an address not counted is absent."""
         self[ip] = self.get(ip, 0) + 1
 
     def drop(self, ip: str) -> None:
-        """Count ``ip`` down by one (it was counted up)."""
-        if (count := self[ip]) > 1:
+        """Count ``ip`` down by one (an address not counted stays absent)."""
+        if (count := self.get(ip, 0)) > 1:
             self[ip] = count - 1
         else:
-            del self[ip]
+            self.pop(ip, None)
 
 
 def within(ip: str, networks: tuple[Network, ...]) -> bool:

@@ -181,15 +181,15 @@ class Client:
 
     def _serve(self) -> None:
         """Answer requests until the client closes (return) or is done (Ended); a line ends a follow."""
-        max_line, trace, fd = self.server.config.max_line, log.isEnabledFor(logging.DEBUG), self.sock.fileno()
+        max_line, fd, trace = self.server.config.max_line, self.sock.fileno(), log.isEnabledFor(logging.DEBUG)
         heard = line_run(log, self.log_level, f"Cmd received from {self.ip} : ", self.context)
-        pending, telnet, wait = b"", b"", None  # a new client's first request is usually there already
-        while data := self._read(wait):
+        pending, telnet, wait_fd = b"", b"", None  # a new client's first request is usually there already
+        while data := self._read(wait_fd):
             if IAC in data:  # telnet's Ctrl-C: a line end, and a reply
                 data, reply = telnet_commands(data)
                 telnet += reply
             lines, pending, too_long = split_lines(pending, data, max_line)
-            wait = None if self.tls or len(lines) > 1 else fd  # a pipelining client's next bytes may be there
+            wait_fd = None if self.tls or len(lines) > 1 else fd  # a pipelining client's next bytes may be there
             if self.follow is not None:
                 if not lines and not too_long:
                     continue
@@ -278,7 +278,7 @@ class Client:
         try:
             return self.server.commands.run_slow(handler, self, arg)
         finally:
-            guard.kill()  # one that started waits on the descriptor: it is gone before the client is read
+            guard.kill()  # blocks (its default) only for a guard that started: gone before the client is read
             self.watch_reset = False
 
     def _guard(self) -> None:
