@@ -11,8 +11,8 @@ is in lockstep: every connection sends its requests, then every reply is
 read, so each read of the server holds exactly ``depth`` requests whatever
 the timing; in the shape "connect, ping, close", the churn cell's load, each
 round opens a connection, sends one ping, reads the pong and closes it: its
-count is per connection. A server is measured twice, after a few rounds and after many;
-the difference, divided by the requests of the extra rounds, leaves out
+count is per connection. A server is measured twice, after a few rounds and
+after many; the difference, divided by the requests of the extra rounds, leaves out
 start-up and shutdown. Work done once per span of time (the server log's
 lines handed over every 5 ms, the sweeper's look every 0.1 s) is shared by
 fewer requests under callgrind, some 50 times slower: where it counts (the
@@ -66,15 +66,20 @@ def churn(port: int, rounds: int) -> None:
                 reply += chunk
 
 
+def lockstep_shape(conns: int, depth: int, short: int, long: int) -> tuple:
+    """The shape of ``conns`` connections sending ``depth`` pings each a round (see SHAPES)."""
+    return partial(lockstep, conns=conns, depth=depth), conns * depth, short, long
+
+
 #: shape -> (its load: load(port, rounds), requests a round (in churn, connections), rounds of the short
 #: run, of the long run)
 SHAPES = {
-    "ping 10 x 1": (partial(lockstep, conns=10, depth=1), 10, 200, 1200),
-    "ping 50 x 16": (partial(lockstep, conns=50, depth=16), 800, 20, 120),
+    "ping 10 x 1": lockstep_shape(10, 1, 200, 1200),
+    "ping 50 x 16": lockstep_shape(50, 16, 20, 120),
     "connect, ping, close": (churn, 1, 100, 600),
 }
 #: the same with --quick: a smoke test (start-up dominates; the figures are rough)
-QUICK_SHAPES = {"ping 10 x 1": (partial(lockstep, conns=10, depth=1), 10, 20, 120)}
+QUICK_SHAPES = {"ping 10 x 1": lockstep_shape(10, 1, 20, 120)}
 
 
 def counted(command: list[str], env: dict | None, workdir: Path, port: int, load) -> int:
