@@ -8,11 +8,12 @@ import subprocess
 import sys
 import urllib.request
 
+import gevent
 import pytest
 from support import GcmdProcess, free_port, make_certificate, wait_for
 
 from gcmd import __version__
-from gcmd.process.run import cannot_listen
+from gcmd.process.run import cannot_listen, untrack_greenlet_tree
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -25,6 +26,15 @@ def run_gcmd(*args, timeout=10):
 def test_version():
     result = run_gcmd("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"gcmd {__version__}"
+
+
+@pytest.mark.parametrize(("environ", "tracked"), [({}, False), ({"GEVENT_TRACK_GREENLET_TREE": "1"}, True)])
+def test_greenlets_keep_no_spawning_stack_unless_the_environment_asks(environ, tracked, monkeypatch):
+    monkeypatch.setattr(gevent.config, "track_greenlet_tree", True)
+    untrack_greenlet_tree(environ)
+    greenlet = gevent.spawn(lambda: None)
+    greenlet.join()
+    assert (greenlet.spawning_stack is not None, greenlet.spawning_greenlet is not None) == (tracked, tracked)
 
 
 def test_help_documents_every_flag_with_its_default():

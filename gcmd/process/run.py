@@ -42,6 +42,7 @@ def run(config: Config, options: RunOptions) -> int:
         print(f"gcmd: cannot open --output {options.output}: {exc.strerror}", file=sys.stderr)
         return 2
     raise_fd_limit()
+    untrack_greenlet_tree(os.environ)
     if config.workers == 1:
         return serve(config, options, setup_logging(options.log_level, options.log_format, output))
     return supervise(config, options, output)
@@ -182,6 +183,14 @@ def reload_users(server, path: str) -> None:
     server.end_revoked_follows()
     log.info("SIGHUP: re-read the users of --config %s: %d user%s", path, len(users),
              "" if len(users) == 1 else "s")
+
+
+def untrack_greenlet_tree(environ) -> None:
+    """Greenlets no longer keep who spawned them and the ten frames of their spawning stack
+    (gevent's ``track_greenlet_tree``, kept for debugging): every client is a greenlet, and each
+    slow command's guard; unless ``environ`` sets GEVENT_TRACK_GREENLET_TREE."""
+    if "GEVENT_TRACK_GREENLET_TREE" not in environ:
+        gevent.config.track_greenlet_tree = False
 
 
 def raise_fd_limit() -> None:
