@@ -2,7 +2,8 @@
 
 A server's results are {cell: figures}; the figures of a cell are some of
 ``rps`` (requests a second), ``p50_ms``/``p99_ms`` (latency), ``kib``
-(memory per idle connection), ``slowest_connect_s``, those of the follow
+(memory per idle connection), ``slowest_connect_s``, ``cpu_us`` (the
+server's CPU time per request, microseconds), those of the follow
 cells (see bench_logs), ``ms``/``grep_ms``/``grep_ratio`` (lastlog grep
 beside grep -c) or ``text_share`` (lastlog in JSON beside text; see
 bench_queries).
@@ -145,6 +146,33 @@ def report(results: dict, rounds: dict | None = None) -> None:
     if w2 and "gcmd" in results and "ping 100c" in w2:
         print(f"\ninfo: ping 100c: gcmd --workers 2 is {round_ratio(w2['ping 100c'], results['gcmd']['ping 100c']):.2f}x "
               f"gcmd --workers 1 (the load client shares the machine's cores)")
+
+
+def report_cpu(results: dict, rounds: dict) -> None:
+    """Print, for information, each server's CPU time per request of the cells that measure it
+    (``cpu_us``; per connection in churn), and beside each server but gcmd its CPU time / gcmd's
+    (above 1: gcmd spends less) with the range of the rounds. Unlike a rate, it does not depend on
+    how the machine's cores are shared between the server and the load client."""
+    names = [name for name, cells in results.items() if any("cpu_us" in c for c in cells.values())]
+    if "gcmd" not in names:
+        return
+    cells = [cell for cell, figures in results["gcmd"].items() if "cpu_us" in figures]
+    print("\nthe server's CPU time per request, in microseconds (user + system, per connection in churn), "
+          "for information (not checked); beside each server its CPU time / gcmd's [lowest-highest of the rounds]:")
+    print(f"{'cell':<20}" + "".join(f"{name:>30}" for name in names))
+    for cell in cells:
+        mine, row = results["gcmd"][cell]["cpu_us"], f"{cell:<20}"
+        for name in names:
+            theirs = results[name].get(cell, {}).get("cpu_us")
+            text = "-" if theirs is None else f"{theirs:.2f} us"
+            if theirs is not None and name != "gcmd" and mine > 0:
+                text += f" {theirs / mine:.2f}x"
+                if 1 < len(rounds.get(name, ())) == len(rounds["gcmd"]):
+                    each = [t[cell]["cpu_us"] / m[cell]["cpu_us"] for m, t in zip(rounds["gcmd"], rounds[name])
+                            if m[cell]["cpu_us"] > 0]
+                    text += f" [{min(each):.2f}-{max(each):.2f}]" if each else ""
+            row += f"{text:>30}"
+        print(row)
 
 
 def report_own_log(results: dict, rounds: dict) -> None:

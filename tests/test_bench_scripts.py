@@ -92,8 +92,12 @@ def test_bench_quick_is_a_smoke_test_that_checks_no_target():
     result = run_bench("--quick", "--only", "gcmd,naive_gevent", "--duration", 0.5, "--idle", 300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for text in ("ping 100c x16", "comphash 1MiB 10c", "lastlog 10c", "churn", "idle KiB/conn",
-                 "ratios of gcmd"):
+                 "ratios of gcmd", "the server's CPU time per request"):
         assert text in result.stdout, text
+    cpu = result.stdout.split("the server's CPU time per request")[1]
+    gcmd_us, naive_us, ratio = re.search(r"^ping 100c x16\s+([\d.]+) us\s+([\d.]+) us ([\d.]+)x$", cpu, re.MULTILINE).groups()
+    assert 0 < float(gcmd_us) < 1000 and 0 < float(naive_us) < 1000
+    assert float(ratio) == pytest.approx(float(naive_us) / float(gcmd_us), rel=0.02)  # of the rounded figures
     assert "targets:" not in result.stdout and "FAIL" not in result.stdout
     assert result.stdout.strip().splitlines()[-1] == (
         "quick run: a smoke test, every cell ran; no target checked (1 s cells on a shared "
@@ -121,6 +125,26 @@ def test_bench_report_of_one_server_says_there_is_nothing_to_compare(capsys):
     assert "ratios of" not in out
     assert out.strip().splitlines()[-1] == ("no ratios: gcmd is the only server measured, nothing to "
                                             "compare it with (add one: --only gcmd,naive_gevent, or --baseline DIR)")
+
+
+def test_bench_reports_the_cpu_time_per_request_beside_gcmds_with_the_range_of_the_rounds(capsys):
+    def cells(ping, churn):
+        return {"ping 10c": {"rps": 1000.0, "cpu_us": ping}, "churn": {"rps": 100.0, "cpu_us": churn},
+                "idle KiB/conn": {"kib": 10.0}}
+    rounds = {"gcmd": [cells(10.0, 100.0), cells(12.0, 120.0)], "naive_gevent": [cells(15.0, 90.0), cells(12.0, 150.0)]}
+    results = {"gcmd": cells(11.0, 110.0), "naive_gevent": cells(13.5, 120.0)}
+    scripts_module("bench_report").report_cpu(results, rounds)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("the server's CPU time per request, in microseconds")
+    assert re.split(r"\s{2,}", lines[1]) == ["cell", "gcmd", "naive_gevent"]
+    assert re.split(r"\s{2,}", lines[2]) == ["ping 10c", "11.00 us", "13.50 us 1.23x [1.00-1.50]"]
+    assert re.split(r"\s{2,}", lines[3]) == ["churn", "110.00 us", "120.00 us 1.09x [0.90-1.25]"]
+    assert len(lines) == 4  # idle memory has no CPU time
+
+
+def test_bench_reports_no_cpu_time_without_gcmd(capsys):
+    scripts_module("bench_report").report_cpu({"naive_gevent": {"ping 10c": {"rps": 1.0, "cpu_us": 9.0}}}, {})
+    assert capsys.readouterr().out == ""
 
 
 def test_bench_targets_are_the_table_of_the_benchmarks_page():
