@@ -159,7 +159,7 @@ def report_cpu(results: dict, rounds: dict) -> None:
     cells = [cell for cell, figures in results["gcmd"].items() if "cpu_us" in figures]
     print("\nthe server's CPU time per request, in microseconds (user + system, per connection in churn), "
           "for information (not checked); beside each server its CPU time / gcmd's [lowest-highest of the rounds]:")
-    print(f"{'cell':<20}" + "".join(f"{name:>30}" for name in names))
+    print(f"{'cell':<20}" + "".join(f"{name:>32}" for name in names))
     for cell in cells:
         mine, row = results["gcmd"][cell]["cpu_us"], f"{cell:<20}"
         for name in names:
@@ -171,7 +171,7 @@ def report_cpu(results: dict, rounds: dict) -> None:
                     each = [t[cell]["cpu_us"] / m[cell]["cpu_us"] for m, t in zip(rounds["gcmd"], rounds[name])
                             if m[cell]["cpu_us"] > 0]
                     text += f" [{min(each):.2f}-{max(each):.2f}]" if each else ""
-            row += f"{text:>30}"
+            row += f"{text:>32}"
         print(row)
 
 
