@@ -338,16 +338,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` and of its children, those of gcmd --workers among them
-    (a child that has just exited is left out)."""
-    total = cpu_seconds(pid)
+def tree_sum(pid: int, figure) -> float:
+    """``figure(pid)`` summed over process ``pid`` and its descendants (the workers of gcmd
+    --workers among them); a descendant that has just exited is left out."""
+    total = figure(pid)
     for child in children(pid):
         try:
-            total += tree_cpu_seconds(child)
+            total += tree_sum(child, figure)
         except OSError:
             pass
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` and of its descendants."""
+    return tree_sum(pid, cpu_seconds)
 
 
 def rss_kib(pid: int) -> int:
