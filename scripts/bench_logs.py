@@ -34,6 +34,7 @@ import time
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 #: lines a second appended to the log during lastlog of a growing log
@@ -332,10 +333,11 @@ def growing_lastlog(port: int, log: Path, seconds: float, load) -> dict:
                                     "p99_ms": percentile(pings, 0.99) * 1000}}
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid``."""
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """utime + stime of process ``pid``; ``reaped``: and cutime + cstime, those of the children
+    it has waited for (proc(5), /proc/PID/stat fields 14 to 17)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return sum(map(int, fields[11:15 if reaped else 13])) / TICKS
 
 
 def tree_sum(pid: int, figure) -> float:
@@ -351,8 +353,10 @@ def tree_sum(pid: int, figure) -> float:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` and of its descendants."""
-    return tree_sum(pid, cpu_seconds)
+    """The CPU time of process ``pid`` and of its descendants, those that exited and were
+    waited for included (a peer's ``tail`` per lastlog, a worker replaced): a child is counted
+    while it runs, then in its parent's cutime and cstime."""
+    return tree_sum(pid, partial(cpu_seconds, reaped=True))
 
 
 def rss_kib(pid: int) -> int:

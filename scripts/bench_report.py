@@ -151,8 +151,9 @@ def report(results: dict, rounds: dict | None = None) -> None:
 def report_cpu(results: dict, rounds: dict) -> None:
     """Print, for information, each server's CPU time per request of the cells that measure it
     (``cpu_us``; per connection in churn), and beside each server but gcmd its CPU time / gcmd's
-    (above 1: gcmd spends less) with the range of the rounds. Unlike a rate, it does not depend on
-    how the machine's cores are shared between the server and the load client."""
+    (above 1: gcmd spends less) with the range of the rounds. It depends less than a rate on how
+    the machine's cores are shared between the server and the load client (only through how many
+    requests a wake-up of the server finds)."""
     names = [name for name, cells in results.items() if any("cpu_us" in c for c in cells.values())]
     if "gcmd" not in names:
         return
