@@ -359,11 +359,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return tree_sum(pid, partial(cpu_seconds, reaped=True))
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """``field`` of /proc/PID/status of process ``pid``, in KiB (0 where the process has none:
+    a process that has exited and is not yet waited for)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise KeyError("VmRSS")
+    return 0
 
 
 def children(pid: int) -> list[int]:
